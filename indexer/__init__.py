@@ -1,0 +1,1 @@
+"""Batch indexer: folder -> decode -> encode -> LMDB (source of truth) -> FAISS (derived)."""
