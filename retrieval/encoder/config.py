@@ -1,0 +1,67 @@
+"""EncoderConfig: the architecture and preprocessing of an encoder as data, saved as encoder.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from retrieval.errors import EncoderError
+
+DEFAULT_EMBED_DIM = 512
+RESIZE_MODES = ("shortest", "squash")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything needed to rebuild an encoder and its preprocessing exactly (weights aside).
+
+    `model_cfg` is an open_clip model config reduced to the image side: `embed_dim` (the tower's output
+    width), `vision_cfg` and `quick_gelu`; EfficientNet-Lite is expressed the same way (a timm tower).
+    """
+
+    model: str                          # "lite0", "lite2" or an open_clip model name
+    model_cfg: dict[str, Any] = field(hash=False)
+    feature_dim: int                    # width of the tower output = input of the head
+    embed_dim: int                      # width of the head output = the embedding
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"       # "shortest": resize shorter side + centre crop; "squash": resize to a square
+    crop_pct: float = 1.0               # eval: resize the shorter side to image_size / crop_pct, then centre crop
+    train_scale: tuple[float, float] = (0.35, 1.0)   # RandomResizedCrop area range for training
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise EncoderError(f"resize_mode must be one of {RESIZE_MODES}, not {self.resize_mode!r}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise EncoderError(f"crop_pct must be in (0, 1], not {self.crop_pct}")
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side after the eval resize (before the centre crop); a decoder may draft to it."""
+        return round(self.image_size / self.crop_pct)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def canonical_json(self) -> str:
+        """Key-sorted, whitespace-free JSON: the config part of the fingerprint."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EncoderConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EncoderError(f"encoder config has unknown keys {unknown} (written by a newer version?)")
+        missing = [f.name for f in fields(cls)
+                   if f.name not in data and f.default is MISSING and f.default_factory is MISSING]
+        if missing:
+            raise EncoderError(f"encoder config lacks keys {missing}")
+        values = dict(data)
+        for name in ("mean", "std", "train_scale"):
+            if name in values:
+                values[name] = tuple(float(v) for v in values[name])
+        return cls(**values)
