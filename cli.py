@@ -78,6 +78,328 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
         )
 
 
+@cli.command("index")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Encoder spec or fine-tuned run directory; the DB stays bound to it.")
+@click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Index directory (LMDB + FAISS); created if missing.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per encoder batch (and per LMDB commit).")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decode worker processes, 0 to decode in the main process [default: CPU count, max 8].")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder (cpu, cuda, cuda:1).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="bf16: encoder weights in bfloat16, for CPUs with AVX512-BF16 or AMX (refused elsewhere); "
+                   "fp16: for CUDA. Every run compares its first batch with fp32 and falls back to fp32 if any "
+                   "embedding's cosine to it is below 0.999. BF16_MEASURED")
+@click.option("--ann", default="auto", show_default=True,
+              help="FAISS index: auto (exact Flat up to 100k x 512-d, then IVF), flat, hnsw, ivf-flat, ivf-pq, "
+                   "or a faiss factory string such as IVF1024,PQ32.")
+@click.option("--reembed", is_flag=True, help="Re-encode every image (needed to switch the DB to another --model).")
+@click.option("--rebuild-ann", is_flag=True, help="Rebuild the FAISS index from LMDB.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any file could not be indexed (they are still recorded).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Skip images larger than this many pixels [default: 89,478,485].")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: int | None, device: str,
+              precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, max_pixels: int | None,
+              progress: bool | None, as_json: bool) -> None:
+    """Index the images under FOLDER into DB_DIR: embeddings in LMDB (the source of truth), search in FAISS.
+
+    \b
+    Incremental: unchanged files (same size and mtime) are skipped, changed ones re-encoded, deleted ones
+    removed; a file with the content of one already indexed reuses its embedding. Safe to kill at any
+    moment and run again. Bad files (truncated, empty, not an image, too large, unreadable, broken links,
+    undecodable names) are skipped and listed. The label of an image is its first folder below FOLDER.
+    """
+    from indexer.pipeline import IndexConfig, default_workers, run_index
+    from retrieval.data.decode import DEFAULT_MAX_PIXELS
+
+    cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size,
+                      workers=default_workers() if workers is None else workers, device=device, precision=precision,
+                      ann=ann, reembed=reembed, rebuild_ann=rebuild_ann, strict=strict,
+                      max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    summary = run_index(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    if as_json:
+        _print_json(summary)
+        return
+    click.echo(f"indexed {summary['indexed']} images ({summary['encoded']} encoded, {summary['reused']} reused "
+               f"by content), {summary['unchanged']} unchanged, {summary['removed']} removed, "
+               f"{summary['failed']} failed: {summary['total']} images in {db_dir} "
+               f"(FAISS {summary['ann']['factory']}, {summary['ann']['action']}) in {summary['seconds']:.1f} s")
+    for failure in summary["failures"]:
+        click.echo(f"  failed: {failure['path']}: {failure['reason']}")
+
+
+def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
+    """--k 1,2,4,8 -> (1, 2, 4, 8): positive, ascending, no repeats."""
+    try:
+        ks = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 1,2,4,8, got {value!r}") from None
+    if not ks or ks[0] < 1:
+        raise click.BadParameter(f"K values must be positive integers, got {value!r}")
+    return tuple(ks)
+
+
+@cli.command("query")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to search.")
+@click.option("-k", "k", default=10, show_default=True, help="Results per query image.")
+@click.option("--model", default=None,
+              help="Encoder spec; optional, as the DB records its own (one that disagrees with it is an error).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
+def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, html_file: Path | None,
+              as_json: bool) -> None:
+    """Search DB_DIR for the images most similar to each IMAGE.
+
+    IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
+    from stdin; all queries share one model load. Each image is decoded and preprocessed exactly as the
+    indexer did, and embedded with the encoder recorded in the DB.
+    """
+    from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
+
+    queries = expand_queries(images, sys.stdin if "-" in images else ())
+    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device))
+    if html_file is not None:
+        write_query_html(results, html_file)
+    if as_json:
+        _print_json([r.to_json() for r in results])
+        return
+    for result in results:
+        width = max([5, *(len(hit.label) for hit in result.hits)])
+        click.echo(f"query: {result.query}")
+        click.echo(f"  {'rank':>4}  {'similarity':>10}  {'label':<{width}}  path")
+        for hit in result.hits:
+            click.echo(f"  {hit.rank:>4}  {hit.score:>10.4f}  {hit.label:<{width}}  {hit.path}")
+    if html_file is not None:
+        click.echo(f"page: {html_file}")
+
+
+@cli.command("eval")
+@click.option("--db", "db_dir", type=click.Path(path_type=Path),
+              help="Evaluate an index DB: every labelled item queries the rest of the DB.")
+@click.option("--dataset", help="Or evaluate a data set split: cub, cars, sop or folder (with --root, --model).")
+@click.option("--root", type=click.Path(path_type=Path), help="Data set folder (with --dataset).")
+@click.option("--model", default=None,
+              help=f"Encoder spec or fine-tuned run directory (with --dataset) [default: {DEFAULT_MODEL}].")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
+              help="Split to evaluate (with --dataset); test holds the classes unseen in training.")
+@click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
+@click.option("--train-fraction", default=0.5, show_default=True, help="folder: share of the sorted classes in train.")
+@click.option("--k", "ks", default="1,2,4,8", show_default=True, callback=_parse_ks,
+              help="K values for Recall@K (1,10,100,1000 suits SOP).")
+@click.option("--batch-size", default=64, show_default=True, help="Images per encoder batch (with --dataset).")
+@click.option("--workers", default=0, show_default=True, help="Decode worker processes (with --dataset).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder and the kNN.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write report.md, report.json, recall_at_k.png and report.html (+ thumbnails) into this folder.")
+@click.option("--compare", type=click.Path(exists=True, path_type=Path),
+              help="Show another result side by side: a report.json, a report folder, or a finetune run directory.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"recall@1": ..., "map@r": ..., "r_precision": ..., "n_queries": ..., "n_classes": ...}.')
+def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model: str | None, split: str, crop: bool,
+             train_fraction: float, ks: tuple[int, ...], batch_size: int, workers: int, device: str,
+             report_dir: Path | None, compare: Path | None, progress: bool | None, as_json: bool) -> None:
+    """Recall@K, MAP@R and R-Precision, leave-one-out (each query's own image is excluded).
+
+    \b
+    eval --db DB_DIR                             the indexed images; with an approximate FAISS index
+                                                 also exact search and the gap
+    eval --dataset cub --root DIR --model SPEC   embed a split and evaluate it (as finetune does per epoch)
+    """
+    if (db_dir is None) == (dataset is None):
+        raise click.UsageError("pass either --db DB_DIR or --dataset NAME --root DIR")
+    if db_dir is not None:
+        if model is not None or root is not None:
+            raise click.UsageError("--model and --root go with --dataset; a DB records its own encoder and folder")
+        from indexer.evaluation import DbEvalConfig, evaluate_db
+
+        result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device))
+    else:
+        if root is None:
+            raise click.UsageError("--dataset needs --root DIR (make one with: python cli.py make-dataset DIR)")
+        from retrieval.evaluation import DatasetEvalConfig, evaluate_dataset
+
+        result = evaluate_dataset(DatasetEvalConfig(
+            dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop,
+            train_fraction=train_fraction, batch_size=batch_size, workers=workers, device=device,
+            report=report_dir, compare=compare, progress=sys.stderr.isatty() if progress is None else progress))
+    if as_json:
+        _print_json(result.to_json())
+        return
+    from retrieval.report import metrics_table
+
+    report = result.report
+    click.echo(report.title)
+    click.echo(metrics_table(report.metrics, report.ks, compare=result.compare, exact=report.exact, name="result"))
+    if result.files is not None:
+        click.echo(f"report: {result.files.html}")
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"), show_default=True,
+              help="Folder for everything the demo makes (a previous demo's outputs there are replaced).")
+@click.option("--classes", default=40, show_default=True, help="Classes of the generated set (half are test).")
+@click.option("--per-class", default=30, show_default=True, help="Images per class.")
+@click.option("--size", default=160, show_default=True, help="Image side in pixels.")
+@click.option("--epochs", default=3, show_default=True,
+              help="Fine-tune epochs (fewer than finetune's default, to stay within a few minutes).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Pretrained encoder to start from.")
+@click.option("--workers", default=2, show_default=True, help="Data loader worker processes.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the generated set and of training.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the before/after metrics and paths as JSON.")
+def demo_cmd(out: Path, classes: int, per_class: int, size: int, epochs: int, model: str, workers: int,
+             device: str, seed: int, progress: bool | None, as_json: bool) -> None:
+    """The whole job on the embedded data, offline, in a few minutes on 2 CPU cores.
+
+    \b
+    1. generate the fine-grained bird set (CUB format)     4. index the unseen test classes
+    2. evaluate the pretrained encoder on its test split   5. evaluate the index (Recall@K, MAP@R)
+    3. fine-tune with Circle Loss                          6. query it with new bird pictures
+    Ends with a before/after table and the path of the HTML report.
+    """
+    from retrieval.demo import DemoConfig, run_demo
+
+    result = run_demo(DemoConfig(out=out, classes=classes, per_class=per_class, size=size, epochs=epochs, model=model,
+                                 seed=seed, workers=workers, device=device),
+                      progress=sys.stderr.isatty() if progress is None else progress)
+    if as_json:
+        _print_json(result.to_json())
+        return
+    first = result.queries[0]
+    click.echo(f"example query {first.query}:")
+    for hit in first.hits:
+        click.echo(f"  {hit.rank}. {hit.score:.3f}  {hit.label}  {hit.path}")
+    click.echo(f"\nTest-split retrieval (unseen classes), pretrained vs fine-tuned with Circle Loss:\n{result.table}")
+    click.echo("\nsteps (s): " + ", ".join(f"{k} {v}" for k, v in result.seconds.items()))
+    click.echo(f"queries: {result.query_page}\nreport:  {result.report}")
+
+
+# Light (no torch): the finetune options show FinetuneConfig's defaults, written once, there.
+from retrieval.finetune_config import SCHEDULES, default as _ft  # noqa: E402
+
+
+class _FinetuneCommand(click.Command):
+    """`finetune --help` ends with the losses and their paper defaults, read from retrieval.losses."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from retrieval.losses import LOSS_DEFAULTS, LOSS_HELP
+
+        with formatter.section("Losses (--loss) and their hyper-parameters with the papers' defaults"):
+            formatter.write_dl([
+                (name, f"{LOSS_HELP[name]} [{', '.join(f'{k}={v}' for k, v in LOSS_DEFAULTS[name].items())}]")
+                for name in LOSS_DEFAULTS
+            ])
+        super().format_epilog(ctx, formatter)
+
+
+def _parse_loss_params(ctx, param, values: tuple[str, ...]) -> dict:
+    """--loss-param NAME=VALUE (repeatable) -> {NAME: float or str}."""
+    params = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE such as gamma=64, got {item!r}")
+        try:
+            params[name.strip()] = float(value)
+        except ValueError:
+            params[name.strip()] = value.strip()
+    return params
+
+
+@cli.command("finetune", cls=_FinetuneCommand)
+@click.option("--dataset", default=_ft("dataset"), show_default=True, help="Data set format: cub, cars, sop or folder.")
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Data set folder [default: the embedded generated bird set, created on first use].")
+@click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
+@click.option("--train-fraction", default=_ft("train_fraction"), show_default=True,
+              help="folder: share of the sorted classes used for training (the rest is the test split).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/finetune"),
+              show_default=True, help="Run directory: weights, encoder.json, metrics.json, train.log, curves.png.")
+@click.option("--model", default=_ft("model"), show_default=True,
+              help="Encoder to start from: lite0, lite2, MODEL:TAG, MODEL:/path/checkpoint, MODEL:none or a run dir.")
+@click.option("--embed-dim", type=int, default=None, help="Embedding width of the head [default: 512].")
+@click.option("--loss", default=_ft("loss"), show_default=True, help="Loss (see the list below).")
+@click.option("--m", "--circle-m", "m", type=float, default=None,
+              help="Relaxation margin m of circle / class-circle [default: paper's]; under torchrun write --circle-m.")
+@click.option("--gamma", type=float, default=None, help="Scale gamma of circle / class-circle [default: paper's].")
+@click.option("--margin", type=float, default=None, help="Margin of triplet [default: 0.1].")
+@click.option("--loss-param", "loss_params", multiple=True, callback=_parse_loss_params, metavar="NAME=VALUE",
+              help="Any other loss hyper-parameter, e.g. mining=semi-hard or neg_margin=0.4 (repeatable).")
+@click.option("-P", "--p", "p", default=_ft("p"), show_default=True,
+              help="P: classes per batch (under torchrun write -P: it reads --p as its own --print-completion).")
+@click.option("-K", "--k", "k", default=_ft("k"), show_default=True, help="K: images per class in a batch.")
+@click.option("--epochs", default=_ft("epochs"), show_default=True, help="Training epochs (each one pass over the train images).")
+@click.option("--steps-per-epoch", type=int, default=None, help="Cap on batches per epoch [default: one pass].")
+@click.option("--lr-backbone", default=_ft("lr_backbone"), show_default=True, help="AdamW learning rate of the pretrained trunk.")
+@click.option("--lr-head", default=_ft("lr_head"), show_default=True, help="AdamW learning rate of the projection head.")
+@click.option("--lr-proxies", type=float, default=None, help="class-circle proxies' learning rate [default: 10 x --lr-head].")
+@click.option("--weight-decay", default=_ft("weight_decay"), show_default=True, help="AdamW weight decay.")
+@click.option("--warmup-epochs", default=_ft("warmup_epochs"), show_default=True, help="Linear warm-up length in epochs (fractions allowed).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_ft("schedule"), show_default=True,
+              help="Learning-rate schedule after the warm-up.")
+@click.option("--freeze-backbone-epochs", default=_ft("freeze_backbone_epochs"), show_default=True,
+              help="Epochs at the start that train only the head (and proxies).")
+@click.option("--freeze-bn/--train-bn", default=_ft("freeze_bn"), show_default=True,
+              help="Keep BatchNorm's pretrained running statistics (small P x K batches corrupt them).")
+@click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
+@click.option("--workers", default=_ft("workers"), show_default=True, help="Data loader worker processes.")
+@click.option("--seed", default=_ft("seed"), show_default=True, help="Seed of sampling, augmentation and initialisation.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (after Ctrl-C, or with more --epochs).")
+@click.option("--device", default=_ft("device"), show_default=True, help="auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
+@click.option("--amp/--no-amp", default=_ft("amp"), show_default=True, help="bf16 autocast on CUDA (CPU always runs fp32).")
+@click.option("--eval-batch-size", default=_ft("eval_batch_size"), show_default=True, help="Images per batch when evaluating.")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary (baseline, best, last epoch, paths) as JSON.")
+def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: float, out: Path, model: str,
+                 embed_dim: int | None, loss: str, m: float | None, gamma: float | None, margin: float | None,
+                 loss_params: dict, p: int, k: int, epochs: int, steps_per_epoch: int | None, lr_backbone: float,
+                 lr_head: float, lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
+                 freeze_backbone_epochs: int, freeze_bn: bool, image_size: int | None, workers: int, seed: int,
+                 resume: bool, device: str, amp: bool, eval_batch_size: int, progress: bool | None,
+                 as_json: bool) -> None:
+    """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and
+    MAP@R on the unseen test classes before training (the pretrained baseline) and after every epoch.
+
+    \b
+    The best epoch (by MAP@R) is kept as model.safetensors + encoder.json: pass the run directory as
+    --model to index, query or eval. Ctrl-C saves last.pt; --resume continues. Runs unchanged under
+    torchrun --nproc_per_node=N (DDP; rank 0 evaluates and writes).
+    """
+    from retrieval.finetune import FinetuneConfig, run_finetune
+
+    named = {"m": m, "gamma": gamma, "margin": margin}
+    cfg = FinetuneConfig(
+        out=out, dataset=dataset, root=root, crop=crop, train_fraction=train_fraction, model=model,
+        embed_dim=embed_dim, loss=loss, loss_params={**{k_: v for k_, v in named.items() if v is not None}, **loss_params},
+        p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
+        lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
+        freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, image_size=image_size, workers=workers,
+        seed=seed, resume=resume, device=device, amp=amp, eval_batch_size=eval_batch_size)
+    summary = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    if summary["rank"] != 0:
+        return
+    if as_json:
+        _print_json(summary)
+        return
+    for name in ("baseline", "best", "last"):
+        row = summary[name]
+        if row is not None:
+            click.echo(f"{name:>8}: " + "  ".join(f"{key} {value:.4f}" for key, value in row.items()))
+    click.echo(f"best epoch {summary['best_epoch']} of {summary['epochs']}; run directory {summary['out']}")
+
+
 def main() -> None:
     cli(prog_name="cli.py")
 

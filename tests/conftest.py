@@ -38,3 +38,14 @@ def tiny_run_dir(tiny_model_spec, tmp_path_factory):
     from tests.index_support import save_run
 
     return save_run(tiny_model_spec, tmp_path_factory.mktemp("tiny-run") / "run")
+
+
+@pytest.fixture(scope="module")
+def single_thread_torch():
+    """torch on one thread for the module (tiny models lose time to thread hand-offs on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,158 @@
+"""`index FOLDER`: scan -> plan -> encode (indexer.encode) -> LMDB -> FAISS, incremental and crash-safe.
+
+Order of work in a run, and why:
+1. take the writer lock, scan the folder (stat only) and compare with LMDB (indexer.plan);
+2. new and changed files are encoded and committed batch by batch (one LMDB transaction each);
+3. only then are deleted files removed, so a moved file finds its old embedding by content hash;
+4. FAISS is brought level with LMDB (also every `checkpoint_seconds` during step 2).
+A kill at any point leaves LMDB as of its last commit; the next run finds the remaining work by the same
+comparison, and FAISS is checked against LMDB's ids digest before it is trusted.
+
+The encoder (and torch) is loaded only when something must be encoded or the DB must be bound to it; a run
+over an unchanged folder costs about a stat walk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retrieval.data.decode import DEFAULT_MAX_PIXELS
+from retrieval.errors import DecodeError
+
+from . import ann
+from .plan import Plan, make_plan
+from .records import EncoderInfo, Failure, Header
+from .scan import ScanResult, display_path, path_key, scan_folder
+from .store import Store
+
+_RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)
+
+
+def default_workers() -> int:
+    """Decode worker processes: the CPU count, at most 8 (decoding is cheap next to encoding)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    folder: Path
+    db_dir: Path
+    model: str = "lite0"
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (CPU with AVX512-BF16/AMX) | fp16 (CUDA)
+    ann: str = "auto"  # see indexer.ann.choose_factory
+    reembed: bool = False
+    rebuild_ann: bool = False
+    strict: bool = False  # raise after the run if any file could not be indexed
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    checkpoint_seconds: float = 600.0  # also write FAISS this often during a long run
+
+
+def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
+    """Bring the DB at cfg.db_dir level with cfg.folder and return a summary.
+
+    Summary keys: indexed (= encoded + reused), unchanged, removed, failed (files currently recorded as
+    bad), total (items in the DB), encoded, reused, new_failures, files, precision, ann, timings, failures
+    (path, reason), and a few descriptive ones. With cfg.strict, raises DecodeError if any file failed.
+    """
+    if cfg.batch_size < 1 or cfg.workers < 0:
+        raise ValueError("batch_size must be >= 1 and workers >= 0")
+    started = time.perf_counter()
+    folder = Path(cfg.folder).expanduser().resolve()
+    with Store.open(cfg.db_dir, readonly=False) as store:
+        scan = scan_folder(folder)
+        timings = {"scan_s": time.perf_counter() - started}
+        header, encoder, plan = _bind_and_plan(store, cfg, folder, scan)
+        store.put_failures([Failure(f.relpath, f.reason) for f in scan.failures])
+        t = time.perf_counter()
+        encoded = _encode(store, cfg, folder, plan.todo, encoder, progress) if plan.todo else {}
+        timings["encode_s"] = time.perf_counter() - t
+        removed = store.remove_paths(plan.removed)
+        if header.reembed_pending:
+            store.finish_run()
+        t = time.perf_counter()
+        ann_info = _refresh_ann(store, cfg.ann, rebuild=cfg.rebuild_ann)
+        timings["ann_s"] = time.perf_counter() - t
+        with store.snapshot() as snap:
+            total, failures = snap.count(), list(snap.failures())
+        lmdb_bytes = store.disk_bytes()
+    summary = {
+        "indexed": encoded.get("encoded", 0) + encoded.get("reused", 0), "unchanged": plan.unchanged,
+        "removed": removed, "failed": len(failures), "total": total, "encoded": encoded.get("encoded", 0),
+        "reused": encoded.get("reused", 0), "new_failures": encoded.get("failed", 0) + len(scan.failures),
+        "files": len(scan.files) + len(scan.failures), "db": str(cfg.db_dir), "folder": str(folder),
+        "model": header.encoder.spec, "fingerprint": header.encoder.fingerprint,
+        "precision": encoded.get("precision"), "ann": ann_info, "lmdb_bytes": lmdb_bytes,
+        "seconds": round(time.perf_counter() - started, 3),
+        "images_per_s": round(len(plan.todo) / timings["encode_s"], 2) if plan.todo else None,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "failures": [{"path": display_path(path_key(f.relpath)), "reason": f.reason} for f in failures],
+    }
+    if encoded.get("min_cosine") is not None:
+        summary["precision_min_cosine"] = round(encoded["min_cosine"], 6)
+    if cfg.strict and failures:
+        first = summary["failures"][0]
+        raise DecodeError(first["path"], f"{first['reason']} ({len(failures)} file(s) could not be indexed; --strict)")
+    return summary
+
+
+def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path, scan: ScanResult) -> tuple[Header, object, Plan]:
+    """Bind the DB to the encoder (loading it only if needed) and plan the work: (header, encoder or None, plan).
+
+    --reembed empties the DB, so it binds before planning; otherwise the plan comes first, and an unchanged
+    folder indexed with the same encoder never loads it.
+    """
+    header, encoder = store.header(), None
+    bind_first = header is None or cfg.reembed
+    if bind_first:
+        encoder = _load_encoder(cfg)
+        header = store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed)
+    with store.snapshot() as snap:
+        plan = make_plan(scan, snap.paths(), snap.failures())
+    if not bind_first:
+        if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder):
+            encoder = _load_encoder(cfg)
+        header = store.begin_run(EncoderInfo.of(encoder) if encoder else header.encoder, str(folder), reembed=False)
+    return header, encoder, plan
+
+
+def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list, encoder, progress: bool) -> dict:
+    from .encode import Embedder, encode_files
+
+    embedder = Embedder(encoder, cfg.device, cfg.precision)
+    counts = encode_files(
+        store, folder, todo, encoder, embedder, batch_size=cfg.batch_size, workers=cfg.workers,
+        max_pixels=cfg.max_pixels, checkpoint=lambda: _refresh_ann(store, cfg.ann, rebuild=False),
+        checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
+    return {"encoded": counts.encoded, "reused": counts.reused, "failed": len(counts.failures),
+            "precision": embedder.precision, "min_cosine": embedder.min_cosine}
+
+
+def _load_encoder(cfg: IndexConfig):
+    from retrieval.encoder import load_encoder
+
+    return load_encoder(cfg.model, device=cfg.device)
+
+
+def _same_encoder_cheap(spec: str, stored: EncoderInfo) -> bool:
+    """Whether `spec` names the stored encoder, without loading it: a run directory's recorded fingerprint,
+    else the same spec string. (A False is settled by loading the encoder; a checkpoint file changed in place
+    is caught by the next run that encodes, before it writes anything.)"""
+    run_json = Path(spec).expanduser() / _RUN_DIR_JSON
+    if run_json.is_file():
+        try:
+            return json.loads(run_json.read_text()).get("fingerprint") == stored.fingerprint
+        except (OSError, ValueError):
+            return False
+    return spec == stored.spec
+
+
+def _refresh_ann(store: Store, kind: str, *, rebuild: bool) -> dict:
+    with store.snapshot() as snap:
+        return ann.refresh(store.db_dir, snap, kind, rebuild=rebuild)

@@ -1,0 +1,135 @@
+"""`query IMAGE...`: decode each image as the indexer does, embed it with the DB's own encoder, search.
+
+Start-up dominates a single query, so the DB is opened (and found missing or empty) before torch and the
+encoder load, FAISS is memory-mapped (see search.SearchIndex), and only the hits' records are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.errors import IndexStoreError, RetrievalError
+
+STDIN = "-"
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """What to search for and where; `model` (optional) must name the DB's own encoder."""
+
+    db: Path
+    images: tuple[Path, ...]
+    k: int = 10
+    model: str | None = None
+    device: str = "cpu"
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result; `path` is absolute (the indexed folder joined with the stored relative path)."""
+
+    rank: int
+    path: str
+    score: float
+    label: str
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query: str
+    hits: tuple[Hit, ...]
+
+    def to_json(self) -> dict:
+        """The documented `query --json` element: {"query": PATH, "results": [{rank, path, score, label}]}."""
+        return {
+            "query": self.query,
+            "results": [{"rank": h.rank, "path": h.path, "score": h.score, "label": h.label} for h in self.hits],
+        }
+
+
+def expand_queries(args: Sequence[str | Path], stdin_lines: Iterable[str] = ()) -> tuple[Path, ...]:
+    """Query image paths: files as given, folders walked (sorted, hidden skipped, image extensions only),
+    and `-` replaced by the non-empty lines of `stdin_lines`."""
+    from .scan import scan_folder
+
+    out: list[Path] = []
+    for arg in args:
+        if str(arg) == STDIN:
+            out += [Path(line.strip()) for line in stdin_lines if line.strip()]
+        elif Path(arg).is_dir():
+            out += [Path(arg) / f.relpath for f in scan_folder(arg).files]
+        else:
+            out.append(Path(arg))
+    if not out:
+        raise RetrievalError("no query images: pass image files, a folder of images, or - to read paths from stdin")
+    return tuple(out)
+
+
+def run_query(cfg: QueryConfig) -> list[QueryResult]:
+    """Top-k hits of every query image, in the order given.
+
+    Raises IndexStoreError for a missing or empty DB or a `model` other than the DB's encoder, DecodeError
+    for a query image that cannot be decoded.
+    """
+    from retrieval.data.decode import load_image
+
+    from .search import SearchIndex
+
+    if cfg.k < 1:
+        raise RetrievalError(f"-k must be at least 1, got {cfg.k}")
+    with SearchIndex.open(cfg.db) as index:
+        if len(index) == 0:
+            raise IndexStoreError(f"the index DB at {cfg.db} is empty: index a folder into it first "
+                                  f"(python cli.py index FOLDER --db {cfg.db})")
+        encoder = load_db_encoder(index, model=cfg.model, device=cfg.device)
+        results: list[QueryResult] = []
+        for start in range(0, len(cfg.images), cfg.batch_size):
+            paths = cfg.images[start : start + cfg.batch_size]
+            # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
+            images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
+            scores, ids = index.search(embed_images(encoder, images), cfg.k)
+            results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids)]
+        return results
+
+
+def load_db_encoder(index, *, model: str | None = None, device: str = "cpu"):
+    """The encoder the DB records (its spec), or `model`; IndexStoreError unless its fingerprint is the DB's."""
+    from retrieval.encoder import load_encoder
+
+    stored = index.header.encoder
+    encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim, device=device)
+    index.check_encoder(encoder)
+    return encoder
+
+
+def embed_images(encoder, images: Sequence) -> np.ndarray:
+    """(N, dim) float32 embeddings of PIL images with the encoder's eval preprocessing."""
+    import torch
+
+    transform = encoder.eval_transform()
+    device = next(encoder.parameters()).device
+    with torch.inference_mode():
+        return encoder(torch.stack([transform(im) for im in images]).to(device)).float().cpu().numpy()
+
+
+def hits_of(index, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:
+    """Ranked hits of one query row; padding (-1) is dropped."""
+    keep = ids >= 0
+    items = index.items(ids[keep])
+    return tuple(
+        Hit(rank, str(index.root / item.relpath), float(score), item.label)
+        for rank, (item, score) in enumerate(zip(items, scores[keep]), start=1)
+    )
+
+
+def write_query_html(results: Sequence[QueryResult], html_file: Path) -> Path:
+    """A page of each query image and its hits as thumbnails (written beside the page)."""
+    from retrieval.report import Cell, Row, write_query_page
+
+    rows = [Row(r.query, None, tuple(Cell(h.rank, h.path, h.label, h.score, None) for h in r.hits)) for r in results]
+    return write_query_page(rows, html_file)

@@ -1,0 +1,164 @@
+"""What the index stores, and how each record is laid out in bytes (LMDB values are plain bytes).
+
+Ids are the contract between LMDB and FAISS: an item's id never changes and is never reused; an item's
+content (and so its embedding) never changes either: a changed file gets a new id.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+METRIC = "inner_product"  # on L2-normalised embeddings this is cosine similarity
+
+_ITEM = struct.Struct("<qqII16sH")  # size, mtime_ns, width, height, content hash, label length
+_PATH = struct.Struct("<Qqq")  # id, size, mtime_ns
+_ID = struct.Struct(">Q")  # big-endian, so LMDB's byte order is numeric order
+_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What binds a DB to the encoder that filled it."""
+
+    spec: str
+    fingerprint: str
+    dim: int
+    image_size: int
+
+    @classmethod
+    def of(cls, encoder) -> EncoderInfo:
+        """The binding facts of a retrieval.encoder.Encoder."""
+        return cls(encoder.spec, encoder.fingerprint(), encoder.embed_dim, encoder.image_size)
+
+
+@dataclass(frozen=True)
+class Header:
+    """The DB's own description, stored under meta/header."""
+
+    encoder: EncoderInfo
+    root: str  # absolute path of the folder last indexed; item paths are relative to it
+    schema: int = SCHEMA_VERSION
+    metric: str = METRIC
+    next_id: int = 0
+    generation: int = 0  # +1 per committed write transaction
+    ids_digest: int = 0  # order-free digest of the item ids, see ids_digest()
+    chunk_rows: int = 256  # embeddings per LMDB value in the vectors sub-database
+    reembed_pending: bool = False  # a --reembed run started and has not finished
+    created: str = ""
+    updated: str = ""
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Header:
+        fields = json.loads(bytes(data))
+        fields["encoder"] = EncoderInfo(**fields["encoder"])
+        return cls(**fields)
+
+
+@dataclass(frozen=True)
+class Item:
+    """One indexed image."""
+
+    id: int
+    relpath: str  # relative to Header.root, '/'-separated
+    label: str  # class folder: first folder level below the root ('' for files directly in it)
+    size: int
+    mtime_ns: int
+    width: int  # original size after EXIF orientation
+    height: int
+    content_hash: bytes  # blake2b-128 of the file's bytes
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An image to store: its record (without an id yet) and its embedding."""
+
+    relpath: str
+    label: str
+    size: int
+    mtime_ns: int
+    width: int
+    height: int
+    content_hash: bytes
+    embedding: np.ndarray  # (dim,) float32, L2-normalised
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A file that could not be indexed; the stat values let an unchanged bad file be skipped next time."""
+
+    relpath: str
+    reason: str
+    size: int = -1
+    mtime_ns: int = -1
+    ctime_ns: int = -1
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"reason": self.reason, "size": self.size, "mtime_ns": self.mtime_ns,
+                           "ctime_ns": self.ctime_ns}).encode()
+
+    @classmethod
+    def from_bytes(cls, relpath: str, data: bytes) -> Failure:
+        return cls(relpath=relpath, **json.loads(bytes(data)))
+
+
+@dataclass(frozen=True)
+class PathState:
+    """What a path currently holds: the id of its item and the stat values it was indexed with."""
+
+    id: int
+    size: int
+    mtime_ns: int
+
+
+def id_key(item_id: int) -> bytes:
+    return _ID.pack(item_id)
+
+
+def key_id(key: bytes) -> int:
+    return _ID.unpack(key)[0]
+
+
+def pack_item(item: NewItem) -> bytes:
+    label = item.label.encode()
+    head = _ITEM.pack(item.size, item.mtime_ns, item.width, item.height, item.content_hash, len(label))
+    return head + label + item.relpath.encode()
+
+
+def unpack_item(item_id: int, data: bytes) -> Item:
+    size, mtime_ns, width, height, content_hash, label_len = _ITEM.unpack_from(data)
+    rest = bytes(data[_ITEM.size:])
+    return Item(item_id, rest[label_len:].decode(), rest[:label_len].decode(), size, mtime_ns, width, height,
+                content_hash)
+
+
+def pack_path(state: PathState) -> bytes:
+    return _PATH.pack(state.id, state.size, state.mtime_ns)
+
+
+def unpack_path(data: bytes) -> PathState:
+    return PathState(*_PATH.unpack(data))
+
+
+def ids_digest(ids: np.ndarray) -> int:
+    """Order-free digest of a set of ids: sum of splitmix64(id) mod 2**64.
+
+    LMDB keeps it up to date per transaction; comparing it with the digest of a FAISS index's ids tells in
+    one pass whether the index holds exactly the DB's items (a stale file after a crash does not).
+    """
+    z = np.asarray(ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return int(z.sum(dtype=np.uint64)) & _MASK
+
+
+def digest_update(digest: int, added: np.ndarray, removed: np.ndarray) -> int:
+    return (digest + ids_digest(added) - ids_digest(removed)) & _MASK

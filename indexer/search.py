@@ -1,0 +1,120 @@
+"""Read-only access to an index DB for queries and evaluation, as of one committed LMDB state.
+
+    with SearchIndex.open(db_dir) as index:
+        index.check_encoder(encoder)                  # IndexStoreError if the DB was built with another
+        scores, ids = index.search(embeddings, k=10)  # (Q, k) float32 cosine, int64 LMDB ids (-1: none)
+        items = index.items(ids[0])                   # Item records (path relative to index.root, label...)
+
+The FAISS file is trusted only if its ids are exactly the LMDB snapshot's (ids digest). While an `index` run
+is writing (or after one was killed), it can lag behind: then ids LMDB no longer has are filtered out and
+items FAISS does not have yet are searched exactly from their LMDB embeddings, so results always match the
+snapshot. Nothing on disk is modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from . import ann
+from .records import EncoderInfo, Header, Item, ids_digest
+from .store import Snapshot, Store, require_encoder
+
+
+class SearchIndex:
+    """Search an index DB; holds one LMDB read snapshot until `close()` (use it as a context manager)."""
+
+    def __init__(self, store: Store, stack: contextlib.ExitStack, snapshot: Snapshot, main: faiss.Index | None,
+                 exclude: np.ndarray, delta: faiss.Index | None):
+        self.store = store
+        self.snapshot = snapshot  # for bulk reads: snapshot.iter_items(), snapshot.vectors(ids)...
+        self._stack = stack
+        self._main = main
+        self._exclude = exclude
+        self._delta = delta
+
+    @classmethod
+    def open(cls, db_dir: str | Path, *, mmap: bool = True, gpu: bool = True) -> SearchIndex:
+        """Open DB_DIR read-only (IndexStoreError if it is not an index DB); mmap the FAISS file by default."""
+        stack = contextlib.ExitStack()
+        store = stack.enter_context(Store.open(db_dir, readonly=True))
+        try:
+            snapshot = stack.enter_context(store.snapshot())
+            snapshot._require_header()
+            main = ann.load_ann(db_dir, mmap=mmap)
+            if main is not None and main.d != snapshot.header.encoder.dim:  # left from before a --reembed
+                main = None
+            exclude, missing = _lag(main, snapshot)
+            delta = None
+            if len(missing):
+                delta = ann.new_index("Flat", snapshot.header.encoder.dim)
+                delta.add_with_ids(snapshot.vectors(missing), missing)
+            if main is not None and gpu:
+                main = ann.to_gpu(main)
+        except BaseException:
+            stack.close()
+            raise
+        return cls(store, stack, snapshot, main, exclude, delta)
+
+    @property
+    def header(self) -> Header:
+        return self.snapshot.header
+
+    @property
+    def root(self) -> Path:
+        """The indexed folder; item paths are relative to it."""
+        return Path(self.header.root)
+
+    def __len__(self) -> int:
+        return self.snapshot.count()
+
+    @property
+    def lagging(self) -> bool:
+        """True when the FAISS file is behind LMDB (an index run is going on, or was killed)."""
+        return bool(len(self._exclude)) or self._delta is not None
+
+    def check_encoder(self, encoder) -> None:
+        """IndexStoreError unless `encoder` (an Encoder or EncoderInfo) is the one the DB was built with."""
+        info = encoder if isinstance(encoder, EncoderInfo) else EncoderInfo.of(encoder)
+        require_encoder(self.header, info, self.store.db_dir)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query embedding, best first; rows padded with (-inf, -1) past the end."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        parts = []
+        if self._main is not None:
+            parts.append(ann.search(self._main, queries, k, exclude=self._exclude))
+        if self._delta is not None:
+            parts.append(ann.search(self._delta, queries, k))
+        if not parts:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        scores = np.concatenate([s for s, _ in parts], axis=1)
+        ids = np.concatenate([i for _, i in parts], axis=1)
+        scores = np.where(ids < 0, -np.inf, scores)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+    def items(self, ids) -> list[Item | None]:
+        """Item records for ids (None for -1 or an id not in this snapshot)."""
+        return self.snapshot.items(np.asarray(ids, dtype=np.int64).ravel())
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> SearchIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _lag(main: faiss.Index | None, snapshot: Snapshot) -> tuple[np.ndarray, np.ndarray]:
+    """(ids FAISS has that the snapshot lacks, ids the snapshot has that FAISS lacks)."""
+    have = ann.index_ids(main) if main is not None else np.empty(0, np.int64)
+    if main is not None and ids_digest(have) == snapshot.header.ids_digest and len(have) == snapshot.count():
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    want = snapshot.ids()
+    return np.setdiff1d(have, want, assume_unique=True), np.setdiff1d(want, have, assume_unique=True)

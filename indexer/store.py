@@ -1,0 +1,411 @@
+"""The LMDB environment in DB_DIR: the index's source of truth.
+
+Sub-databases (keys are bytes; ids are 8-byte big-endian so key order is id order):
+  items     id -> item record (stat, size, label, content hash, path)          see records.pack_item
+  vectors   chunk number -> float32 rows of `chunk_rows` consecutive ids       (id // chunk_rows)
+  paths     relative path -> (id, size, mtime_ns)                              what the scan is compared with
+  hashes    content hash -> id (duplicates sorted)                             reuse for identical content
+  failures  relative path -> {"reason", "size", "mtime_ns", "ctime_ns"}        files that could not be indexed
+  meta      b"header" -> Header JSON (encoder, counters, ids digest)
+
+Embeddings live in chunks rather than in each item's value: a 2-5 KB value would take its own overflow
+page(s) and waste up to half of them, while a chunk of 256 rows wastes under 1%.
+
+Writers hold an exclusive `flock` on DB_DIR/index.lock (a second writer gets a "locked" IndexStoreError; the
+kernel drops the lock when the process dies, even on kill -9). Each batch is one LMDB transaction, so a
+crash leaves the DB as of its last commit. Readers take a snapshot (one read transaction) and see the last
+committed state while a writer goes on. The map grows by doubling when full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TypeVar
+
+import lmdb
+import numpy as np
+
+from retrieval.errors import IndexStoreError
+
+from .records import (
+    SCHEMA_VERSION,
+    EncoderInfo,
+    Failure,
+    Header,
+    Item,
+    NewItem,
+    PathState,
+    digest_update,
+    id_key,
+    key_id,
+    pack_item,
+    pack_path,
+    unpack_item,
+    unpack_path,
+)
+from .scan import path_key
+
+log = logging.getLogger(__name__)
+
+_DBS = {"items": {}, "vectors": {}, "paths": {}, "hashes": {"dupsort": True, "dupfixed": True},
+        "failures": {}, "meta": {}}
+_HEADER = b"header"
+LOCK_FILE = "index.lock"
+DEFAULT_MAP_SIZE = 1 << 30
+T = TypeVar("T")
+
+
+class Snapshot:
+    """A consistent read-only view of the DB (one LMDB read transaction); use inside `Store.snapshot()`."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]):
+        self._txn = txn
+        self._dbs = dbs
+        raw = txn.get(_HEADER, db=dbs["meta"])
+        self.header: Header | None = Header.from_bytes(raw) if raw is not None else None
+
+    def count(self) -> int:
+        """Number of items."""
+        return self._txn.stat(self._dbs["items"])["entries"]
+
+    def failure_count(self) -> int:
+        return self._txn.stat(self._dbs["failures"])["entries"]
+
+    def ids(self) -> np.ndarray:
+        """All item ids, ascending, int64."""
+        with self._txn.cursor(self._dbs["items"]) as cur:
+            keys = b"".join(cur.iternext(keys=True, values=False))
+        return np.frombuffer(keys, dtype=">u8").astype(np.int64)
+
+    def items(self, ids: Iterable[int]) -> list[Item | None]:
+        """Item records for `ids`, in the same order; None where an id is not (or no longer) in the DB."""
+        out = []
+        for item_id in ids:
+            if item_id < 0:
+                out.append(None)
+                continue
+            raw = self._txn.get(id_key(int(item_id)), db=self._dbs["items"])
+            out.append(unpack_item(int(item_id), raw) if raw is not None else None)
+        return out
+
+    def iter_items(self) -> Iterator[Item]:
+        """Every item, in id order."""
+        with self._txn.cursor(self._dbs["items"]) as cur:
+            for key, raw in cur:
+                yield unpack_item(key_id(key), raw)
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """Embeddings (len(ids), dim) float32 of items that are in the DB, in the order given."""
+        header = self._require_header()
+        rows, dim = header.chunk_rows, header.encoder.dim
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), dim), dtype=np.float32)
+        for chunk in np.unique(ids // rows):
+            chunk_vectors = self._chunk(int(chunk), dim)
+            where = np.flatnonzero(ids // rows == chunk)
+            offsets = ids[where] - chunk * rows
+            if len(offsets) and offsets.max() >= len(chunk_vectors):
+                raise IndexStoreError(f"embedding of item {int(ids[where][offsets.argmax()])} is missing")
+            out[where] = chunk_vectors[offsets]
+        return out
+
+    def iter_vectors(self, batch: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, embeddings) of every item, in id order, `batch` at a time."""
+        ids = self.ids()
+        for start in range(0, len(ids), batch):
+            part = ids[start:start + batch]
+            yield part, self.vectors(part)
+
+    def paths(self) -> Iterator[tuple[bytes, PathState]]:
+        """(path key, state) of every item, in key order (the scan's order)."""
+        with self._txn.cursor(self._dbs["paths"]) as cur:
+            for key, raw in cur:
+                yield bytes(key), unpack_path(raw)
+
+    def path_state(self, relpath: str) -> PathState | None:
+        raw = self._txn.get(path_key(relpath), db=self._dbs["paths"])
+        return unpack_path(raw) if raw is not None else None
+
+    def failures(self) -> Iterator[Failure]:
+        """Every recorded failure, in path order (relpath as os.fsdecode gives it; see scan.display_path)."""
+        with self._txn.cursor(self._dbs["failures"]) as cur:
+            for key, raw in cur:
+                yield Failure.from_bytes(os.fsdecode(bytes(key)), raw)
+
+    def find_hashes(self, hashes: Iterable[bytes]) -> dict[bytes, int]:
+        """For each content hash already in the DB, the id of an item with that content."""
+        found = {}
+        with self._txn.cursor(self._dbs["hashes"]) as cur:
+            for digest in hashes:
+                if cur.set_key(digest):
+                    found[digest] = key_id(cur.value())
+        return found
+
+    def _chunk(self, chunk: int, dim: int) -> np.ndarray:
+        raw = self._txn.get(id_key(chunk), db=self._dbs["vectors"])
+        if raw is None:
+            return np.empty((0, dim), dtype=np.float32)
+        return np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
+
+    def _require_header(self) -> Header:
+        if self.header is None:
+            raise IndexStoreError("the index DB has no header yet (no index run has committed)")
+        return self.header
+
+
+class Store:
+    """An open index DB. `Store.open(db_dir)` for queries; `Store.open(db_dir, readonly=False)` to write."""
+
+    def __init__(self, db_dir: Path, env: lmdb.Environment, dbs: dict, readonly: bool, lock_fd: int | None):
+        self.db_dir = db_dir
+        self.readonly = readonly
+        self._env = env
+        self._dbs = dbs
+        self._lock_fd = lock_fd
+        self._txn_lock = threading.Lock()  # no transaction may be open while the map is resized
+
+    @classmethod
+    def open(cls, db_dir: str | Path, *, readonly: bool = True, map_size: int = DEFAULT_MAP_SIZE) -> Store:
+        """Open DB_DIR; for writing, create it if needed and take the writer lock (IndexStoreError if held)."""
+        db_dir = Path(db_dir)
+        if readonly and not (db_dir / "data.mdb").is_file():
+            raise IndexStoreError(f"no index DB at {db_dir} "
+                                  f"(create one with: python cli.py index FOLDER --db {db_dir})")
+        lock_fd = None if readonly else _acquire_writer_lock(db_dir)
+        try:
+            env = lmdb.open(str(db_dir), readonly=readonly, max_dbs=len(_DBS), map_size=map_size,
+                            lock=True)
+            dbs = {name: env.open_db(name.encode(), create=not readonly, **flags) for name, flags in _DBS.items()}
+        except lmdb.Error as exc:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            detail = "sub-databases missing" if isinstance(exc, lmdb.NotFoundError) else str(exc)
+            raise IndexStoreError(f"{db_dir} cannot be opened as an index DB: {detail}") from None
+        return cls(db_dir, env, dbs, readonly, lock_fd)
+
+    def close(self) -> None:
+        self._env.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """A consistent view of the last committed state, for as long as the `with` block lasts."""
+        with self._txn_lock:
+            txn = self._begin(write=False)
+            try:
+                yield Snapshot(txn, self._dbs)
+            finally:
+                txn.abort()
+
+    def header(self) -> Header | None:
+        with self.snapshot() as snap:
+            return snap.header
+
+    def disk_bytes(self) -> int:
+        """Bytes of the LMDB data file actually in use (last page * page size)."""
+        info, stat = self._env.info(), self._env.stat()
+        return (info["last_pgno"] + 1) * stat["psize"]
+
+    # -- writing (readonly=False) -------------------------------------------------------------------------
+
+    def begin_run(self, encoder: EncoderInfo, root: str, *, reembed: bool) -> Header:
+        """Bind the DB to `encoder` (IndexStoreError if it was built with another, unless reembed).
+
+        reembed empties the DB of items in this one transaction (ids are not reused) and marks the header, so
+        that a --reembed run killed half way and started again goes on instead of starting over.
+        """
+
+        def run(txn: lmdb.Transaction) -> Header:
+            header = _read_header(txn, self._dbs)
+            now = _now()
+            if header is None:
+                header = Header(encoder=encoder, root=root, created=now)
+            elif header.schema != SCHEMA_VERSION:
+                raise IndexStoreError(f"{self.db_dir} has index schema {header.schema}, this version reads "
+                                      f"{SCHEMA_VERSION}; rebuild it into a new --db")
+            elif reembed and not (header.reembed_pending and header.encoder.fingerprint == encoder.fingerprint):
+                for name in ("items", "vectors", "paths", "hashes"):
+                    txn.drop(self._dbs[name], delete=False)
+                header = replace(header, encoder=encoder, ids_digest=0, reembed_pending=True)
+            elif header.encoder.fingerprint != encoder.fingerprint and txn.stat(self._dbs["items"])["entries"]:
+                raise IndexStoreError(_mismatch_message(self.db_dir, header.encoder, encoder))
+            if header.root != root:
+                log.info("index root changes from %s to %s", header.root, root)
+            header = replace(header, encoder=encoder, root=root, updated=now, generation=header.generation + 1)
+            _write_header(txn, self._dbs, header)
+            return header
+
+        return self._write(run)
+
+    def finish_run(self) -> Header:
+        """Clear the --reembed mark once every file has been seen."""
+        return self._write(lambda txn: self._update_header(txn, [], [], reembed_pending=False))
+
+    def commit_batch(self, items: Sequence[NewItem], failures: Sequence[Failure]) -> list[int]:
+        """Store `items` under new ids and record `failures`, replacing whatever their paths held before.
+
+        One transaction: after a crash either the whole batch is in the DB or none of it.
+        """
+
+        def run(txn: lmdb.Transaction) -> list[int]:
+            header = _read_header(txn, self._dbs)
+            removed = self._drop_paths(txn, [path_key(x.relpath) for x in [*items, *failures]], header)
+            ids = list(range(header.next_id, header.next_id + len(items)))
+            for item_id, item in zip(ids, items, strict=True):
+                key = path_key(item.relpath)
+                txn.put(id_key(item_id), pack_item(item), db=self._dbs["items"])
+                txn.put(key, pack_path(PathState(item_id, item.size, item.mtime_ns)), db=self._dbs["paths"])
+                txn.put(item.content_hash, id_key(item_id), db=self._dbs["hashes"])
+                txn.delete(key, db=self._dbs["failures"])
+            if items:
+                self._put_vectors(txn, header, ids, np.stack([x.embedding for x in items]))
+            for failure in failures:
+                txn.put(path_key(failure.relpath), failure.to_bytes(), db=self._dbs["failures"])
+            self._update_header(txn, ids, removed, next_id=header.next_id + len(items))
+            return ids
+
+        return self._write(run)
+
+    def remove_paths(self, keys: Sequence[bytes]) -> int:
+        """Remove the items and failures of these paths (files that are gone); returns items removed."""
+
+        def run(txn: lmdb.Transaction) -> int:
+            removed = self._drop_paths(txn, keys, _read_header(txn, self._dbs))
+            for key in keys:
+                txn.delete(key, db=self._dbs["failures"])
+            self._update_header(txn, [], removed)
+            return len(removed)
+
+        return self._write(run) if keys else 0
+
+    def put_failures(self, failures: Sequence[Failure]) -> None:
+        """Record failures found by the scan (they hold no item: a path's item is removed separately)."""
+        if failures:
+            self.commit_batch([], failures)
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _begin(self, *, write: bool) -> lmdb.Transaction:
+        try:
+            return self._env.begin(write=write, buffers=not write)  # zero-copy reads
+        except lmdb.MapResizedError:  # another process grew the map: adopt its size
+            self._env.set_mapsize(0)
+            return self._env.begin(write=write, buffers=not write)
+
+    def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        if self.readonly:
+            raise IndexStoreError(f"{self.db_dir} was opened read-only")
+        while True:
+            with self._txn_lock:
+                try:
+                    txn = self._begin(write=True)
+                    try:
+                        result = fn(txn)
+                    except BaseException:
+                        txn.abort()
+                        raise
+                    txn.commit()
+                    return result
+                except lmdb.MapFullError:
+                    size = self._env.info()["map_size"] * 2
+                    log.info("LMDB map full: growing it to %d MiB", size >> 20)
+                    self._env.set_mapsize(size)
+
+    def _drop_paths(self, txn: lmdb.Transaction, keys: Iterable[bytes], header: Header) -> list[int]:
+        """Delete the items these paths hold (record, path, hash, and the embedding chunk once empty)."""
+        removed = []
+        for key in keys:
+            raw = txn.pop(key, db=self._dbs["paths"])
+            if raw is None:
+                continue
+            item_id = unpack_path(raw).id
+            item = unpack_item(item_id, txn.pop(id_key(item_id), db=self._dbs["items"]))
+            txn.delete(item.content_hash, id_key(item_id), db=self._dbs["hashes"])
+            removed.append(item_id)
+        rows = header.chunk_rows
+        with txn.cursor(self._dbs["items"]) as cur:
+            for chunk in {i // rows for i in removed}:
+                found = cur.set_range(id_key(chunk * rows))
+                if not found or key_id(cur.key()) >= (chunk + 1) * rows:
+                    txn.delete(id_key(chunk), db=self._dbs["vectors"])
+        return removed
+
+    def _put_vectors(self, txn: lmdb.Transaction, header: Header, ids: list[int], vectors: np.ndarray) -> None:
+        rows, dim = header.chunk_rows, header.encoder.dim
+        if vectors.shape[1] != dim:
+            raise IndexStoreError(f"embedding has {vectors.shape[1]} dimensions, the DB holds {dim}")
+        ids_arr = np.asarray(ids)
+        for chunk in np.unique(ids_arr // rows):
+            where = np.flatnonzero(ids_arr // rows == chunk)
+            offsets = ids_arr[where] - chunk * rows
+            old = txn.get(id_key(int(chunk)), db=self._dbs["vectors"])
+            block = np.zeros((max(int(offsets.max()) + 1, 0 if old is None else len(old) // (4 * dim)), dim),
+                             dtype="<f4")
+            if old is not None:
+                block[: len(old) // (4 * dim)] = np.frombuffer(old, dtype="<f4").reshape(-1, dim)
+            block[offsets] = vectors[where]
+            txn.put(id_key(int(chunk)), block.tobytes(), db=self._dbs["vectors"])
+
+    def _update_header(self, txn: lmdb.Transaction, added: Sequence[int], removed: Sequence[int], **changes) -> Header:
+        header = _read_header(txn, self._dbs)
+        header = replace(header, generation=header.generation + 1, updated=_now(),
+                         ids_digest=digest_update(header.ids_digest, np.asarray(added, dtype=np.int64),
+                                                  np.asarray(removed, dtype=np.int64)), **changes)
+        _write_header(txn, self._dbs, header)
+        return header
+
+
+def _read_header(txn: lmdb.Transaction, dbs: dict) -> Header | None:
+    raw = txn.get(_HEADER, db=dbs["meta"])
+    return Header.from_bytes(raw) if raw is not None else None
+
+
+def _write_header(txn: lmdb.Transaction, dbs: dict, header: Header) -> None:
+    txn.put(_HEADER, header.to_bytes(), db=dbs["meta"])
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def require_encoder(header: Header, encoder: EncoderInfo, db_dir: str | Path) -> None:
+    """IndexStoreError unless `encoder` is the one the DB was built with (queries must use the same)."""
+    if header.encoder.fingerprint != encoder.fingerprint:
+        raise IndexStoreError(_mismatch_message(Path(db_dir), header.encoder, encoder))
+
+
+def _mismatch_message(db_dir: Path, stored: EncoderInfo, given: EncoderInfo) -> str:
+    return (f"{db_dir} was built with encoder {stored.spec!r} (fingerprint {stored.fingerprint[:12]}), "
+            f"not {given.spec!r} ({given.fingerprint[:12]}): pass --model {stored.spec}, "
+            f"or --reembed to re-encode every image with the new encoder, or use another --db")
+
+
+def _acquire_writer_lock(db_dir: Path) -> int:
+    db_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise IndexStoreError(f"{db_dir} is locked: another index run (pid {holder}) is writing to it; "
+                              f"wait for it to finish or use another --db") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

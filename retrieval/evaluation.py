@@ -1,0 +1,133 @@
+"""The `eval` command's model side: leave-one-out ranking of embeddings into metrics plus what a report shows.
+
+`eval --dataset` embeds a split with `evaluate.embed_records` (the code `finetune` evaluates with) and ranks it
+with the exact kNN of `metrics`; `eval --db` (indexer/evaluation.py) ranks stored embeddings the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.report import Comparison, Ranking, Report, ReportFiles, build_report, load_comparison, write_report
+
+DEFAULT_KS = (1, 2, 4, 8)
+SAMPLE_TOP = 5  # results per sample query in the HTML grid
+
+
+@dataclass(frozen=True)
+class DatasetEvalConfig:
+    """`eval --dataset`: which split of which data set, embedded by which encoder."""
+
+    dataset: str
+    root: Path
+    model: str
+    split: str = "test"
+    ks: tuple[int, ...] = DEFAULT_KS
+    crop: bool = False
+    train_fraction: float = 0.5
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "cpu"
+    report: Path | None = None
+    compare: Path | None = None
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Metrics (and exact-search metrics when the search was approximate), the optional comparison, and the
+    report files when a report folder was asked for."""
+
+    report: Report
+    compare: Comparison | None = None
+    files: ReportFiles | None = None
+
+    def to_json(self) -> dict:
+        """The `eval --json` object: the metrics flat, then "exact" and "gap" when the index is approximate."""
+        out: dict = dict(self.report.metrics)
+        if self.report.exact is not None:
+            out["exact"] = dict(self.report.exact)
+            out["gap"] = {k: self.report.exact[k] - v for k, v in self.report.metrics.items()
+                          if k.startswith("recall@") and k in self.report.exact}
+        if self.compare is not None:
+            out["compare"] = {"name": self.compare.name, "metrics": self.compare.metrics}
+        if self.files is not None:
+            out["report"] = str(self.files.html)
+        return out
+
+
+def neighbour_width(labels: np.ndarray, ks: Sequence[int], top: int = SAMPLE_TOP) -> int:
+    """Neighbours per query needed for Recall@max(K), MAP@R (R = class size - 1) and the sample grid."""
+    labelled = labels[labels >= 0]
+    largest_class = int(np.bincount(labelled).max(initial=1)) if len(labelled) else 1
+    return max(max(ks), largest_class - 1, top)
+
+
+def metrics_of_ranking(labels: np.ndarray, queries: np.ndarray, neighbours: np.ndarray, ks: Sequence[int]) -> dict:
+    """Recall@K, MAP@R, R-Precision of ranked neighbours (indices into `labels`, -1 = none) for `queries`.
+
+    Labels are >= 0 for labelled items, -1 for unlabelled ones, which stay in the database as distractors.
+    """
+    from retrieval.metrics import metrics_from_neighbours
+
+    counts = np.bincount(labels[labels >= 0], minlength=int(labels.max(initial=0)) + 1)
+    query_labels = labels[queries]
+    neighbour_labels = np.where(neighbours >= 0, labels[np.maximum(neighbours, 0)], -1)
+    return metrics_from_neighbours(query_labels, neighbour_labels, counts[query_labels] - 1, tuple(ks))
+
+
+def rank_embeddings(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int], *, top: int = SAMPLE_TOP,
+                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact leave-one-out kNN of every labelled item against all others: (queries, scores, neighbours)."""
+    from retrieval.metrics import knn_search
+
+    width = neighbour_width(labels, ks, top)  # knn_search pads with -1 when fewer items exist
+    scores, neighbours = knn_search(embeddings, embeddings, width, exclude_self=True, device=device)
+    queries = np.flatnonzero(labels >= 0)
+    return queries, scores[queries], neighbours[queries]
+
+
+def finish(title: str, source: dict[str, str], ks: Sequence[int], metrics: dict, ranking: Ranking, *,
+           exact: dict | None = None, report_dir: Path | None = None, compare: Path | None = None) -> EvalResult:
+    """Build the report (and write it when `report_dir` is given), with the comparison when asked for."""
+    comparison = load_comparison(compare) if compare is not None else None
+    report = build_report(title, source, ks, metrics, ranking, exact=exact, top=SAMPLE_TOP)
+    files = write_report(report, report_dir, compare=comparison) if report_dir is not None else None
+    return EvalResult(report, comparison, files)
+
+
+def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
+    """Embed one split of a data set and score it leave-one-out (the numbers `finetune` reports per epoch)."""
+    from retrieval.data import load_records, split_records
+
+    records = split_records(load_records(cfg.dataset, cfg.root, crop=cfg.crop, train_fraction=cfg.train_fraction),
+                            cfg.split)
+    if cfg.compare is not None:
+        load_comparison(cfg.compare)  # fail before the slow part
+    from retrieval.encoder import load_encoder
+    from retrieval.evaluate import embed_records
+
+    encoder = load_encoder(cfg.model, device=cfg.device)
+    embeddings, labels = embed_records(encoder, records, batch_size=cfg.batch_size, workers=cfg.workers,
+                                       device=cfg.device, progress=cfg.progress)
+    queries, scores, neighbours = rank_embeddings(embeddings, labels, cfg.ks, device=cfg.device)
+    metrics = metrics_of_ranking(labels, queries, neighbours, cfg.ks)
+    names = {r.label: r.class_name for r in records}
+    ranking = Ranking([str(r.path) for r in records], labels, _names_list(names), queries, neighbours, scores)
+    source = {"dataset": cfg.dataset, "root": str(cfg.root), "split": cfg.split, "model": encoder.spec,
+              "fingerprint": encoder.fingerprint()}
+    return finish(f"{Path(encoder.spec).name or encoder.spec} on {cfg.dataset}/{cfg.split}", source, cfg.ks,
+                  metrics, ranking, report_dir=cfg.report, compare=cfg.compare)
+
+
+def _names_list(names: dict[int, str]) -> list[str]:
+    """Class names indexed by label (labels are dense over the whole data set, so a split has gaps)."""
+    out = [""] * (max(names) + 1)
+    for label, name in names.items():
+        out[label] = name
+    return out
+

@@ -1,0 +1,518 @@
+"""Fine-tune an encoder with a metric-learning loss on P x K batches, scoring Recall@K and MAP@R every epoch.
+
+The defaults protect a strong pretrained trunk, which naive fine-tuning easily makes worse:
+- BatchNorm keeps its pretrained running statistics (a P x K batch holds only P classes; its statistics
+  would drift towards them and corrupt the features of every unseen class);
+- the trunk learns 100x slower than the head, and not at all during the first `freeze_backbone_epochs`,
+  so the loss first shapes the head (initialised to keep the trunk's geometry) and the proxies;
+- warm-up then cosine decay, so the last epochs settle instead of jumping around.
+
+Epoch 0 is the pretrained baseline, evaluated on the test split by the same code as every later epoch.
+The run directory keeps the best epoch by MAP@R (see `is_better`), the last state for `resume`, the metrics
+and the curves. Runs unchanged under `torchrun --nproc_per_node=N`: DDP (gloo on CPU, nccl on CUDA), the
+P x K sampler shards batches by rank, rank 0 evaluates and writes, the other ranks wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from .data import load_records, split_records
+from .data.dataset import ImageDataset
+from .data.records import Record
+from .data.sampler import PKSampler
+from .encoder import Encoder, load_encoder, save_encoder
+from .errors import RetrievalError
+from .evaluate import DEFAULT_KS, autocast, evaluate_records, make_loader
+from .finetune_config import SCHEDULES, FinetuneConfig
+from .losses import LOSS_DEFAULTS, LOSSES, make_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "last.pt"
+METRICS = "metrics.json"
+TRAIN_LOG = "train.log"
+CURVES = "curves.png"
+FINGERPRINT = "fingerprint"
+CHECKPOINT_FORMAT = 1
+# Settings a resumed run must share with the run it continues (epochs may grow, workers etc. may change).
+_RESUME_KEYS = ("dataset", "root", "crop", "train_fraction", "model", "embed_dim", "loss", "loss_params", "p",
+                "k", "steps_per_epoch", "image_size", "seed", "world_size", "lr_backbone", "lr_head", "lr_proxies",
+                "weight_decay", "freeze_bn")
+
+
+class TrainingInterrupted(RetrievalError):
+    """Ctrl-C during fine-tuning: the state was saved and `--resume` continues from it."""
+
+
+@dataclass(frozen=True)
+class _Dist:
+    """This process's place in the run: rank, world size, device; owns_group if we initialised it."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+@dataclass
+class _State:
+    """What a checkpoint restores: completed epochs, progress into the next one, history, best epoch."""
+
+    epoch: int = 0                 # epochs fully trained and evaluated
+    step: int = 0                  # batches already trained of epoch `epoch + 1` (mid-epoch interrupt)
+    partial_loss: float = 0.0      # sum of those batches' losses
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available else cpu; an explicit cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RetrievalError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the base learning rates at optimiser step `step`: linear warm-up, then cosine or flat."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def is_better(metrics: dict, best: dict | None) -> bool:
+    """MAP@R first (it ranks all R relevant items, so it is less noisy than the single-neighbour Recall@1
+    and is what a retrieval index serves), Recall@1 breaks ties."""
+    if best is None:
+        return True
+    return (metrics["map@r"], metrics["recall@1"]) > (best["map@r"], best["recall@1"])
+
+
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    """Train, evaluate every epoch, write the run directory; return a summary (rank 0; others get their rank)."""
+    _validate(cfg)
+    ctx = _setup_distributed(cfg.device)
+    try:
+        return _Run(cfg, ctx, progress).run()
+    finally:
+        if ctx.owns_group:
+            dist.destroy_process_group()
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    checks = [
+        (cfg.loss in LOSSES, f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}"),
+        (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
+        (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
+        (cfg.p >= 2 and cfg.k >= 2, f"P x K batches need P >= 2 classes and K >= 2 images, got P={cfg.p} K={cfg.k}"),
+        (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1, "steps per epoch must be at least 1"),
+        (min(cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.warmup_epochs) >= 0, "rates must not be negative"),
+        (0 <= cfg.freeze_backbone_epochs, "freeze-backbone epochs must not be negative"),
+        (cfg.workers >= 0 and cfg.eval_batch_size >= 1, "workers must be >= 0 and the eval batch size >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RetrievalError(message)
+
+
+def _setup_distributed(device_name: str) -> _Dist:
+    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU), else run alone."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not dist.is_initialized():
+        return _Dist(0, 1, device, owns_group=False)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
+
+
+def train_mode(module: nn.Module, *, freeze_bn: bool) -> None:
+    """Training mode, except that with `freeze_bn` every BatchNorm keeps normalising with (and keeping) its
+    pretrained running statistics: a P x K batch of a few classes would drag them towards those classes."""
+    module.train()
+    if freeze_bn:
+        for child in module.modules():
+            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+                child.eval()
+
+
+def train_loader(encoder: Encoder, records: list[Record], batch_sampler, *, workers: int,
+                 device: torch.device) -> torch.utils.data.DataLoader:
+    """Training batches: the encoder's train transform, JPEG draft() decoding to its resize size."""
+    dataset = ImageDataset(records, encoder.train_transform(), draft_size=encoder.config.resize_size)
+    return make_loader(dataset, workers=workers, device=device, batch_sampler=batch_sampler)
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+               scheduler, *, device: torch.device, amp: bool) -> float:
+    """One optimiser step on one batch (`model(images, labels)` returns the loss); returns the loss value."""
+    with autocast(device, amp):
+        loss = model(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach().item()
+
+
+class TrainStep(nn.Module):
+    """Encoder + loss as one module, so DDP averages the gradients of both (class proxies included)."""
+
+    def __init__(self, encoder: Encoder, loss: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.loss = loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.encoder(images), labels)
+
+
+class _EpochBatches(torch.utils.data.Sampler[list[int]]):
+    """Batches [start, stop) of one epoch of a PKSampler (resume skips the ones already trained)."""
+
+    def __init__(self, sampler: PKSampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return islice(iter(self.sampler), self.start, self.stop)
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+class _RunLog:
+    """train.log of the run (rank 0): every line also goes to the module logger."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __call__(self, message: str) -> None:
+        log.info(message)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+
+class _Run:
+    """One fine-tune run: set-up, the epoch loop, checkpoints and artefacts."""
+
+    def __init__(self, cfg: FinetuneConfig, ctx: _Dist, progress: bool):
+        self.cfg, self.ctx, self.progress = cfg, ctx, progress and ctx.main
+        self.out = Path(cfg.out).expanduser()
+        self.amp = cfg.amp and ctx.device.type == "cuda"
+        if ctx.main:
+            self._prepare_out_dir()
+        ctx.barrier()
+        self.log = _RunLog(self.out / TRAIN_LOG if ctx.main else None)
+        self.train_records, self.test_records, self.root = self._records()
+        classes = sorted({r.label for r in self.train_records})
+        self.label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+        self.label_map[classes] = torch.arange(len(classes))
+        torch.manual_seed(cfg.seed)   # same initial head and proxies on every rank
+        self.encoder = self._encoder()
+        self.loss = make_loss(cfg.loss, num_classes=len(classes), dim=self.encoder.embed_dim,
+                              **dict(cfg.loss_params)).to(ctx.device)
+        self.step_module = TrainStep(self.encoder, self.loss)
+        try:
+            self.sampler = PKSampler([r.label for r in self.train_records], cfg.p, cfg.k, seed=cfg.seed,
+                                     rank=ctx.rank, world_size=ctx.world_size)
+        except ValueError as exc:   # e.g. more classes per batch than the train split has
+            raise RetrievalError(f"P x K sampler: {exc}; lower -P") from None
+        self.steps = min(len(self.sampler), cfg.steps_per_epoch or len(self.sampler))
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
+        self.state = _State()
+        self.wrapped: nn.Module | None = None
+        self.backbone_trainable: bool | None = None
+
+    # -- set-up ------------------------------------------------------------------------------------------
+
+    def _prepare_out_dir(self) -> None:
+        has_run = (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists()
+        if has_run and not self.cfg.resume:
+            raise RetrievalError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+        if self.cfg.resume and not (self.out / CHECKPOINT).is_file():
+            raise RetrievalError(f"{self.out / CHECKPOINT} not found: nothing to resume (drop --resume to start)")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _records(self) -> tuple[list[Record], list[Record], Path]:
+        cfg = self.cfg
+        root = cfg.root
+        if root is None:
+            if cfg.dataset != "cub":
+                raise RetrievalError(f"--dataset {cfg.dataset} needs --root (only the generated cub set is built in)")
+            from .data.generate import ensure_default_dataset
+
+            root = ensure_default_dataset() if self.ctx.main else None
+            self.ctx.barrier()   # rank 0 generates it once; the others then find it
+            root = root or ensure_default_dataset()
+        records = load_records(cfg.dataset, root, crop=cfg.crop, train_fraction=cfg.train_fraction)
+        train, test = split_records(records, "train"), split_records(records, "test")
+        if not train or not test:
+            raise RetrievalError(f"{root}: need images in both splits, got {len(train)} train and {len(test)} test")
+        return train, test, Path(root)
+
+    def _encoder(self) -> Encoder:
+        encoder = load_encoder(self.cfg.model, embed_dim=self.cfg.embed_dim, device=self.ctx.device)
+        if self.cfg.image_size is not None and self.cfg.image_size != encoder.image_size:
+            # The config is the encoder's preprocessing contract: a new input size is a new config, saved as such.
+            encoder.config = dataclasses.replace(encoder.config, image_size=self.cfg.image_size)
+        return encoder
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        groups = [
+            {"params": list(self.encoder.backbone_parameters()), "lr": cfg.lr_backbone, "name": "backbone"},
+            {"params": list(self.encoder.head_parameters()), "lr": cfg.lr_head, "name": "head"},
+        ]
+        proxies = list(self.loss.parameters())
+        if proxies:   # class-circle: proxies move on the unit sphere; decay would only shrink their norm
+            lr = cfg.lr_proxies if cfg.lr_proxies is not None else 10 * cfg.lr_head
+            groups.append({"params": proxies, "lr": lr, "weight_decay": 0.0, "name": "proxies"})
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+    def _lr_lambda(self):
+        total = self.cfg.epochs * self.steps
+        warmup = round(self.cfg.warmup_epochs * self.steps)
+        schedule = self.cfg.schedule
+        return lambda step: lr_factor(step, total=total, warmup=warmup, schedule=schedule)
+
+    def _resume_config(self) -> dict:
+        cfg = self.cfg
+        return {"dataset": cfg.dataset, "root": str(self.root.resolve()), "crop": cfg.crop,
+                "train_fraction": cfg.train_fraction, "model": cfg.model, "embed_dim": self.encoder.embed_dim,
+                "loss": cfg.loss, "loss_params": {**LOSS_DEFAULTS[cfg.loss], **cfg.loss_params}, "p": cfg.p,
+                "k": cfg.k, "steps_per_epoch": cfg.steps_per_epoch, "image_size": self.encoder.image_size,
+                "seed": cfg.seed, "world_size": self.ctx.world_size, "lr_backbone": cfg.lr_backbone,
+                "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
+                "freeze_bn": cfg.freeze_bn}
+
+    def _run_config(self) -> dict:
+        """The full configuration as plain JSON values (written to metrics.json and the checkpoint)."""
+        plain = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self.cfg).items()}
+        return {**plain, **self._resume_config(), "device": str(self.ctx.device)}
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.resume:
+            self._load_checkpoint()
+        else:
+            self.log(f"fine-tune {cfg.model} with {cfg.loss} loss on {cfg.dataset} {self.root}: "
+                     f"{len(self.train_records)} train / {len(self.test_records)} test images, world size "
+                     f"{ctx.world_size}, device {ctx.device}, {self.steps} steps of {cfg.p}x{cfg.k} per epoch")
+        start = time.perf_counter()
+        try:
+            if not self.state.history:
+                self._end_epoch(0, {"loss": None, "train_seconds": None, "images_per_s": None})
+            for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+                self._end_epoch(epoch, self._train_epoch(epoch))
+        except KeyboardInterrupt:
+            if ctx.main:
+                self._save_checkpoint()
+            raise TrainingInterrupted(
+                f"interrupted after {self.state.epoch} epoch(s) + {self.state.step} step(s); state saved to "
+                f"{self.out / CHECKPOINT}; resume with --resume") from None
+        return self._summary(time.perf_counter() - start) if ctx.main else {"rank": ctx.rank}
+
+    def _set_backbone_trainable(self, trainable: bool) -> nn.Module:
+        """Freeze or unfreeze the trunk; under DDP re-wrap, since DDP fixes its parameter set when built."""
+        if trainable != self.backbone_trainable:
+            for param in self.encoder.backbone_parameters():
+                param.requires_grad_(trainable)
+            self.backbone_trainable = trainable
+            self.wrapped = self.step_module
+            if self.ctx.world_size > 1:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+                self.wrapped = DistributedDataParallel(self.step_module, device_ids=ids,
+                                                       broadcast_buffers=not self.cfg.freeze_bn)
+        return self.wrapped
+
+    def _train_epoch(self, epoch: int) -> dict:
+        """Train one epoch (or what is left of it): mean batch loss over all ranks, seconds, images/s."""
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        model = self._set_backbone_trainable(epoch > cfg.freeze_backbone_epochs)
+        train_mode(self.step_module, freeze_bn=cfg.freeze_bn)
+        # Augmentation randomness is a function of (seed, epoch, rank): a run resumed at an epoch boundary
+        # repeats the uninterrupted run exactly, with no RNG state to carry in the checkpoint.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + ctx.rank)
+        self.sampler.set_epoch(epoch)
+        loader = train_loader(self.encoder, self.train_records, _EpochBatches(self.sampler, state.step, self.steps),
+                              workers=cfg.workers, device=ctx.device)
+        batch_images = cfg.p * cfg.k * ctx.world_size
+        bar = tqdm(total=self.steps, initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
+                   disable=not self.progress, dynamic_ncols=True)
+        start, done_here = time.perf_counter(), 0
+        with bar:
+            for images, labels, _ in loader:
+                state.partial_loss += train_step(model, images, self.label_map[labels], self.optimizer,
+                                                 self.scheduler, device=ctx.device, amp=self.amp)
+                state.step += 1
+                done_here += 1
+                rate = done_here * batch_images / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{state.partial_loss / state.step:.4f}", img_s=f"{rate:.1f}")
+                bar.update()
+        seconds = time.perf_counter() - start
+        mean_loss = torch.tensor([state.partial_loss / max(1, state.step)], device=ctx.device)
+        if ctx.world_size > 1:
+            dist.all_reduce(mean_loss)
+            mean_loss /= ctx.world_size
+        rate = round(done_here * batch_images / seconds, 2) if done_here else None
+        return {"loss": float(mean_loss), "train_seconds": round(seconds, 2), "images_per_s": rate}
+
+    def _end_epoch(self, epoch: int, train: dict) -> None:
+        """Rank 0 evaluates, records, keeps the best weights and checkpoints; the others wait.
+
+        `train` holds the epoch's loss, train_seconds and images_per_s (all None for the baseline, epoch 0).
+        """
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.main:
+            metrics = evaluate_records(self.encoder, self.test_records, batch_size=cfg.eval_batch_size,
+                                       workers=cfg.workers, device=ctx.device, progress=self.progress, amp=self.amp)
+            row = {"epoch": epoch, **train, **metrics,
+                   "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
+            best = self.state.history[self.state.best_epoch] if self.state.best_epoch is not None else None
+            improved = epoch > 0 and is_better(row, best)   # the pretrained weights are the baseline, not a result
+            self.state.history.append(row)
+            self.state.best_epoch = epoch if improved else self.state.best_epoch
+        self.state.epoch, self.state.step, self.state.partial_loss = epoch, 0, 0.0
+        if ctx.main:
+            if improved:
+                fingerprint = save_encoder(self.encoder, self.out)
+                (self.out / FINGERPRINT).write_text(fingerprint + "\n")
+            self.log(_epoch_line(row, improved))
+            self._save_checkpoint()
+            self._write_metrics()
+            plot_curves(self.state.history, self.out / CURVES)
+        ctx.barrier()
+
+    # -- persistence -------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        """last.pt: tensors and plain values only (loadable with weights_only=True), written atomically."""
+        s = self.state
+        payload = {
+            "format": CHECKPOINT_FORMAT, "config": self._run_config(), "epoch": s.epoch, "step": s.step,
+            "partial_loss": s.partial_loss, "history": s.history, "best_epoch": s.best_epoch,
+            "encoder": self.encoder.state_dict(), "loss": self.loss.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        }
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def _load_checkpoint(self) -> None:
+        path = self.out / CHECKPOINT
+        try:
+            payload = torch.load(path, map_location=self.ctx.device, weights_only=True)
+        except Exception as exc:
+            raise RetrievalError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from None
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise RetrievalError(f"{path}: checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        saved, now = payload["config"], self._resume_config()
+        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
+        if changed:
+            raise RetrievalError(f"{path}: cannot resume with different settings: {'; '.join(changed)}")
+        self.encoder.load_state_dict(payload["encoder"])
+        self.loss.load_state_dict(payload["loss"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])   # keeps our lambda (more epochs: a longer cosine)
+        self.state = _State(payload["epoch"], payload["step"], payload["partial_loss"], payload["history"],
+                            payload["best_epoch"])
+        self.log(f"resumed from {path}: {self.state.epoch} epoch(s) + {self.state.step} step(s) done, "
+                 f"training to epoch {self.cfg.epochs}")
+
+    def _write_metrics(self) -> None:
+        s = self.state
+        data = {
+            "config": self._run_config(),
+            "baseline": s.history[0],
+            "best_epoch": s.best_epoch,
+            "best": s.history[s.best_epoch] if s.best_epoch is not None else None,
+            "epochs": s.history,
+        }
+        tmp = self.out / f".{METRICS}.tmp"
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, self.out / METRICS)
+
+    def _summary(self, seconds: float) -> dict:
+        s = self.state
+        keys = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
+        pick = lambda row: {k: row[k] for k in keys} if row else None  # noqa: E731
+        fingerprint_file = self.out / FINGERPRINT
+        return {
+            "rank": 0, "out": str(self.out), "epochs": s.epoch, "best_epoch": s.best_epoch,
+            "baseline": pick(s.history[0]), "best": pick(s.history[s.best_epoch] if s.best_epoch is not None else None),
+            "last": pick(s.history[-1]),
+            "fingerprint": fingerprint_file.read_text().strip() if fingerprint_file.exists() else None,
+            "seconds": round(seconds, 1),
+        }
+
+
+def _epoch_line(row: dict, best: bool) -> str:
+    loss = "baseline" if row["loss"] is None else f"loss {row['loss']:.4f}"
+    recalls = " ".join(f"R@{k} {row[f'recall@{k}']:.4f}" for k in DEFAULT_KS)
+    speed = f" {row['images_per_s']:.1f} img/s" if row["images_per_s"] else ""
+    return f"epoch {row['epoch']}: {loss} {recalls} MAP@R {row['map@r']:.4f}{speed}{' (best)' if best else ''}"
+
+
+def plot_curves(history: list[dict], png: Path) -> Path:
+    """Loss (left) and Recall@K + MAP@R (right) per epoch; epoch 0 is the pretrained baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    trained = [row for row in history if row["loss"] is not None]
+    ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
+    epochs = [r["epoch"] for r in history]
+    for key in [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]:
+        ax_rec.plot(epochs, [r[key] for r in history], "o-" if key != "map@r" else "s--", label=key)
+    ax_rec.set(xlabel="epoch (0 = pretrained)", ylabel="test split", title="Recall@K and MAP@R")
+    ax_rec.legend(fontsize=8)
+    for ax in (ax_loss, ax_rec):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png

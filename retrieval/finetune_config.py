@@ -1,0 +1,51 @@
+"""The fine-tune configuration, kept free of heavy imports so the CLI can show its defaults instantly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything a fine-tune run depends on; `out` is the run directory."""
+
+    out: Path
+    dataset: str = "cub"
+    root: Path | None = None               # None: the embedded generated set (created on first use)
+    crop: bool = False                     # CUB: crop to the bounding boxes
+    train_fraction: float = 0.5            # folder: share of the sorted classes used for training
+    model: str = "lite0"                   # encoder spec (see retrieval.encoder.sources)
+    embed_dim: int | None = None           # None: the encoder's default (512)
+    loss: str = "circle"
+    loss_params: Mapping[str, float] = field(default_factory=dict)   # overrides of LOSS_DEFAULTS[loss]
+    p: int = 8                             # classes per batch
+    k: int = 4                             # images per class in a batch
+    epochs: int = 5
+    steps_per_epoch: int | None = None     # None: one pass over the train images (PKSampler's length)
+    lr_backbone: float = 1e-5
+    lr_head: float = 1e-3
+    lr_proxies: float | None = None        # class-circle proxies; None: 10 x lr_head
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.5
+    schedule: str = "cosine"
+    freeze_backbone_epochs: int = 1
+    freeze_bn: bool = True                 # keep BatchNorm running statistics (eval mode) while training
+    image_size: int | None = None          # None: the encoder's own input size
+    workers: int = 2
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"                   # auto: cuda when available, else cpu
+    amp: bool = True                       # bf16 autocast on CUDA; ignored on CPU (fp32 is faster there)
+    eval_batch_size: int = 64
+
+
+def default(name: str):
+    """The default of one FinetuneConfig field (the CLI shows these, so they are written only once)."""
+    value = FinetuneConfig.__dataclass_fields__[name].default
+    if value is MISSING:
+        raise KeyError(f"FinetuneConfig.{name} has no plain default")
+    return value

@@ -1,0 +1,110 @@
+"""Images/s of the fine-tune loop with its data pipeline versus the bare forward + backward + step.
+
+Both use finetune's own pieces (`train_step`, `train_loader`, `train_mode`) on the same encoder, loss and
+P x K batch. "bare" repeats one batch already decoded and augmented in memory; "full" reads the train split
+through the DataLoader (decode with draft(), random resized crop, flip, normalise) for the same number of
+steps, timed from the creation of the loader as one epoch of training experiences it. The pipeline cost is
+1 - full / bare. On a CPU the workers compete with the model for the same cores, so the table covers several
+worker counts.
+
+    python scripts/bench_finetune.py                                  # the embedded set, lite0, 224 px
+    python scripts/bench_finetune.py --dataset folder --root ../shared/datasets/caltech101 --workers 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from retrieval.data import load_records, split_records  # noqa: E402
+from retrieval.data.sampler import PKSampler  # noqa: E402
+from retrieval.encoder import load_encoder  # noqa: E402
+from retrieval.finetune import TrainStep, resolve_device, train_loader, train_mode, train_step  # noqa: E402
+from retrieval.finetune_config import default  # noqa: E402
+from retrieval.losses import make_loss  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=default("dataset"))
+    parser.add_argument("--root", type=Path, default=None, help="Default: the embedded generated set.")
+    parser.add_argument("--model", default=default("model"))
+    parser.add_argument("--image-size", type=int, default=None, help="Default: the encoder's.")
+    parser.add_argument("-P", type=int, default=default("p"), dest="p")
+    parser.add_argument("-K", type=int, default=default("k"), dest="k")
+    parser.add_argument("--steps", type=int, default=18, help="Timed steps per measurement (18 = one default-set epoch).")
+    parser.add_argument("--workers", default=f"{default('workers')}", help="Comma-separated worker counts to time.")
+    parser.add_argument("--device", default=default("device"))
+    parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    root = args.root
+    if root is None:
+        from retrieval.data.generate import ensure_default_dataset
+
+        root = ensure_default_dataset()
+    records = split_records(load_records(args.dataset, root), "train")
+    encoder = load_encoder(args.model, device=device)
+    if args.image_size is not None:
+        from dataclasses import replace
+
+        encoder.config = replace(encoder.config, image_size=args.image_size)
+    classes = sorted({r.label for r in records})
+    label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+    label_map[classes] = torch.arange(len(classes))
+    model = TrainStep(encoder, make_loss("circle")).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)   # tiny steps: the weights barely move
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    train_mode(model, freeze_bn=True)
+    amp = device.type == "cuda"
+    sampler = PKSampler([r.label for r in records], args.p, args.k, seed=0)
+    batch = args.p * args.k
+
+    def run(batches) -> float:
+        """Images/s over `args.steps` steps fed by `batches`; the clock includes creating the iterator."""
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for images, labels, _ in islice(batches(), args.steps):
+            train_step(model, images, label_map[labels], optimizer, scheduler, device=device, amp=amp)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return args.steps * batch / (time.perf_counter() - start)
+
+    first = next(iter(train_loader(encoder, records, sampler, workers=0, device=device)))
+    preloaded = (first[0].to(device), first[1], first[2])
+    run(lambda: iter([preloaded] * 3))   # warm-up: allocator, kernels, optimiser state
+    results = {"device": str(device), "threads": torch.get_num_threads(), "batch": batch,
+               "image_size": encoder.image_size, "steps": args.steps,
+               "bare_images_per_s": round(run(lambda: iter([preloaded] * args.steps)), 2), "full": {}}
+    for workers in (int(w) for w in args.workers.split(",")):
+        sampler.set_epoch(workers + 1)
+        rate = run(lambda: iter(train_loader(encoder, records, sampler, workers=workers, device=device)))
+        results["full"][workers] = {"images_per_s": round(rate, 2),
+                                    "pipeline_cost": round(1 - rate / results["bare_images_per_s"], 4)}
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"{args.model} {encoder.image_size}px, batch {args.p}x{args.k}, {args.steps} steps, {device}, "
+          f"{results['threads']} threads")
+    print(f"bare forward+backward+step on preloaded tensors: {results['bare_images_per_s']:.1f} images/s")
+    for workers, row in results["full"].items():
+        print(f"full loop, {workers} workers: {row['images_per_s']:.1f} images/s "
+              f"(pipeline cost {100 * row['pipeline_cost']:.1f}%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Shared helpers for the indexer tests: saved encoders, folders of tiny images, DB comparisons, processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def save_run(spec: str, out: Path, *, perturb: int = 0, embed_dim: int = 8) -> Path:
+    """Save the encoder `spec` names as a run directory (a spec every process can load); `perturb` gives
+    other weights of the same architecture (so another fingerprint)."""
+    import torch
+
+    from retrieval.encoder import load_encoder, save_encoder
+
+    encoder = load_encoder(spec, embed_dim=embed_dim)
+    if perturb:
+        with torch.no_grad():
+            for p in encoder.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(perturb)) * 0.1)
+    save_encoder(encoder, out)
+    return out
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
+    """A random-noise JPEG/PNG (by suffix) of `size` (width, height), reproducible from `seed`."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 6, seed: int = 0) -> list[str]:
+    """classes x per_class images under root/classK/; returns their relative paths."""
+    rels = []
+    for c in range(classes):
+        for i in range(per_class):
+            rel = f"class{c}/img{i:03d}.jpg"
+            write_image(root / rel, seed * 100_000 + c * 1000 + i)
+            rels.append(rel)
+    return rels
+
+
+def db_state(db_dir: Path) -> dict[str, tuple]:
+    """relpath -> (record without id, embedding) of every item, read through the public snapshot API."""
+    from indexer.store import Store
+
+    with Store.open(db_dir) as store, store.snapshot() as snap:
+        ids = snap.ids()
+        vectors = snap.vectors(ids)
+        out = {}
+        for item, vector in zip(snap.items(ids), vectors, strict=True):
+            assert item.relpath not in out, f"{item.relpath} stored twice"
+            out[item.relpath] = ((item.label, item.size, item.mtime_ns, item.width, item.height, item.content_hash),
+                                 vector)
+        return out
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for rel in a:
+        assert a[rel][0] == b[rel][0], rel
+        np.testing.assert_allclose(a[rel][1], b[rel][1], atol=1e-5, err_msg=rel)
+
+
+def assert_ann_matches_lmdb(db_dir: Path) -> None:
+    """ann.faiss holds exactly LMDB's ids, each with LMDB's embedding."""
+    import faiss
+
+    from indexer import ann
+    from indexer.store import Store
+
+    index = ann.load_ann(db_dir, mmap=False)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:  # IVF lists can only be read back by id through a direct map
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    with Store.open(db_dir) as store, store.snapshot() as snap:
+        ids = snap.ids()
+        np.testing.assert_array_equal(np.sort(ann.index_ids(index)), ids)
+        np.testing.assert_array_equal(index.reconstruct_batch(ids), snap.vectors(ids))
+
+
+def cli_index(folder: Path, db: Path, model: Path, *extra: str,
+              wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`python cli.py index` in a subprocess (run to the end, or started and returned)."""
+    cmd = [sys.executable, "cli.py", "index", str(folder), "--db", str(db), "--model", str(model), "--json", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model only loses from threads on a busy machine
+    if wait:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_items(db: Path, proc: subprocess.Popen, at_least: int, timeout: float = 120.0) -> int:
+    """Poll the DB (read-only, as a query would) until it holds `at_least` items; returns the count seen.
+
+    Returns early (with what it saw) if the process ends first.
+    """
+    from indexer.store import Store
+    from retrieval.errors import IndexStoreError
+
+    deadline = time.monotonic() + timeout
+    store = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if store is None:
+                try:
+                    store = Store.open(db)
+                except IndexStoreError:  # not created yet
+                    time.sleep(0.005)
+                    continue
+            with store.snapshot() as snap:
+                count = snap.count() if snap.header is not None else 0
+            if count >= at_least:
+                return count
+            time.sleep(0.002)
+        raise AssertionError(f"index process ended or timed out before {at_least} items (rc {proc.poll()})")
+    finally:
+        if store is not None:
+            store.close()
+
+
+def kill_at(db: Path, proc: subprocess.Popen, at_least: int) -> int:
+    """SIGKILL the index process once the DB holds `at_least` items; returns the count seen at the kill."""
+    count = wait_for_items(db, proc, at_least)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    return count

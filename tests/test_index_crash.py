@@ -1,0 +1,118 @@
+"""Real processes: `index` killed with SIGKILL and run again; queries and a second `index` during a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from indexer.pipeline import IndexConfig, run_index
+from indexer.records import ids_digest
+from indexer.search import SearchIndex
+from indexer.store import Store
+from tests.index_support import (
+    assert_ann_matches_lmdb,
+    assert_same_state,
+    cli_index,
+    db_state,
+    kill_at,
+    make_folder,
+    wait_for_items,
+    write_image,
+)
+
+ARGS = ("--batch-size", "2", "--workers", "0")  # many small commits: many moments to be killed in
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+
+def _reference(folder: Path, db: Path, model: Path) -> dict:
+    run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), batch_size=4, workers=0))
+    return db_state(db)
+
+
+def _assert_consistent(db: Path) -> None:
+    """What a crash must never leave: an item without its path, hash or embedding, or a wrong ids digest."""
+    with Store.open(db) as store, store.snapshot() as snap:
+        ids = snap.ids()
+        assert snap.header.ids_digest == ids_digest(ids)
+        paths = dict(snap.paths())
+        assert sorted(p.id for p in paths.values()) == ids.tolist()
+        items = snap.items(ids)
+        assert all(paths[it.relpath.encode()].id == it.id for it in items)
+        assert all(snap.find_hashes([it.content_hash]) for it in items)
+        assert np.isfinite(snap.vectors(ids)).all()
+
+
+def _assert_search_matches_snapshot(db: Path) -> int:
+    """Search results equal exact search over the LMDB snapshot, whatever state FAISS is in."""
+    with SearchIndex.open(db) as index:
+        ids = index.snapshot.ids()
+        vectors = index.snapshot.vectors(ids)
+        queries = np.random.default_rng(0).standard_normal((5, vectors.shape[1])).astype(np.float32)
+        _, found = index.search(queries, 3)
+        np.testing.assert_array_equal(found, ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :3]])
+        return len(index)
+
+
+def test_killed_at_several_points_then_resumed_equals_a_fresh_index(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=4, per_class=40)
+    (folder / "class0/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    reference = _reference(folder, tmp_path / "reference", tiny_run_dir)
+    seen = []
+    for target in (1, 50, 110):  # after the first commit, early, late; with a decode worker process
+        seen.append(kill_at(db, cli_index(folder, db, tiny_run_dir, *ARGS, "--workers", "1", wait=False), target))
+        _assert_consistent(db)
+        assert len(db_state(db)) >= seen[-1]
+    before = len(db_state(db))
+    done = cli_index(folder, db, tiny_run_dir, *ARGS)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    counts = (summary["indexed"], summary["unchanged"], summary["total"], summary["failed"])
+    assert counts == (160 - before, before, 160, 1)
+    assert_same_state(db_state(db), reference)  # every image exactly once, same records and embeddings
+    assert_ann_matches_lmdb(db)
+
+
+def test_killed_incremental_run_is_searchable_then_resumes(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=4, per_class=30)
+    run_index(IndexConfig(folder=folder, db_dir=db, model=str(tiny_run_dir), batch_size=4, workers=0))
+    for rel in rels[:10]:
+        (folder / rel).unlink()
+    for i, rel in enumerate(rels[10:20]):
+        write_image(folder / rel, 7000 + i)
+    for i in range(40):
+        write_image(folder / f"class{i % 4}/new{i:02d}.jpg", 8000 + i)
+    kill_at(db, cli_index(folder, db, tiny_run_dir, *ARGS, wait=False), 130)
+    _assert_consistent(db)
+    with SearchIndex.open(db) as index:
+        assert index.lagging  # ann.faiss is from the first run
+    assert _assert_search_matches_snapshot(db) >= 130
+    summary = run_index(IndexConfig(folder=folder, db_dir=db, model=str(tiny_run_dir), batch_size=2, workers=0))
+    assert (summary["total"], summary["removed"], summary["ann"]["action"]) == (150, 10, "synced")
+    assert_same_state(db_state(db), _reference(folder, tmp_path / "reference", tiny_run_dir))
+    assert_ann_matches_lmdb(db)
+
+
+def test_queries_and_a_second_index_during_a_run(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=3, per_class=100)
+    running = cli_index(folder, db, tiny_run_dir, "--batch-size", "1", "--workers", "0", wait=False)
+    try:
+        wait_for_items(db, running, 20)
+        second = CliRunner().invoke(cli.cli, ["index", str(folder), "--db", str(db), "--model", str(tiny_run_dir)])
+        assert second.exit_code == 1 and "locked" in second.output and "Traceback" not in second.output
+        assert 20 <= _assert_search_matches_snapshot(db) < 300  # the last committed state, mid-run
+        assert running.poll() is None
+    finally:
+        out, err = running.communicate(timeout=300)
+    assert running.returncode == 0, err
+    assert _assert_search_matches_snapshot(db) == 300
+    with SearchIndex.open(db) as index:
+        assert not index.lagging

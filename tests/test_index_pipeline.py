@@ -1,0 +1,274 @@
+"""run_index end to end in-process with a tiny encoder: incremental runs, content reuse, bad files, binding."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cli
+from indexer import ann
+from indexer.pipeline import IndexConfig, run_index
+from indexer.records import NewItem
+from indexer.search import SearchIndex
+from indexer.store import Store
+from retrieval.errors import DecodeError, EncoderError, IndexStoreError
+from tests.index_support import (
+    assert_ann_matches_lmdb,
+    assert_same_state,
+    db_state,
+    make_folder,
+    save_run,
+    write_image,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+
+def _cfg(folder: Path, db: Path, model: Path, **kw) -> IndexConfig:
+    return IndexConfig(folder=folder, db_dir=db, model=str(model), **{"batch_size": 4, "workers": 0, **kw})
+
+
+def _fresh_state(folder: Path, tmp_path: Path, model: Path) -> dict:
+    db = Path(tempfile.mkdtemp(dir=tmp_path))
+    run_index(_cfg(folder, db, model))
+    return db_state(db)
+
+
+def test_incremental_add_change_delete(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=3, per_class=5)
+    first = run_index(_cfg(folder, db, tiny_run_dir))
+    counts = ("indexed", "encoded", "unchanged", "removed", "total")
+    assert [first[k] for k in counts] == [15, 15, 0, 0, 15]
+    assert_ann_matches_lmdb(db)
+
+    again = run_index(_cfg(folder, db, tiny_run_dir))
+    assert (again["indexed"], again["unchanged"], again["total"], again["ann"]["action"]) == (0, 15, 15, "unchanged")
+
+    write_image(folder / "class0/new1.jpg", 501)
+    write_image(folder / "class3/new2.png", 502)  # a new class folder
+    write_image(folder / rels[1], 503)            # same path, new content
+    os.utime(folder / rels[1], ns=(1, 1))         # even with an old mtime: the size differs
+    (folder / rels[2]).unlink()
+    third = run_index(_cfg(folder, db, tiny_run_dir, checkpoint_seconds=0))
+    assert [third[k] for k in counts] == [3, 3, 13, 1, 16]
+    state = db_state(db)
+    assert state["class3/new2.png"][0][0] == "class3" and rels[2] not in state
+    assert_same_state(state, _fresh_state(folder, tmp_path, tiny_run_dir))
+    assert_ann_matches_lmdb(db)
+
+
+def test_identical_content_at_new_path_reuses_embedding(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=2, per_class=4)
+    run_index(_cfg(folder, db, tiny_run_dir))
+    before = db_state(db)
+    shutil.copy(folder / rels[0], folder / "class1/copy.jpg")
+    (folder / "moved").mkdir()
+    os.rename(folder / rels[5], folder / "moved/renamed.jpg")
+    summary = run_index(_cfg(folder, db, tiny_run_dir))
+    assert (summary["reused"], summary["encoded"], summary["removed"], summary["total"]) == (2, 0, 1, 9)
+    after = db_state(db)
+    np.testing.assert_array_equal(after["class1/copy.jpg"][1], before[rels[0]][1])
+    np.testing.assert_array_equal(after["moved/renamed.jpg"][1], before[rels[5]][1])
+    assert after["moved/renamed.jpg"][0][0] == "moved"  # the label follows the new folder
+    assert_ann_matches_lmdb(db)
+
+
+def _make_bad_files(folder: Path) -> dict[str, str]:
+    """One file of each kind the index must skip -> a fragment of the reason it must give."""
+    good = write_image(folder / "bad/source.jpg", 900).read_bytes()
+    (folder / "bad/source.jpg").unlink()
+    (folder / "bad/truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "bad/empty.png").write_bytes(b"")
+    (folder / "bad/notes.jpg").write_text("not an image")
+    write_image(folder / "bad/huge.png", 901, size=(100, 100))
+    os.symlink(folder / "bad/missing.jpg", folder / "bad/broken.jpg")
+    expected = {"bad/truncated.jpg": "cannot decode", "bad/empty.png": "empty file",
+                "bad/notes.jpg": "not a recognised", "bad/huge.png": "too many pixels",
+                "bad/broken.jpg": "broken symbolic link"}
+    try:
+        (folder / os.fsdecode(b"bad/name\xff.jpg")).write_bytes(good)
+        expected["bad/name\\xff.jpg"] = "not valid UTF-8"
+    except OSError:  # a file system that only takes UTF-8 names cannot hold this case
+        pass
+    return expected
+
+
+def test_bad_files_are_skipped_recorded_and_indexed_once_fixed(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=2, per_class=3)
+    expected = _make_bad_files(folder)
+    summary = run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000))
+    reasons = {f["path"]: f["reason"] for f in summary["failures"]}
+    assert sorted(reasons) == sorted(expected)
+    for path, fragment in expected.items():
+        assert fragment in reasons[path], (path, reasons[path])
+    assert (summary["total"], summary["failed"]) == (6, len(expected))
+    assert_ann_matches_lmdb(db)
+
+    again = run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000))
+    assert (again["encoded"], again["failed"], again["total"]) == (0, len(expected), 6)  # unchanged: not retried
+    with pytest.raises(DecodeError, match="--strict"):
+        run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000, strict=True))
+
+    write_image(folder / "bad/truncated.jpg", 902)
+    (folder / "bad/broken.jpg").unlink()
+    write_image(folder / "bad/missing.jpg", 903)
+    os.symlink(folder / "bad/missing.jpg", folder / "bad/broken.jpg")
+    (folder / "bad/notes.jpg").unlink()
+    fixed = run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000))
+    assert fixed["encoded"] == 3  # truncated.jpg, missing.jpg and the link to it
+    still_bad = set(expected) - {"bad/truncated.jpg", "bad/broken.jpg", "bad/notes.jpg"}
+    assert {f["path"] for f in fixed["failures"]} == still_bad
+    assert set(db_state(db)) >= {"bad/truncated.jpg", "bad/broken.jpg", "bad/missing.jpg"}
+
+
+def test_unreadable_file_is_skipped(tmp_path, tiny_run_dir):
+    """A file without read permission. Root reads regardless of permissions, so as root the read runs with
+    the effective uid of `nobody` (world-traversable folder, file mode 000)."""
+    from indexer.encode import _Files
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        path = write_image(base / "cls/locked.jpg", 7)
+        (base / "cls").chmod(0o755)
+        path.chmod(0o000)
+        if os.geteuid() != 0:
+            summary = run_index(_cfg(base, tmp_path / "db", tiny_run_dir))
+            assert summary["failures"] == [{"path": "cls/locked.jpg", "reason": "cannot read file: Permission denied"}]
+            return
+        from indexer.scan import scan_folder
+
+        files = _Files(base, scan_folder(base).files, lambda image: image, 32, 10**6)
+        os.seteuid(65534)
+        try:
+            loaded = files[0]
+        finally:
+            os.seteuid(0)
+        assert loaded.error == "cannot read file: Permission denied" and loaded.tensor is None
+    finally:
+        shutil.rmtree(base)
+
+
+def test_db_is_bound_to_its_encoder(tmp_path, tiny_run_dir, tiny_model_spec):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=2, per_class=2)
+    run_index(_cfg(folder, db, tiny_run_dir))
+    other = save_run(tiny_model_spec, tmp_path / "other", perturb=1)
+    with pytest.raises(IndexStoreError, match="--reembed"):  # nothing to encode, still refused
+        run_index(_cfg(folder, db, other))
+    write_image(folder / "class0/more.jpg", 77)
+    result = CliRunner().invoke(cli.cli, ["index", str(folder), "--db", str(db), "--model", str(other)])
+    assert result.exit_code == 1 and "--reembed" in result.output and "Traceback" not in result.output
+    assert "class0/more.jpg" not in db_state(db)  # nothing written with the wrong encoder
+
+    summary = run_index(_cfg(folder, db, other, reembed=True))
+    assert (summary["encoded"], summary["total"]) == (5, 5)
+    assert_same_state(db_state(db), _fresh_state(folder, tmp_path, other))
+    assert_ann_matches_lmdb(db)
+    with SearchIndex.open(db) as index:
+        from retrieval.encoder import load_encoder
+
+        index.check_encoder(load_encoder(str(other)))
+        with pytest.raises(IndexStoreError, match="built with encoder"):
+            index.check_encoder(load_encoder(str(tiny_run_dir)))
+
+
+def test_faiss_rebuilt_from_lmdb_equals_incremental(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=3, per_class=6)
+    run_index(_cfg(folder, db, tiny_run_dir))
+    for step in range(3):  # grow and shrink the collection; FAISS follows by sync, not rebuild
+        write_image(folder / f"class{step}/extra.jpg", 600 + step)
+        (folder / rels[step * 5]).unlink()
+        assert run_index(_cfg(folder, db, tiny_run_dir))["ann"]["action"] == "synced"
+    incremental = ann.load_ann(db, mmap=False)
+    assert run_index(_cfg(folder, db, tiny_run_dir, rebuild_ann=True))["ann"]["action"] == "rebuilt"
+    rebuilt = ann.load_ann(db, mmap=False)
+    with Store.open(db) as store, store.snapshot() as snap:
+        queries = snap.vectors(snap.ids())
+    s1, i1 = ann.search(incremental, queries, 5)
+    s2, i2 = ann.search(rebuilt, queries, 5)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-6)
+    np.testing.assert_array_equal(np.sort(ann.index_ids(incremental)), np.sort(ann.index_ids(rebuilt)))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-flat", "IVF2,Flat"])
+def test_other_ann_kinds_stay_in_step_with_lmdb(tmp_path, tiny_run_dir, kind):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=2, per_class=20)
+    first = run_index(_cfg(folder, db, tiny_run_dir, ann=kind, batch_size=16))
+    assert first["ann"]["factory"] == ann.choose_factory(kind, 40, 8)
+    (folder / rels[0]).unlink()
+    second = run_index(_cfg(folder, db, tiny_run_dir, ann=kind, batch_size=16))
+    assert second["ann"]["action"] == ("rebuilt" if kind == "hnsw" else "synced")  # HNSW cannot remove
+    assert_ann_matches_lmdb(db)
+
+
+def test_search_matches_snapshot_while_faiss_lags(tmp_path, tiny_run_dir):
+    """What a query sees during an index run (or after a kill): FAISS is older than LMDB."""
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=2, per_class=8)
+    run_index(_cfg(folder, db, tiny_run_dir))
+    rng = np.random.default_rng(3)
+    with Store.open(db, readonly=False) as store:  # LMDB moves on, FAISS is not told
+        store.remove_paths([r.encode() for r in rels[:3]])
+        fresh = rng.standard_normal((4, 8)).astype(np.float32)
+        fresh /= np.linalg.norm(fresh, axis=1, keepdims=True)
+        new_items = [NewItem(f"new/{i}.jpg", "new", 1, 1, 1, 1, rng.bytes(16), v) for i, v in enumerate(fresh)]
+        store.commit_batch(new_items, [])
+    with SearchIndex.open(db) as index:
+        assert index.lagging and len(index) == 17
+        ids = index.snapshot.ids()
+        vectors = index.snapshot.vectors(ids)
+        queries = rng.standard_normal((6, 8)).astype(np.float32)
+        scores, found = index.search(queries, 5)
+        exact = queries @ vectors.T
+        order = np.argsort(-exact, axis=1)[:, :5]
+        np.testing.assert_array_equal(found, ids[order])
+        np.testing.assert_allclose(scores, np.take_along_axis(exact, order, axis=1), rtol=1e-5)
+        assert [it.relpath for it in index.items(found[:, 0])] == [index.items([i])[0].relpath for i in found[:, 0]]
+        wide_scores, wide = index.search(queries[:1], 40)  # more than there are: padded
+        assert (wide[0, 17:] == -1).all() and np.isneginf(wide_scores[0, 17:]).all()
+
+
+def test_index_refuses_a_locked_db(tmp_path, tiny_run_dir):
+    folder = tmp_path / "images"
+    make_folder(folder, classes=1, per_class=1)
+    with Store.open(tmp_path / "db", readonly=False):
+        with pytest.raises(IndexStoreError, match="locked"):
+            run_index(_cfg(folder, tmp_path / "db", tiny_run_dir))
+
+
+def test_reduced_precision_is_kept_only_when_close_to_fp32(tiny_run_dir):
+    import torch
+
+    from indexer.encode import MIN_COSINE, Embedder
+    from retrieval.encoder import load_encoder
+
+    encoder = load_encoder(str(tiny_run_dir))
+    with pytest.raises(EncoderError, match="GPU"):
+        Embedder(encoder, "cpu", "fp16")
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.raises(EncoderError, match="AVX512-BF16"):
+            Embedder(encoder, "cpu", "bf16")
+        return
+    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    embedder = Embedder(encoder, "cpu", "bf16")
+    out = embedder(images)
+    with torch.inference_mode():
+        reference = encoder(images).numpy()
+        reduced = encoder.to(torch.bfloat16)(images).float().numpy()
+    cosine = float((reduced * reference).sum(axis=1).min())
+    assert embedder.min_cosine == pytest.approx(cosine, abs=1e-6)
+    assert embedder.precision == ("bf16" if cosine >= MIN_COSINE else "fp32")
+    np.testing.assert_allclose(out, reduced if cosine >= MIN_COSINE else reference, atol=1e-6)

@@ -1,0 +1,121 @@
+"""indexer.store: LMDB records, embedding chunks, ids digest, map growth, writer lock, encoder binding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from indexer.records import EncoderInfo, Failure, NewItem, ids_digest
+from indexer.store import Store
+from retrieval.errors import IndexStoreError
+
+ENC = EncoderInfo("tiny", "a" * 64, 4, 32)
+
+
+def _item(rel: str, seed: int, dim: int = 4, content: bytes | None = None) -> NewItem:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(dim).astype(np.float32)
+    label = rel.partition("/")[0]
+    return NewItem(rel, label, 100 + seed, 7 + seed, 32, 24, content or rng.bytes(16), v / np.linalg.norm(v))
+
+
+def _writer(db, **kw) -> Store:
+    store = Store.open(db, readonly=False, **kw)
+    store.begin_run(ENC, "/images", reembed=False)
+    return store
+
+
+def test_items_and_embeddings_round_trip_across_chunks(tmp_path):
+    items = [_item(f"c{i % 3}/{i}.jpg", i) for i in range(600)]  # 600 > 2 chunks of 256 rows
+    with _writer(tmp_path) as store:
+        ids = [i for start in range(0, 600, 64) for i in store.commit_batch(items[start:start + 64], [])]
+    assert ids == list(range(600))
+    with Store.open(tmp_path) as store, store.snapshot() as snap:
+        assert snap.count() == 600
+        np.testing.assert_array_equal(snap.ids(), np.arange(600))
+        order = [599, 3, 256, 255, 0]
+        np.testing.assert_array_equal(snap.vectors(order), np.stack([items[i].embedding for i in order]))
+        got = snap.items([5, 10_000, -1])
+        assert got[1] is None and got[2] is None
+        assert (got[0].relpath, got[0].label, got[0].size, got[0].mtime_ns, got[0].content_hash) == (
+            "c2/5.jpg", "c2", 105, 12, items[5].content_hash)
+        assert snap.header.ids_digest == ids_digest(snap.ids())
+        streamed = np.concatenate([v for _, v in snap.iter_vectors(batch=100)])
+        np.testing.assert_array_equal(streamed, np.stack([x.embedding for x in items]))
+
+
+def test_replacing_and_removing_paths_keeps_ids_digest_hashes_and_chunks_right(tmp_path):
+    same = b"s" * 16
+    with _writer(tmp_path) as store:
+        store.commit_batch([_item("a/1.jpg", 1, content=same), _item("a/2.jpg", 2, content=same),
+                            _item("b/3.jpg", 3)], [])
+        new_ids = store.commit_batch([_item("b/3.jpg", 30)], [Failure("a/2.jpg", "truncated", 1, 2, 3)])
+        assert new_ids == [3]  # a changed file gets a new id; ids are never reused
+        assert store.remove_paths([b"a/1.jpg", b"not/there.jpg"]) == 1
+        with store.snapshot() as snap:
+            assert snap.ids().tolist() == [3]
+            assert snap.header.ids_digest == ids_digest(np.array([3]))
+            assert snap.find_hashes([same]) == {}  # both holders of that content are gone
+            assert [(f.relpath, f.reason) for f in snap.failures()] == [("a/2.jpg", "truncated")]
+            assert snap.path_state("b/3.jpg").id == 3
+        store.remove_paths([b"b/3.jpg"])
+        with store.snapshot() as snap:
+            assert snap.count() == 0 and snap.header.ids_digest == 0
+            assert snap._txn.stat(snap._dbs["vectors"])["entries"] == 0  # the emptied chunk is freed
+        store.commit_batch([_item("c/4.jpg", 4)], [])
+        with store.snapshot() as snap:
+            np.testing.assert_array_equal(snap.vectors([4])[0], _item("c/4.jpg", 4).embedding)
+
+
+def test_hash_lookup_survives_removal_of_one_duplicate(tmp_path):
+    same = b"d" * 16
+    with _writer(tmp_path) as store:
+        store.commit_batch([_item("x/1.jpg", 1, content=same), _item("x/2.jpg", 2, content=same)], [])
+        store.remove_paths([b"x/1.jpg"])
+        with store.snapshot() as snap:
+            assert snap.find_hashes([same, b"n" * 16]) == {same: 1}
+
+
+def test_map_grows_when_full(tmp_path):
+    enc = EncoderInfo("tiny", "a" * 64, 256, 32)
+    with Store.open(tmp_path, readonly=False, map_size=256 * 1024) as store:
+        store.begin_run(enc, "/images", reembed=False)
+        items = [_item(f"c/{i}.jpg", i, dim=256) for i in range(1500)]  # about 1.6 MB of embeddings
+        for start in range(0, 1500, 100):
+            store.commit_batch(items[start:start + 100], [])
+        assert store._env.info()["map_size"] > 256 * 1024
+    with Store.open(tmp_path) as store, store.snapshot() as snap:
+        assert snap.count() == 1500
+        np.testing.assert_array_equal(snap.vectors([1499])[0], items[1499].embedding)
+
+
+def test_second_writer_gets_locked_error(tmp_path):
+    with _writer(tmp_path) as store:
+        store.commit_batch([_item("a/1.jpg", 1)], [])
+        with pytest.raises(IndexStoreError, match="locked"):
+            Store.open(tmp_path, readonly=False)
+    Store.open(tmp_path, readonly=False).close()  # released with the first writer
+
+
+def test_reader_on_missing_db_says_how_to_create_it(tmp_path):
+    with pytest.raises(IndexStoreError, match="python cli.py index"):
+        Store.open(tmp_path / "nope")
+
+
+def test_encoder_binding_and_resumable_reembed(tmp_path):
+    other = EncoderInfo("other", "b" * 64, 4, 32)
+    with _writer(tmp_path) as store:
+        store.commit_batch([_item("a/1.jpg", 1)], [Failure("a/bad.jpg", "empty file (0 bytes)")])
+        with pytest.raises(IndexStoreError, match="--reembed"):
+            store.begin_run(other, "/images", reembed=False)
+        header = store.begin_run(other, "/images", reembed=True)
+        assert header.reembed_pending and header.encoder == other
+        with store.snapshot() as snap:
+            assert snap.count() == 0 and snap.failure_count() == 1  # failures do not depend on the model
+        store.commit_batch([_item("a/1.jpg", 5)], [])
+        # killed here; the same --reembed command again goes on instead of starting over
+        assert store.begin_run(other, "/images", reembed=True).reembed_pending
+        with store.snapshot() as snap:
+            assert snap.count() == 1
+        assert not store.finish_run().reembed_pending
+        assert store.header().next_id == 2
