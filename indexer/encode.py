@@ -202,8 +202,8 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], encoder: Encod
     try:
         for loaded, stacked in batches:
             writer.put(*_embed_batch(store, todo, loaded, stacked, embedder, counts))
-            bar.update(len(loaded))
             bar.set_postfix(encoded=counts.encoded, reused=counts.reused, failed=len(counts.failures), refresh=False)
+            bar.update(len(loaded))
             if time.monotonic() - last_checkpoint > checkpoint_seconds:
                 writer.flush()
                 checkpoint()

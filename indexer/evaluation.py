@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import IndexStoreError
-from retrieval.evaluation import DEFAULT_KS, EvalResult, finish, metrics_of_ranking, neighbour_width, rank_embeddings
+from retrieval.evaluation import (
+    DEFAULT_KS,
+    EvalResult,
+    make_result,
+    metrics_of_ranking,
+    neighbour_width,
+    rank_embeddings,
+)
 from retrieval.report import Ranking, load_comparison
 
 
@@ -59,8 +66,9 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
                           neighbours, scores)
     source = {"db": str(cfg.db), "root": header.root, "model": header.encoder.spec,
               "fingerprint": header.encoder.fingerprint, "index": factory}
-    title = f"{Path(cfg.db).name} ({Path(header.encoder.spec).name or header.encoder.spec})"
-    return finish(title, source, cfg.ks, metrics, ranking, exact=exact, report_dir=cfg.report, compare=cfg.compare)
+    title = f"index {Path(cfg.db).name} (encoder {Path(header.encoder.spec).name or header.encoder.spec})"
+    return make_result(title, source, cfg.ks, metrics, ranking, exact=exact, report_dir=cfg.report,
+                       compare=cfg.compare)
 
 
 def _ann_neighbours(index, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,

@@ -47,7 +47,7 @@ class Header:
     next_id: int = 0
     generation: int = 0  # +1 per committed write transaction
     ids_digest: int = 0  # order-free digest of the item ids, see ids_digest()
-    chunk_rows: int = 256  # embeddings per LMDB value in the vectors sub-database
+    chunk_rows: int = 64  # embeddings per LMDB value in the vectors sub-database
     reembed_pending: bool = False  # a --reembed run started and has not finished
     created: str = ""
     updated: str = ""

@@ -91,7 +91,7 @@ def rank_embeddings(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int
     return queries, scores[queries], neighbours[queries]
 
 
-def finish(title: str, source: dict[str, str], ks: Sequence[int], metrics: dict, ranking: Ranking, *,
+def make_result(title: str, source: dict[str, str], ks: Sequence[int], metrics: dict, ranking: Ranking, *,
            exact: dict | None = None, report_dir: Path | None = None, compare: Path | None = None) -> EvalResult:
     """Build the report (and write it when `report_dir` is given), with the comparison when asked for."""
     comparison = load_comparison(compare) if compare is not None else None
@@ -120,7 +120,7 @@ def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     ranking = Ranking([str(r.path) for r in records], labels, _names_list(names), queries, neighbours, scores)
     source = {"dataset": cfg.dataset, "root": str(cfg.root), "split": cfg.split, "model": encoder.spec,
               "fingerprint": encoder.fingerprint()}
-    return finish(f"{Path(encoder.spec).name or encoder.spec} on {cfg.dataset}/{cfg.split}", source, cfg.ks,
+    return make_result(f"{Path(encoder.spec).name or encoder.spec} on {cfg.dataset}/{cfg.split}", source, cfg.ks,
                   metrics, ranking, report_dir=cfg.report, compare=cfg.compare)
 
 
