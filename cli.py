@@ -87,7 +87,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per encoder batch (and per LMDB commit).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decode worker processes, 0 to decode in the main process [default: CPU count, max 8].")
+              help="Decode worker processes, 0 to decode in the main process [default: CPUs / 4 when encoding "
+                   "on the CPU, CPUs (max 8) on a GPU].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder (cpu, cuda, cuda:1).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16: encoder weights in bfloat16, for CPUs with AVX512-BF16 or AMX (refused elsewhere); "
@@ -99,8 +100,10 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--reembed", is_flag=True, help="Re-encode every image (needed to switch the DB to another --model).")
 @click.option("--rebuild-ann", is_flag=True, help="Rebuild the FAISS index from LMDB.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file could not be indexed (they are still recorded).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=None, help="Skip images larger than this many pixels [default: 89,478,485].")
-@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None,
+              help="Skip images larger than this many pixels [default: 89,478,485].")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: int | None, device: str,
               precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, max_pixels: int | None,
@@ -113,13 +116,12 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
     moment and run again. Bad files (truncated, empty, not an image, too large, unreadable, broken links,
     undecodable names) are skipped and listed. The label of an image is its first folder below FOLDER.
     """
-    from indexer.pipeline import IndexConfig, default_workers, run_index
+    from indexer.pipeline import IndexConfig, run_index
     from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
-    cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size,
-                      workers=default_workers() if workers is None else workers, device=device, precision=precision,
-                      ann=ann, reembed=reembed, rebuild_ann=rebuild_ann, strict=strict,
-                      max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size, workers=workers,
+                      device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
+                      strict=strict, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     summary = run_index(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if as_json:
         _print_json(summary)

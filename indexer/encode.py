@@ -1,7 +1,8 @@
 """The encoding stage of `index`: read + hash + decode in worker processes, encode, commit in a thread.
 
 DataLoader workers read each file once, hash its bytes (blake2b-128) and decode it (JPEG draft() straight to
-the encoder's resize size), then apply the encoder's eval transform; the main process encodes batch n under
+the encoder's resize size), then apply the encoder's eval transform up to uint8 pixels (see split_transform);
+the main process scales and normalises the batch and encodes batch n under
 `inference_mode` while the workers prepare batch n+1.. and a writer thread commits batch n-1 to LMDB (one
 transaction per batch). Content already in the DB (same hash) reuses its stored embedding instead of being
 encoded. Only this module imports torch, so a run with nothing to encode never pays for it.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision import transforms as T
 
 from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
@@ -92,6 +94,25 @@ class _Files(torch.utils.data.Dataset):
         return out
 
 
+def split_transform(transform: Callable) -> tuple[Callable, Callable[[torch.Tensor], torch.Tensor]]:
+    """(per-image part for the workers, per-batch part for the encoding process) of an eval transform.
+
+    When the transform ends with ToTensor + Normalize, workers stop at uint8 pixels (a quarter of the bytes
+    to pass on, and less worker CPU), and the batch is scaled and normalised where it is encoded, by the same
+    float32 operations in the same order, so values are identical. Any other transform runs whole in workers.
+    """
+    steps = getattr(transform, "transforms", [])
+    if len(steps) < 2 or not isinstance(steps[-2], T.ToTensor) or not isinstance(steps[-1], T.Normalize):
+        return transform, lambda batch: batch
+    mean = torch.tensor(steps[-1].mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(steps[-1].std, dtype=torch.float32).view(-1, 1, 1)
+
+    def finish(batch: torch.Tensor) -> torch.Tensor:
+        return batch.float().div(255).sub(mean.to(batch.device)).div(std.to(batch.device))
+
+    return T.Compose([*steps[:-2], T.PILToTensor()]), finish
+
+
 def _collate(batch: list[_Loaded]) -> tuple[list[_Loaded], torch.Tensor | None]:
     """Stack the good tensors (into shared memory, in the worker); records travel without them."""
     tensors = [x.tensor for x in batch if x.tensor is not None]
@@ -151,15 +172,19 @@ class _Writer:
 
 
 class Embedder:
-    """The encoder at the requested precision, in channels-last memory format (about 1.5x faster for
-    EfficientNet on a CPU, same embeddings to 1e-6); reduced precision is checked against fp32 on the first
-    batch and dropped if any embedding is further than MIN_COSINE."""
+    """Preprocessed images -> embeddings: the batch part of the eval transform, then the encoder at the
+    requested precision in channels-last memory format (about 1.5x faster for EfficientNet on a CPU, same
+    embeddings to 1e-6). Reduced precision is checked against fp32 on the first batch and dropped if any
+    embedding is further than MIN_COSINE from it."""
 
     def __init__(self, encoder: Encoder, device: str | torch.device, precision: str, *, verify: bool = True):
-        """verify=False skips the first-batch comparison (for measuring the reduced precision itself)."""
+        """Batches passed in must be made of `self.transform(image)` tensors (uint8 for the usual transforms,
+        see split_transform). verify=False skips the first-batch comparison (to measure reduced precision)."""
         device = torch.device(device)
         _require_precision(precision, device)
         self.device = device
+        self.transform, self._finish = split_transform(encoder.eval_transform())
+        self.draft_size = encoder.config.resize_size  # decode JPEGs straight to (at least) this shorter side
         self.precision = precision
         self.min_cosine: float | None = None
         self._encoder = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
@@ -170,7 +195,7 @@ class Embedder:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = self._finish(images.to(self.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
         out = self._encoder(images)
         if self._fp32 is not None:
             reference = self._fp32(images)
@@ -183,15 +208,15 @@ class Embedder:
         return out.float().cpu().numpy()
 
 
-def encode_files(store: Store, root: Path, todo: list[FileEntry], encoder: Encoder, embedder: Embedder, *,
-                 batch_size: int, workers: int, max_pixels: int, checkpoint: Callable[[], None],
-                 checkpoint_seconds: float, progress: bool) -> EncodeCounts:
+def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embedder, *, batch_size: int,
+                 workers: int, max_pixels: int, checkpoint: Callable[[], None], checkpoint_seconds: float,
+                 progress: bool) -> EncodeCounts:
     """Read, decode, encode and commit every file of `todo`; `checkpoint()` runs every checkpoint_seconds
     with everything so far committed."""
     from tqdm import tqdm
 
     counts = EncodeCounts()
-    dataset = _Files(root, todo, encoder.eval_transform(), encoder.config.resize_size, max_pixels)
+    dataset = _Files(root, todo, embedder.transform, embedder.draft_size, max_pixels)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         prefetch_factor=2 if workers else None, pin_memory=embedder.device.type == "cuda")

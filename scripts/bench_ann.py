@@ -2,8 +2,9 @@
 
 Flat search reads every stored vector per query, so its latency grows with n * dim. This script times one
 query (what an interactive `query` does) and a batch of queries at several sizes, and, at the largest size,
-the approximate IVF index `auto` switches to, with its recall@10 against Flat. Random unit vectors are the
-worst case for IVF recall (no cluster structure); real embeddings do better.
+the approximate IVF index `auto` switches to, with its recall@10 against Flat. Uniform random unit vectors
+are the worst case for IVF recall (no cluster structure); --clusters draws them around centres instead,
+closer to real embeddings.
 
     python scripts/bench_ann.py --dim 512 --sizes 10000,30000,100000,300000,1000000
 """
@@ -18,8 +19,12 @@ import faiss
 import numpy as np
 
 
-def _unit(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
+def _unit(n: int, dim: int, rng: np.random.Generator, clusters: int = 0) -> np.ndarray:
+    """Unit vectors: uniform on the sphere, or around `clusters` centres (closer to real embeddings)."""
     x = rng.standard_normal((n, dim), dtype=np.float32)
+    if clusters:
+        centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+        x = centres[rng.integers(clusters, size=n)] + 0.7 * x
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
@@ -49,13 +54,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss default)")
     parser.add_argument("--no-ivf", action="store_true", help="skip the IVF comparison at the largest size")
+    parser.add_argument("--clusters", type=int, default=0, help="draw vectors around this many centres")
     args = parser.parse_args()
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     sizes = [int(s) for s in args.sizes.split(",")]
-    data = _unit(max(sizes), args.dim, rng)
-    queries = _unit(args.queries, args.dim, rng)
+    data = _unit(max(sizes) + args.queries, args.dim, rng, args.clusters)
+    data, queries = data[: max(sizes)], data[max(sizes):]
     rows = []
     for n in sizes:
         index = faiss.IndexFlatIP(args.dim)

@@ -3,11 +3,12 @@
     python scripts/bench_index.py --out /tmp/bench-index --images 512 --model lite0 --batch-size 64
 
 In one run, with the same model, batch size and thread count:
-1. encoder alone: images decoded and transformed beforehand, timed forward passes only (the ceiling);
+1. encoder alone: images decoded and transformed beforehand (to the uint8 tensors `index` workers hand
+   over), timed batch normalisation + forward passes only (the ceiling);
 2. `index` end to end on a folder of 1024x768 JPEGs (photos from scikit-image's samples, or --source,
    randomly cropped, rescaled, flipped and given sensor noise) into a fresh DB: images/s of the encode stage
    (read + hash + decode in workers, encode, LMDB commits, all overlapped) and of the whole run;
-   the encoder alone is timed again after it, and the two encoder figures averaged;
+   the two alternate --rounds times (a change in machine load then hits both) and the median ratio counts;
 3. bytes of LMDB and of FAISS per image;
 4. a folder of --rerun-files small JPEGs (a few distinct contents, so indexing it is mostly hash reuse):
    seconds for `python cli.py index` over it when nothing changed, next to a bare stat walk;
@@ -103,11 +104,10 @@ def encoder_rate(model: str, folder: Path, n: int, batch_size: int) -> float:
     from retrieval.encoder import load_encoder
 
     encoder = load_encoder(model)
-    transform = encoder.eval_transform()
-    files = scan_folder(folder).files[:n]
-    images = torch.stack([transform(load_image(folder / f.relpath, draft_size=encoder.config.resize_size).image)
-                          for f in files])
     embedder = Embedder(encoder, "cpu", "fp32")
+    files = scan_folder(folder).files[:n]
+    images = torch.stack([embedder.transform(load_image(folder / f.relpath, draft_size=embedder.draft_size).image)
+                          for f in files])
     embedder(images[:batch_size])  # warm up
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
@@ -129,9 +129,9 @@ def peak_rss(folder: Path, db: Path, model: str, batch_size: int, workers: int |
     """Peak RSS (MiB) of a fresh `index` process over `folder`: its main process and its largest worker."""
     code = (
         "import json, resource, sys; from pathlib import Path; from indexer.pipeline import IndexConfig, "
-        "run_index, default_workers\n"
+        "run_index\n"
         f"s = run_index(IndexConfig(folder=Path({str(folder)!r}), db_dir=Path({str(db)!r}), model={model!r}, "
-        f"batch_size={batch_size}, workers={workers if workers is not None else 'default_workers()'}))\n"
+        f"batch_size={batch_size}, workers={workers}))\n"
         "print(json.dumps({'main': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
         "'worker': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 'total': s['total']}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--model", default="lite0")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="decode workers [index's default]")
+    parser.add_argument("--rounds", type=int, default=3, help="encoder-alone / index alternations")
     parser.add_argument("--rerun-files", type=int, default=10_000)
     parser.add_argument("--rss-sizes", default="", help="comma-separated folder sizes for peak RSS (photos)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: e2e,rerun,rss")
@@ -170,28 +171,29 @@ def main() -> None:
     from indexer.pipeline import IndexConfig, default_workers, run_index
 
     report: dict = {"model": args.model, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
-                    "workers": args.workers if args.workers is not None else default_workers(),
+                    "workers": args.workers if args.workers is not None else default_workers("cpu"),
                     "cpus": os.cpu_count()}
     if "e2e" not in skip:
         photos = make_photo_folder(args.out / f"photos-{args.images}", args.images, size, args.source)
         db = args.out / "db-e2e"
-        shutil.rmtree(db, ignore_errors=True)
         n_alone = min(args.images, 4 * args.batch_size)
-        before = encoder_rate(args.model, photos, n_alone, args.batch_size)
-        start = time.perf_counter()
-        cfg = IndexConfig(folder=photos, db_dir=db, model=args.model, batch_size=args.batch_size,
-                          workers=report["workers"])
-        summary = run_index(cfg)
-        wall = time.perf_counter() - start
-        after = encoder_rate(args.model, photos, n_alone, args.batch_size)
-        alone = (before + after) / 2
+        rounds = []
+        for _ in range(args.rounds):  # alternate, so that a change in machine load hits both sides
+            alone = encoder_rate(args.model, photos, n_alone, args.batch_size)
+            shutil.rmtree(db, ignore_errors=True)
+            start = time.perf_counter()
+            summary = run_index(IndexConfig(folder=photos, db_dir=db, model=args.model, batch_size=args.batch_size,
+                                            workers=report["workers"]))
+            wall = time.perf_counter() - start
+            rounds.append({"encoder_alone": round(alone, 2), "index": summary["images_per_s"],
+                           "index_wall": round(args.images / wall, 2),
+                           "ratio": round(summary["images_per_s"] / alone, 3)})
+            print(json.dumps({"round": rounds[-1]}), flush=True)
         report["e2e"] = {
             "images": summary["indexed"], "jpeg_kb_mean": round(sum(p.stat().st_size for p in photos.rglob("*.jpg"))
                                                                  / args.images / 1024, 1),
-            "index_images_per_s": summary["images_per_s"], "index_wall_images_per_s": round(args.images / wall, 2),
-            "encoder_alone_images_per_s": round(alone, 2),
-            "encoder_alone_before_after": [round(before, 2), round(after, 2)],
-            "ratio": round(summary["images_per_s"] / alone, 3), "timings": summary["timings"],
+            "median_ratio": float(np.median([r["ratio"] for r in rounds])), "rounds": rounds,
+            "timings": summary["timings"],
             "lmdb_bytes_per_image": round(summary["lmdb_bytes"] / summary["total"]),
             "faiss_bytes_per_image": round(_dir_bytes(db, "ann.faiss") / summary["total"]),
         }

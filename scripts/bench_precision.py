@@ -33,9 +33,9 @@ def main() -> None:
     encoder = load_encoder(args.model, device=args.device)
     files = scan_folder(args.folder).files
     picked = [files[i] for i in np.linspace(0, len(files) - 1, min(args.images, len(files))).astype(int)]
-    transform = encoder.eval_transform()
-    images = torch.stack([transform(load_image(args.folder / f.relpath, draft_size=encoder.config.resize_size).image)
-                          for f in picked])
+    reference = Embedder(encoder, args.device, "fp32")
+    images = torch.stack([reference.transform(load_image(args.folder / f.relpath,
+                                                         draft_size=reference.draft_size).image) for f in picked])
     precisions = ["fp32", "bf16"] if args.device == "cpu" else ["fp32", "fp16"]
     embeddings, rates = {}, {}
     for precision in precisions:

@@ -262,13 +262,27 @@ def test_reduced_precision_is_kept_only_when_close_to_fp32(tiny_run_dir):
         with pytest.raises(EncoderError, match="AVX512-BF16"):
             Embedder(encoder, "cpu", "bf16")
         return
-    images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    embedder = Embedder(encoder, "cpu", "bf16")
-    out = embedder(images)
-    with torch.inference_mode():
-        reference = encoder(images).numpy()
-        reduced = encoder.to(torch.bfloat16)(images).float().numpy()
-    cosine = float((reduced * reference).sum(axis=1).min())
-    assert embedder.min_cosine == pytest.approx(cosine, abs=1e-6)
-    assert embedder.precision == ("bf16" if cosine >= MIN_COSINE else "fp32")
-    np.testing.assert_allclose(out, reduced if cosine >= MIN_COSINE else reference, atol=1e-6)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = Embedder(encoder, "cpu", "fp32")(images)
+    raw = Embedder(encoder, "cpu", "bf16", verify=False)(images)
+    cosine = float((raw * reference).sum(axis=1).min())
+    checked = Embedder(encoder, "cpu", "bf16")
+    out = checked(images)
+    assert checked.min_cosine == pytest.approx(cosine, abs=1e-6)
+    assert checked.precision == ("bf16" if cosine >= MIN_COSINE else "fp32")
+    np.testing.assert_allclose(out, raw if cosine >= MIN_COSINE else reference, atol=1e-6)
+
+
+def test_workers_hand_over_uint8_and_the_batch_step_gives_the_same_values(tmp_path, tiny_run_dir):
+    import torch
+    from PIL import Image
+
+    from indexer.encode import split_transform
+    from retrieval.encoder import load_encoder
+
+    transform = load_encoder(str(tiny_run_dir)).eval_transform()
+    per_image, per_batch = split_transform(transform)
+    image = Image.open(write_image(tmp_path / "x.jpg", 5, size=(61, 47)))
+    shipped = per_image(image)
+    assert shipped.dtype == torch.uint8
+    assert torch.equal(per_batch(shipped[None])[0], transform(image))  # bit for bit
