@@ -9,6 +9,8 @@ In one run, with the same model, batch size and thread count:
    randomly cropped, rescaled, flipped and given sensor noise) into a fresh DB: images/s of the encode stage
    (read + hash + decode in workers, encode, LMDB commits, all overlapped) and of the whole run;
    the two alternate --rounds times (a change in machine load then hits both) and the median ratio counts;
+   CPU milliseconds per image of both (process + decode workers) are reported too, as they depend less on
+   what else the machine runs (the index figure less one model load: scan, plan and FAISS write stay in);
 3. bytes of LMDB and of FAISS per image;
 4. a folder of --rerun-files small JPEGs (a few distinct contents, so indexing it is mostly hash reuse):
    seconds for `python cli.py index` over it when nothing changed, next to a bare stat walk;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -94,8 +97,15 @@ def make_small_folder(out: Path, n: int, distinct: int = 64, seed: int = 1) -> P
     return out
 
 
-def encoder_rate(model: str, folder: Path, n: int, batch_size: int) -> float:
-    """Images/s of the encoder alone on tensors prepared beforehand (same Embedder as `index`)."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (DataLoader workers), user + system."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def encoder_rate(model: str, folder: Path, n: int, batch_size: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the encoder alone on tensors prepared beforehand (same Embedder as
+    `index`)."""
     import torch
 
     from indexer.encode import Embedder
@@ -109,10 +119,10 @@ def encoder_rate(model: str, folder: Path, n: int, batch_size: int) -> float:
     images = torch.stack([embedder.transform(load_image(folder / f.relpath, draft_size=embedder.draft_size).image)
                           for f in files])
     embedder(images[:batch_size])  # warm up
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     for i in range(0, len(images), batch_size):
         embedder(images[i:i + batch_size])
-    return len(images) / (time.perf_counter() - start)
+    return len(images) / (time.perf_counter() - start), (_cpu_seconds() - cpu) * 1e3 / len(images)
 
 
 def _cli_index(folder: Path, db: Path, model: str, batch_size: int, workers: int | None) -> tuple[dict, float]:
@@ -177,17 +187,25 @@ def main() -> None:
         photos = make_photo_folder(args.out / f"photos-{args.images}", args.images, size, args.source)
         db = args.out / "db-e2e"
         n_alone = min(args.images, 4 * args.batch_size)
+        from retrieval.encoder import load_encoder
+
+        load_encoder(args.model)  # imports done once, as in the index runs below
+        cpu = _cpu_seconds()
+        load_encoder(args.model)
+        load_cpu = _cpu_seconds() - cpu  # taken off the index CPU figure, which includes a model load
         rounds = []
         for _ in range(args.rounds):  # alternate, so that a change in machine load hits both sides
-            alone = encoder_rate(args.model, photos, n_alone, args.batch_size)
+            alone, alone_cpu = encoder_rate(args.model, photos, n_alone, args.batch_size)
             shutil.rmtree(db, ignore_errors=True)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), _cpu_seconds()
             summary = run_index(IndexConfig(folder=photos, db_dir=db, model=args.model, batch_size=args.batch_size,
                                             workers=report["workers"]))
-            wall = time.perf_counter() - start
+            wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             rounds.append({"encoder_alone": round(alone, 2), "index": summary["images_per_s"],
                            "index_wall": round(args.images / wall, 2),
-                           "ratio": round(summary["images_per_s"] / alone, 3)})
+                           "ratio": round(summary["images_per_s"] / alone, 3),
+                           "cpu_ms_per_image_alone": round(alone_cpu, 1),
+                           "cpu_ms_per_image_index": round((cpu - load_cpu) * 1e3 / args.images, 1)})
             print(json.dumps({"round": rounds[-1]}), flush=True)
         report["e2e"] = {
             "images": summary["indexed"], "jpeg_kb_mean": round(sum(p.stat().st_size for p in photos.rglob("*.jpg"))
