@@ -93,7 +93,7 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16: encoder weights in bfloat16, for CPUs with AVX512-BF16 or AMX (refused elsewhere); "
                    "fp16: for CUDA. Every run compares its first batch with fp32 and falls back to fp32 if any "
-                   "embedding's cosine to it is below 0.999. BF16_MEASURED")
+                   "embedding's cosine to it is below 0.999 (check a collection with scripts/bench_precision.py).")
 @click.option("--ann", default="auto", show_default=True,
               help="FAISS index: auto (exact Flat up to 100k x 512-d, then IVF), flat, hnsw, ivf-flat, ivf-pq, "
                    "or a faiss factory string such as IVF1024,PQ32.")
