@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,6 +80,11 @@ def choose_factory(kind: str, n: int, dim: int) -> str:
     return kind  # a faiss factory string, checked when the index is built
 
 
+def check_kind(kind: str, dim: int) -> None:
+    """IndexStoreError now, rather than after a long run, if `kind` is no index type faiss can build."""
+    new_index(choose_factory(kind, 100_000, dim), dim)
+
+
 def ivf_params(index: faiss.Index) -> int:
     """Default nprobe stored in an IVF index: 1/16 of the lists (at least 8, at most all)."""
     nlist = faiss.extract_index_ivf(index).nlist
@@ -92,8 +98,9 @@ def new_index(factory: str, dim: int) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise IndexStoreError(f"--ann {factory!r} is not a faiss index factory string: "
-                              f"{str(exc).splitlines()[-1]}") from None
+        detail = re.sub(r"^Error in .*? at \S+:\d+: (Error: )?", "", str(exc).splitlines()[-1])
+        raise IndexStoreError(f"--ann {factory!r}: not an index faiss can build ({detail}); use auto, flat, hnsw, "
+                              f"ivf-flat, ivf-pq or a faiss index_factory string") from None
     return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
 
 

@@ -72,6 +72,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
         scan = scan_folder(folder)
         timings = {"scan_s": time.perf_counter() - started}
         header, encoder, plan = _bind_and_plan(store, cfg, folder, scan)
+        ann.check_kind(cfg.ann, header.encoder.dim)
         store.put_failures([Failure(f.relpath, f.reason) for f in scan.failures])
         t = time.perf_counter()
         encoded = _encode(store, cfg, folder, plan.todo, encoder, progress) if plan.todo else {}

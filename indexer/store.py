@@ -109,11 +109,13 @@ class Snapshot:
         rows, dim = header.chunk_rows, header.encoder.dim
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), dim), dtype=np.float32)
-        for chunk in np.unique(ids // rows):
-            chunk_vectors = self._chunk(int(chunk), dim)
-            where = np.flatnonzero(ids // rows == chunk)
+        order = np.argsort(ids, kind="stable")
+        chunks = ids[order] // rows
+        for where in np.split(order, np.flatnonzero(np.diff(chunks)) + 1) if len(ids) else []:
+            chunk = int(ids[where[0]] // rows)
+            chunk_vectors = self._chunk(chunk, dim)
             offsets = ids[where] - chunk * rows
-            if len(offsets) and offsets.max() >= len(chunk_vectors):
+            if offsets.max() >= len(chunk_vectors):
                 raise IndexStoreError(f"embedding of item {int(ids[where][offsets.argmax()])} is missing")
             out[where] = chunk_vectors[offsets]
         return out

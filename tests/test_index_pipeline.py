@@ -286,3 +286,11 @@ def test_workers_hand_over_uint8_and_the_batch_step_gives_the_same_values(tmp_pa
     shipped = per_image(image)
     assert shipped.dtype == torch.uint8
     assert torch.equal(per_batch(shipped[None])[0], transform(image))  # bit for bit
+
+
+def test_unknown_ann_kind_fails_before_any_encoding(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=1, per_class=2)
+    with pytest.raises(IndexStoreError, match="not an index faiss can build"):
+        run_index(_cfg(folder, db, tiny_run_dir, ann="flatt"))
+    assert db_state(db) == {}
