@@ -100,14 +100,17 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--reembed", is_flag=True, help="Re-encode every image (needed to switch the DB to another --model).")
 @click.option("--rebuild-ann", is_flag=True, help="Rebuild the FAISS index from LMDB.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file could not be indexed (they are still recorded).")
+@click.option("--allow-empty", is_flag=True,
+              help="Let a FOLDER with no image files remove every item of a non-empty DB (without it that is "
+                   "refused, as a sign of an unmounted drive or a wrong path).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Skip images larger than this many pixels [default: 89,478,485].")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: int | None, device: str,
-              precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, max_pixels: int | None,
-              progress: bool | None, as_json: bool) -> None:
+              precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
+              max_pixels: int | None, progress: bool | None, as_json: bool) -> None:
     """Index the images under FOLDER into DB_DIR: embeddings in LMDB (the source of truth), search in FAISS.
 
     \b
@@ -121,7 +124,7 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
 
     cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size, workers=workers,
                       device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
-                      strict=strict, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                      strict=strict, allow_empty=allow_empty, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     summary = run_index(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if as_json:
         _print_json(summary)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
-from retrieval.errors import DecodeError
+from retrieval.errors import DecodeError, IndexStoreError
 
 from . import ann
 from .plan import Plan, make_plan
@@ -53,6 +53,7 @@ class IndexConfig:
     reembed: bool = False
     rebuild_ann: bool = False
     strict: bool = False  # raise after the run if any file could not be indexed
+    allow_empty: bool = False  # let a folder with no files at all empty a DB that holds items
     max_pixels: int = DEFAULT_MAX_PIXELS
     checkpoint_seconds: float = 600.0  # also write FAISS this often during a long run
 
@@ -71,6 +72,8 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
     with Store.open(cfg.db_dir, readonly=False) as store:
         scan = scan_folder(folder)
         timings = {"scan_s": time.perf_counter() - started}
+        if not cfg.allow_empty:
+            _refuse_to_empty(store, folder, scan)
         header, encoder, plan = _bind_and_plan(store, cfg, folder, scan)
         ann.check_kind(cfg.ann, header.encoder.dim)
         store.put_failures([Failure(f.relpath, f.reason) for f in scan.failures])
@@ -104,6 +107,18 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
         first = summary["failures"][0]
         raise DecodeError(first["path"], f"{first['reason']} ({len(failures)} file(s) could not be indexed; --strict)")
     return summary
+
+
+def _refuse_to_empty(store: Store, folder: Path, scan: ScanResult) -> None:
+    """A folder with no files at all while the DB holds items is far more often an unmounted drive or a
+    wrong path than a real deletion of everything: stop before removing a single item."""
+    if scan.files or scan.failures:
+        return
+    with store.snapshot() as snap:
+        held = snap.count()
+    if held:
+        raise IndexStoreError(f"{folder} has no image files, but {store.db_dir} holds {held}: refusing to remove "
+                              f"them all (an unmounted drive or a wrong path?); pass --allow-empty to empty the DB")
 
 
 def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path, scan: ScanResult) -> tuple[Header, object, Plan]:

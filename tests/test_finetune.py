@@ -21,7 +21,7 @@ from retrieval.data.generate import GenerateConfig, make_dataset
 from retrieval.encoder import load_encoder, save_encoder
 from retrieval.errors import RetrievalError
 from retrieval.evaluate import evaluate_records
-from retrieval.finetune import CHECKPOINT, TrainingInterrupted, lr_factor, run_finetune
+from retrieval.finetune import CHECKPOINT, TrainingInterrupted, is_better, lr_factor, run_finetune
 from retrieval.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +118,8 @@ def test_short_finetune_lowers_the_loss_and_writes_every_artefact(data, tiny_dir
     metrics = json.loads((out / "metrics.json").read_text())
     best = metrics["best_epoch"]
     assert summary["best_epoch"] == best and best >= 1
-    assert history[best]["map@r"] == max(row["map@r"] for row in history[1:])
+    keeps_recall = [row for row in history[1:] if row["recall@1"] >= history[0]["recall@1"]] or history[1:]
+    assert history[best]["map@r"] == max(row["map@r"] for row in keeps_recall)
     encoder = load_encoder(str(out))
     assert encoder.fingerprint() == (out / "fingerprint").read_text().strip() == summary["fingerprint"]
     test = split_records(load_records("cub", data), "test")
@@ -262,3 +263,21 @@ def test_lr_schedule_warms_up_linearly_then_follows_a_half_cosine():
     assert factors[2] == pytest.approx(1.0) and factors[6] == pytest.approx(0.5) and factors[10] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
     assert lr_factor(7, total=10, warmup=2, schedule="constant") == 1.0
+
+
+def test_kept_epoch_is_the_best_map_at_r_among_epochs_that_keep_the_baseline_recall_at_1():
+    baseline = {"recall@1": 0.9429, "map@r": 0.6934}
+    epochs = [{"recall@1": 0.9413, "map@r": 0.7142},    # best MAP@R, but loses Recall@1
+              {"recall@1": 0.9435, "map@r": 0.7015},    # keeps Recall@1: wins
+              {"recall@1": 0.9359, "map@r": 0.6995}]
+    kept = None
+    for row in epochs:
+        kept = row if is_better(row, kept, baseline) else kept
+    assert kept is epochs[1]
+    assert is_better({"recall@1": 0.9429, "map@r": 0.70}, epochs[1], baseline) is False   # equal R@1 counts as kept
+    assert is_better({"recall@1": 0.9429, "map@r": 0.71}, epochs[1], baseline) is True
+    # When no epoch keeps Recall@1, the best MAP@R among them is kept.
+    kept = None
+    for row in (epochs[0], epochs[2]):
+        kept = row if is_better(row, kept, baseline) else kept
+    assert kept is epochs[0]

@@ -249,6 +249,24 @@ def test_index_refuses_a_locked_db(tmp_path, tiny_run_dir):
             run_index(_cfg(folder, tmp_path / "db", tiny_run_dir))
 
 
+def test_an_empty_folder_does_not_wipe_a_db_unless_allowed(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "mnt", tmp_path / "db"
+    make_folder(folder, classes=2, per_class=2)
+    run_index(_cfg(folder, db, tiny_run_dir))
+    before = db_state(db)
+    shutil.rmtree(folder)
+    folder.mkdir()                                 # the mount point is there, the drive is not
+    (folder / "notes.txt").write_text("not an image")
+    result = CliRunner().invoke(cli.cli, ["index", str(folder), "--model", str(tiny_run_dir), "--db", str(db),
+                                          "--workers", "0"])
+    assert result.exit_code == 1 and "--allow-empty" in result.output and "holds 4" in result.output
+    assert_same_state(db_state(db), before)
+    assert_ann_matches_lmdb(db)
+    emptied = run_index(_cfg(folder, db, tiny_run_dir, allow_empty=True))
+    assert (emptied["removed"], emptied["total"]) == (4, 0)
+    assert run_index(_cfg(folder, db, tiny_run_dir))["total"] == 0   # an empty DB: nothing left to protect
+
+
 def test_reduced_precision_is_kept_only_when_close_to_fp32(tiny_run_dir):
     import torch
 

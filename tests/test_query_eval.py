@@ -13,25 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from tests.index_support import make_folder, write_image
+from tests.index_support import make_folder, save_run, write_image
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (1, 2, 4)
-
-
-def _save_run(spec: str, out: Path, *, perturb: int = 0) -> Path:
-    """A run directory of the tiny encoder (a spec every process can load); `perturb` makes other weights."""
-    import torch
-
-    from retrieval.encoder import load_encoder, save_encoder
-
-    encoder = load_encoder(spec, embed_dim=16)
-    if perturb:
-        with torch.no_grad():
-            for p in encoder.parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(perturb)) * 0.1)
-    save_encoder(encoder, out)
-    return out
 
 
 def _index(folder: Path, db: Path, model: Path, ann: str = "auto") -> dict:
@@ -42,7 +27,7 @@ def _index(folder: Path, db: Path, model: Path, ann: str = "auto") -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model_spec, tmp_path_factory) -> Path:
-    return _save_run(tiny_model_spec, tmp_path_factory.mktemp("encoder") / "run")
+    return save_run(tiny_model_spec, tmp_path_factory.mktemp("encoder") / "run", embed_dim=16)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +131,7 @@ def test_query_errors_are_one_line(indexed, tiny_run, tiny_model_spec, tmp_path)
     _index(tmp_path / "empty", tmp_path / "emptydb", tiny_run)
     _one_line_error(_invoke("query", str(folder / "class0" / "img000.jpg"), "--db", str(tmp_path / "emptydb")),
                     "empty")
-    other = _save_run(tiny_model_spec, tmp_path / "other", perturb=7)
+    other = save_run(tiny_model_spec, tmp_path / "other", perturb=7, embed_dim=16)
     _one_line_error(_invoke("query", str(folder / "class0" / "img000.jpg"), "--db", str(db), "--model", str(other)),
                     "was built with encoder")
     _one_line_error(_invoke("query", str(tmp_path / "empty"), "--db", str(db)), "no query images")
