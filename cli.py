@@ -258,13 +258,14 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
 @click.option("--epochs", default=3, show_default=True,
               help="Fine-tune epochs (fewer than finetune's default, to stay within a few minutes).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Pretrained encoder to start from.")
-@click.option("--workers", default=2, show_default=True, help="Data loader worker processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Data loader worker processes [default: finetune's and index's own].")
 @click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the generated set and of training.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the before/after metrics and paths as JSON.")
-def demo_cmd(out: Path, classes: int, per_class: int, size: int, epochs: int, model: str, workers: int,
+def demo_cmd(out: Path, classes: int, per_class: int, size: int, epochs: int, model: str, workers: int | None,
              device: str, seed: int, progress: bool | None, as_json: bool) -> None:
     """The whole job on the embedded data, offline, in a few minutes on 2 CPU cores.
 
@@ -359,7 +360,9 @@ def _parse_loss_params(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--freeze-bn/--train-bn", default=_ft("freeze_bn"), show_default=True,
               help="Keep BatchNorm's pretrained running statistics (small P x K batches corrupt them).")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
-@click.option("--workers", default=_ft("workers"), show_default=True, help="Data loader worker processes.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
+                   "cores from training), CPUs (max 8) with CUDA].")
 @click.option("--seed", default=_ft("seed"), show_default=True, help="Seed of sampling, augmentation and initialisation.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (after Ctrl-C, or with more --epochs).")
 @click.option("--device", default=_ft("device"), show_default=True, help="auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
@@ -371,7 +374,7 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
                  embed_dim: int | None, loss: str, m: float | None, gamma: float | None, margin: float | None,
                  loss_params: dict, p: int, k: int, epochs: int, steps_per_epoch: int | None, lr_backbone: float,
                  lr_head: float, lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
-                 freeze_backbone_epochs: int, freeze_bn: bool, image_size: int | None, workers: int, seed: int,
+                 freeze_backbone_epochs: int, freeze_bn: bool, image_size: int | None, workers: int | None, seed: int,
                  resume: bool, device: str, amp: bool, eval_batch_size: int, progress: bool | None,
                  as_json: bool) -> None:
     """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and

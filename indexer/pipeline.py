@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from retrieval.data.decode import DEFAULT_MAX_PIXELS
+from retrieval.data.decode import DEFAULT_MAX_PIXELS, default_workers
 from retrieval.errors import DecodeError, IndexStoreError
 
 from . import ann
@@ -32,21 +32,13 @@ from .store import Store
 _RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)
 
 
-def default_workers(device: str = "cpu") -> int:
-    """Decode worker processes. Encoding on the CPU, a worker's decoding takes CPU from the encoder (one
-    1024x768 JPEG: about 4 ms to decode and transform, against about 33 CPU-ms to encode with lite0), so one
-    worker per 4 CPUs; on a GPU, decoding is the bottleneck: one per CPU, at most 8."""
-    cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus if device.startswith("cuda") else cpus // 4))
-
-
 @dataclass(frozen=True)
 class IndexConfig:
     folder: Path
     db_dir: Path
     model: str = "lite0"
     batch_size: int = 64
-    workers: int | None = None  # decode worker processes; None: default_workers(device), 0: in this process
+    workers: int | None = None  # decode worker processes; None: default_workers(device, minimum=1), 0: in this process
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 (CPU with AVX512-BF16/AMX) | fp16 (CUDA)
     ann: str = "auto"  # see indexer.ann.choose_factory
@@ -147,7 +139,7 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list, encoder, p
     embedder = Embedder(encoder, cfg.device, cfg.precision)
     counts = encode_files(
         store, folder, todo, embedder, batch_size=cfg.batch_size,
-        workers=default_workers(cfg.device) if cfg.workers is None else cfg.workers,
+        workers=default_workers(cfg.device, minimum=1) if cfg.workers is None else cfg.workers,
         max_pixels=cfg.max_pixels, checkpoint=lambda: _refresh_ann(store, cfg.ann, rebuild=False),
         checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
     return {"encoded": counts.encoded, "reused": counts.reused, "failed": len(counts.failures),

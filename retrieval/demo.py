@@ -40,7 +40,7 @@ class DemoConfig:
     epochs: int = 3
     model: str = "lite0"
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None  # None: each step's own default (decode.default_workers)
     device: str = "cpu"
     k: int = 5  # results per example query
     n_queries: int = 4
@@ -118,10 +118,12 @@ def _generate(cfg: DemoConfig, out: Path) -> dict:
 
 
 def _evaluate_pretrained(cfg: DemoConfig, data: dict, out: Path, progress: bool):
+    from retrieval.data.decode import default_workers
     from retrieval.evaluation import DatasetEvalConfig, evaluate_dataset
 
     return evaluate_dataset(DatasetEvalConfig(
-        dataset="cub", root=Path(data["root"]), model=cfg.model, split="test", ks=cfg.ks, workers=cfg.workers,
+        dataset="cub", root=Path(data["root"]), model=cfg.model, split="test", ks=cfg.ks,
+        workers=default_workers(cfg.device, minimum=0) if cfg.workers is None else cfg.workers,
         device=cfg.device, report=out / "report-pretrained", progress=progress))
 
 

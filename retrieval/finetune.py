@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from .data import load_records, split_records
 from .data.dataset import ImageDataset
+from .data.decode import default_workers
 from .data.records import Record
 from .data.sampler import PKSampler
 from .encoder import Encoder, load_encoder, save_encoder
@@ -144,7 +145,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1, "steps per epoch must be at least 1"),
         (min(cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.warmup_epochs) >= 0, "rates must not be negative"),
         (0 <= cfg.freeze_backbone_epochs, "freeze-backbone epochs must not be negative"),
-        (cfg.workers >= 0 and cfg.eval_batch_size >= 1, "workers must be >= 0 and the eval batch size >= 1"),
+        ((cfg.workers or 0) >= 0 and cfg.eval_batch_size >= 1, "workers must be >= 0 and the eval batch size >= 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -239,6 +240,7 @@ class _Run:
         self.cfg, self.ctx, self.progress = cfg, ctx, progress and ctx.main
         self.out = Path(cfg.out).expanduser()
         self.amp = cfg.amp and ctx.device.type == "cuda"
+        self.workers = default_workers(ctx.device.type, minimum=0) if cfg.workers is None else cfg.workers
         if ctx.main:
             self._prepare_out_dir()
         ctx.barrier()
@@ -392,7 +394,7 @@ class _Run:
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + ctx.rank)
         self.sampler.set_epoch(epoch)
         loader = train_loader(self.encoder, self.train_records, _EpochBatches(self.sampler, state.step, self.steps),
-                              workers=cfg.workers, device=ctx.device)
+                              workers=self.workers, device=ctx.device)
         batch_images = cfg.p * cfg.k * ctx.world_size
         bar = tqdm(total=self.steps, initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    disable=not self.progress, dynamic_ncols=True)
@@ -422,7 +424,7 @@ class _Run:
         cfg, ctx = self.cfg, self.ctx
         if ctx.main:
             metrics = evaluate_records(self.encoder, self.test_records, batch_size=cfg.eval_batch_size,
-                                       workers=cfg.workers, device=ctx.device, progress=self.progress, amp=self.amp)
+                                       workers=self.workers, device=ctx.device, progress=self.progress, amp=self.amp)
             row = {"epoch": epoch, **train, **metrics,
                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
             best = self.state.history[self.state.best_epoch] if self.state.best_epoch is not None else None

@@ -35,7 +35,7 @@ class FinetuneConfig:
     freeze_backbone_epochs: int = 0        # for random heads; ours keeps the trunk's geometry
     freeze_bn: bool = True                 # keep BatchNorm running statistics (eval mode) while training
     image_size: int | None = None          # None: the encoder's own input size
-    workers: int = 2
+    workers: int | None = None             # None: 0 on a 2-core CPU, CPUs / 4 on a CPU, CPUs (max 8) with CUDA
     seed: int = 0
     resume: bool = False
     device: str = "auto"                   # auto: cuda when available, else cpu

@@ -3,9 +3,9 @@
 Both use finetune's own pieces (`train_step`, `train_loader`, `train_mode`) on the same encoder, loss and
 P x K batch. "bare" repeats one batch already decoded and augmented in memory; "full" reads the train split
 through the DataLoader (decode with draft(), random resized crop, flip, normalise) for the same number of
-steps, timed from the creation of the loader as one epoch of training experiences it. The pipeline cost is
-1 - full / bare. On a CPU the workers compete with the model for the same cores, so the table covers several
-worker counts.
+steps, timed from the creation of the loader as one epoch of training experiences it. The settings are
+measured in interleaved rounds and their medians compared: the pipeline cost is 1 - full / bare. On a CPU
+the workers compete with the model for the same cores, so the table covers several worker counts.
 
     python scripts/bench_finetune.py                                  # the embedded set, lite0, 224 px
     python scripts/bench_finetune.py --dataset folder --root ../shared/datasets/caltech101 --workers 0,1,2
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from itertools import islice
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-P", type=int, default=default("p"), dest="p")
     parser.add_argument("-K", type=int, default=default("k"), dest="k")
     parser.add_argument("--steps", type=int, default=18, help="Timed steps per measurement (18 = one default-set epoch).")
-    parser.add_argument("--workers", default=f"{default('workers')}", help="Comma-separated worker counts to time.")
+    parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; medians are reported.")
+    parser.add_argument("--workers", default="0,1,2", help="Comma-separated worker counts to time.")
     parser.add_argument("--device", default=default("device"))
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     return parser.parse_args(argv)
@@ -86,19 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(train_loader(encoder, records, sampler, workers=0, device=device)))
     preloaded = (first[0].to(device), first[1], first[2])
     run(lambda: iter([preloaded] * 3))   # warm-up: allocator, kernels, optimiser state
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    bare, full = [], {w: [] for w in worker_counts}
+    for round_ in range(args.rounds):   # interleaved, so drift in machine load hits every setting alike
+        bare.append(run(lambda: iter([preloaded] * args.steps)))
+        for workers in worker_counts:
+            sampler.set_epoch(round_ * 100 + workers + 1)
+            full[workers].append(run(lambda: iter(train_loader(encoder, records, sampler, workers=workers,
+                                                                 device=device))))
+    bare_rate = statistics.median(bare)
     results = {"device": str(device), "threads": torch.get_num_threads(), "batch": batch,
-               "image_size": encoder.image_size, "steps": args.steps,
-               "bare_images_per_s": round(run(lambda: iter([preloaded] * args.steps)), 2), "full": {}}
-    for workers in (int(w) for w in args.workers.split(",")):
-        sampler.set_epoch(workers + 1)
-        rate = run(lambda: iter(train_loader(encoder, records, sampler, workers=workers, device=device)))
-        results["full"][workers] = {"images_per_s": round(rate, 2),
-                                    "pipeline_cost": round(1 - rate / results["bare_images_per_s"], 4)}
+               "image_size": encoder.image_size, "steps": args.steps, "rounds": args.rounds,
+               "bare_images_per_s": round(bare_rate, 2), "bare_rounds": [round(r, 2) for r in bare], "full": {}}
+    for workers, rates in full.items():
+        rate = statistics.median(rates)
+        results["full"][workers] = {"images_per_s": round(rate, 2), "rounds": [round(r, 2) for r in rates],
+                                    "pipeline_cost": round(1 - rate / bare_rate, 4)}
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     print(f"{args.model} {encoder.image_size}px, batch {args.p}x{args.k}, {args.steps} steps, {device}, "
-          f"{results['threads']} threads")
+          f"{results['threads']} threads, medians of {args.rounds} interleaved rounds")
     print(f"bare forward+backward+step on preloaded tensors: {results['bare_images_per_s']:.1f} images/s")
     for workers, row in results["full"].items():
         print(f"full loop, {workers} workers: {row['images_per_s']:.1f} images/s "

@@ -178,10 +178,11 @@ def main() -> None:
     size = tuple(int(v) for v in args.size.split("x"))
     import torch
 
-    from indexer.pipeline import IndexConfig, default_workers, run_index
+    from indexer.pipeline import IndexConfig, run_index
+    from retrieval.data.decode import default_workers
 
     report: dict = {"model": args.model, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
-                    "workers": args.workers if args.workers is not None else default_workers("cpu"),
+                    "workers": args.workers if args.workers is not None else default_workers("cpu", minimum=1),
                     "cpus": os.cpu_count()}
     if "e2e" not in skip:
         photos = make_photo_folder(args.out / f"photos-{args.images}", args.images, size, args.source)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from retrieval.data import decode
 from retrieval.data.decode import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, load_image
 from retrieval.errors import DecodeError
 
@@ -188,3 +189,11 @@ def test_plain_jpeg_round_trip():
     decoded = decode_image(_noise_jpeg(), name="ok.jpg")
     assert isinstance(decoded, DecodedImage) and decoded.image.mode == "RGB"
     assert decoded.image.size == (decoded.width, decoded.height) == (64, 48)
+
+
+@pytest.mark.parametrize("cpus, device, minimum, expected", [
+    (2, "cpu", 0, 0), (2, "cpu", 1, 1), (16, "cpu", 0, 4), (2, "cuda", 0, 2), (32, "cuda:1", 0, 8), (None, "cpu", 1, 1),
+])
+def test_default_workers_leave_the_cpu_to_the_model_and_feed_a_gpu(monkeypatch, cpus, device, minimum, expected):
+    monkeypatch.setattr(decode.os, "cpu_count", lambda: cpus)
+    assert decode.default_workers(device, minimum=minimum) == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,16 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default Image.MAX_IMAGE_PIXELS
 _ORIENTATION_TAG = 0x0112
 _ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
+
+
+def default_workers(device: str, *, minimum: int) -> int:
+    """Decode worker processes for a DataLoader. On a GPU decoding is the bottleneck: one per CPU, at most 8.
+    On the CPU every worker takes cores from the model (a 1024x768 JPEG decodes in ~4 ms against ~33 CPU-ms
+    to encode it with lite0, ~100 to train on it), so one per 4 CPUs, and at least `minimum` (the indexer
+    wants 1: its large JPEGs cost 11% decoded in line; fine-tuning wants 0 on 2 cores, where decoding in line
+    costs 4.5% and 2 workers 10.5%, scripts/bench_finetune.py)."""
+    cpus = os.cpu_count() or 1
+    return max(minimum, min(8, cpus if str(device).startswith("cuda") else cpus // 4))
 
 
 @dataclass(frozen=True)
