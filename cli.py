@@ -119,7 +119,9 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
     moment and run again. Bad files (truncated, empty, not an image, too large, unreadable, broken links,
     undecodable names) are skipped and listed. The label of an image is its first folder below FOLDER.
     """
-    from indexer.pipeline import IndexConfig, run_index
+    from indexer.pipeline import IndexConfig, prefer_passive_openmp, run_index
+
+    prefer_passive_openmp()   # before the pipeline imports torch
     from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
     cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size, workers=workers,

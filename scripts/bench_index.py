@@ -176,9 +176,11 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     size = tuple(int(v) for v in args.size.split("x"))
+    from indexer.pipeline import IndexConfig, prefer_passive_openmp, run_index
+
+    prefer_passive_openmp()   # as `cli.py index` does, before torch is imported
     import torch
 
-    from indexer.pipeline import IndexConfig, run_index
     from retrieval.data.decode import default_workers
 
     report: dict = {"model": args.model, "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(),
