@@ -385,8 +385,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
     \b
     The best epoch is kept as model.safetensors + encoder.json: the best MAP@R among the epochs whose
     Recall@1 is not below the baseline's (if none is, the best MAP@R, with a warning). Pass the run
-    directory as --model to index, query or eval. Ctrl-C saves last.pt; --resume continues. Runs unchanged under
-    torchrun --nproc_per_node=N (DDP; rank 0 evaluates and writes).
+    directory as --model to index, query or eval. Ctrl-C saves last.pt; --resume continues. Runs
+    unchanged under torchrun --nproc_per_node=N (DDP; rank 0 evaluates and writes).
     """
     from retrieval.finetune import FinetuneConfig, run_finetune
 
