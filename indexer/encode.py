@@ -27,7 +27,7 @@ from torchvision import transforms as T
 
 from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
-from retrieval.errors import DecodeError, EncoderError
+from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 
 from .records import Failure, NewItem
 from .scan import FileEntry
@@ -233,10 +233,40 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
                 writer.flush()
                 checkpoint()
                 last_checkpoint = time.monotonic()
+    except (RuntimeError, OSError, EOFError) as exc:
+        _raise_if_a_worker_died(getattr(batches, "_workers", []), counts, exc)
+        raise
     finally:
         bar.close()
         writer.close()
     return counts
+
+
+def _raise_if_a_worker_died(workers: list, counts: EncodeCounts, exc: BaseException) -> None:
+    """Turn a dead decode worker (killed for memory, say) into a one-line error that says what is kept and
+    what to do; the batches committed so far stay, and a re-run continues from them.
+
+    A dead worker surfaces as whatever the main process was doing (torch's SIGCHLD handler raising anywhere,
+    a reset connection or EOF while receiving a batch), so the workers' exit codes decide."""
+    dead = _dead_workers(workers)
+    if dead:
+        how = ", ".join(f"pid {w.pid} exit code {w.exitcode}" for w in dead)
+        done = counts.encoded + counts.reused
+        raise IndexStoreError(f"a decode worker died ({how}); the {done} images encoded so far are kept: run the "
+                              "same command again to continue (if it was killed for memory: fewer --workers or a "
+                              "smaller --batch-size)") from exc
+
+
+def _dead_workers(workers: list) -> list:
+    """The worker processes that have exited with an error, waiting a moment for one killed just now."""
+    for w in workers:
+        for _ in range(2):
+            try:
+                w.join(timeout=2)
+                break
+            except RuntimeError:   # torch's SIGCHLD handler reports the death inside the wait as well
+                continue
+    return [w for w in workers if w.exitcode not in (None, 0)]
 
 
 def _embed_batch(store: Store, todo: list[FileEntry], loaded: list[_Loaded], stacked: torch.Tensor | None,

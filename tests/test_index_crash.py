@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +118,37 @@ def test_queries_and_a_second_index_during_a_run(tmp_path, tiny_run_dir):
     assert _assert_search_matches_snapshot(db) == 300
     with SearchIndex.open(db) as index:
         assert not index.lagging
+
+
+def _children(pid: int) -> list[int]:
+    """PIDs whose parent is `pid` (read from /proc, Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_decode_worker_is_one_line_and_a_rerun_completes(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=4, per_class=40)
+    proc = cli_index(folder, db, tiny_run_dir, *ARGS, "--workers", "1", wait=False)
+    wait_for_items(db, proc, 10)
+    workers = _children(proc.pid)
+    assert workers, "no decode worker process found"
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)   # as the kernel's OOM killer would
+    _, stderr = proc.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, stderr
+    assert "decode worker died" in lines[0] and "run the same command again" in lines[0]
+    _assert_consistent(db)
+    done = cli_index(folder, db, tiny_run_dir, *ARGS)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["total"] == 160
+    assert_same_state(db_state(db), _reference(folder, tmp_path / "reference", tiny_run_dir))
+    assert_ann_matches_lmdb(db)
