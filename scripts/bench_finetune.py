@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None, help="Default: the encoder's.")
     parser.add_argument("-P", type=int, default=default("p"), dest="p")
     parser.add_argument("-K", type=int, default=default("k"), dest="k")
-    parser.add_argument("--steps", type=int, default=18, help="Timed steps per measurement (18 = one default-set epoch).")
+    parser.add_argument("--steps", type=int, default=18, help="Timed steps per measurement.")
     parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds; medians are reported.")
     parser.add_argument("--workers", default="0,1,2", help="Comma-separated worker counts to time.")
     parser.add_argument("--device", default=default("device"))
