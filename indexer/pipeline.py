@@ -36,7 +36,7 @@ def prefer_passive_openmp() -> None:
     """Let idle OpenMP threads sleep instead of spinning (unless the user chose OMP_WAIT_POLICY). Must run
     before torch is imported. On a CPU the decode workers share the cores with the encoder's threads, and
     spinning threads take their time: measured on 2 cores (scripts/bench_index.py), index ran 7% faster
-    and reached 0.94 of the encoder-alone rate instead of 0.88. Training is left alone: its many small ops
+    and reached 0.91-0.94 of the encoder-alone rate (medians of two runs) instead of 0.88. Training is left alone: its many small ops
     ran 14% slower with sleeping threads (scripts/bench_finetune.py)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -128,6 +128,14 @@ def is_better(metrics: dict, best: dict | None, baseline: dict) -> bool:
     return best is None or selection_key(metrics, baseline) > selection_key(best, baseline)
 
 
+def recall_lost_warning(history: list[dict], kept: int | None) -> str | None:
+    """The warning for a run whose kept epoch lost the baseline's (epoch 0's) Recall@1, else None."""
+    if kept is None or history[kept]["recall@1"] >= history[0]["recall@1"]:
+        return None
+    return (f"warning: no epoch kept the pretrained Recall@1 ({history[0]['recall@1']:.4f}); kept epoch {kept} "
+            f"(Recall@1 {history[kept]['recall@1']:.4f}, best MAP@R); try a lower --lr-backbone or fewer --epochs")
+
+
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
     """Train, evaluate every epoch, write the run directory; return a summary (rank 0; others get their rank)."""
     _validate(cfg)
@@ -358,19 +366,9 @@ class _Run:
             raise TrainingInterrupted(
                 f"interrupted after {self.state.epoch} epoch(s) + {self.state.step} step(s); state saved to "
                 f"{self.out / CHECKPOINT}; resume with --resume") from None
-        if ctx.main:
-            self._warn_if_recall_lost()
+        if ctx.main and (warning := recall_lost_warning(self.state.history, self.state.best_epoch)):
+            self.log(warning)
         return self._summary(time.perf_counter() - start) if ctx.main else {"rank": ctx.rank}
-
-    def _warn_if_recall_lost(self) -> None:
-        """Say so when no epoch kept the baseline's Recall@1 (the kept one is then the best MAP@R)."""
-        s = self.state
-        if s.best_epoch is None:
-            return
-        kept, baseline = s.history[s.best_epoch]["recall@1"], s.history[0]["recall@1"]
-        if kept < baseline:
-            self.log(f"warning: no epoch kept the pretrained Recall@1 ({baseline:.4f}); kept epoch {s.best_epoch} "
-                     f"(Recall@1 {kept:.4f}, best MAP@R); try a lower --lr-backbone or fewer --epochs")
 
     def _set_backbone_trainable(self, trainable: bool) -> nn.Module:
         """Freeze or unfreeze the trunk; under DDP re-wrap, since DDP fixes its parameter set when built."""

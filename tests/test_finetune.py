@@ -21,7 +21,14 @@ from retrieval.data.generate import GenerateConfig, make_dataset
 from retrieval.encoder import load_encoder, save_encoder
 from retrieval.errors import RetrievalError
 from retrieval.evaluate import evaluate_records
-from retrieval.finetune import CHECKPOINT, TrainingInterrupted, is_better, lr_factor, run_finetune
+from retrieval.finetune import (
+    CHECKPOINT,
+    TrainingInterrupted,
+    is_better,
+    lr_factor,
+    recall_lost_warning,
+    run_finetune,
+)
 from retrieval.finetune_config import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,8 +125,9 @@ def test_short_finetune_lowers_the_loss_and_writes_every_artefact(data, tiny_dir
     metrics = json.loads((out / "metrics.json").read_text())
     best = metrics["best_epoch"]
     assert summary["best_epoch"] == best and best >= 1
-    keeps_recall = [row for row in history[1:] if row["recall@1"] >= history[0]["recall@1"]] or history[1:]
-    assert history[best]["map@r"] == max(row["map@r"] for row in keeps_recall)
+    keeps_recall = [row for row in history[1:] if row["recall@1"] >= history[0]["recall@1"]]
+    assert history[best]["map@r"] == max(row["map@r"] for row in keeps_recall or history[1:])
+    assert ("warning: no epoch kept the pretrained Recall@1" in log) == (not keeps_recall)
     encoder = load_encoder(str(out))
     assert encoder.fingerprint() == (out / "fingerprint").read_text().strip() == summary["fingerprint"]
     test = split_records(load_records("cub", data), "test")
@@ -276,8 +284,11 @@ def test_kept_epoch_is_the_best_map_at_r_among_epochs_that_keep_the_baseline_rec
     assert kept is epochs[1]
     assert is_better({"recall@1": 0.9429, "map@r": 0.70}, epochs[1], baseline) is False   # equal R@1 counts as kept
     assert is_better({"recall@1": 0.9429, "map@r": 0.71}, epochs[1], baseline) is True
-    # When no epoch keeps Recall@1, the best MAP@R among them is kept.
+    # When no epoch keeps Recall@1, the best MAP@R among them is kept, with a warning.
     kept = None
     for row in (epochs[0], epochs[2]):
         kept = row if is_better(row, kept, baseline) else kept
     assert kept is epochs[0]
+    history = [baseline, *epochs]
+    assert "kept epoch 1 (Recall@1 0.9413" in recall_lost_warning(history, 1)
+    assert recall_lost_warning(history, 2) is None and recall_lost_warning(history, None) is None

@@ -28,10 +28,10 @@ _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
 
 def default_workers(device: str, *, minimum: int) -> int:
     """Decode worker processes for a DataLoader. On a GPU decoding is the bottleneck: one per CPU, at most 8.
-    On the CPU every worker takes cores from the model (a 1024x768 JPEG decodes in ~4 ms against ~33 CPU-ms
-    to encode it with lite0, ~100 to train on it), so one per 4 CPUs, and at least `minimum` (the indexer
-    wants 1: its large JPEGs cost 11% decoded in line; fine-tuning wants 0 on 2 cores, where decoding in line
-    costs 4.5% and 2 workers 10.5%, scripts/bench_finetune.py)."""
+    On the CPU every worker takes cores from the model, so one per 4 CPUs, and at least `minimum`: the
+    indexer keeps 1 (a 1024x768 JPEG costs ~3.3 CPU-ms to read, decode and resize against ~34 to encode, and
+    overlapping them pays), fine-tuning 0 (on 2 cores decoding in line cost 0-4.5% of the bare training rate,
+    1 or 2 workers 7.6-12.6%; scripts/bench_finetune.py)."""
     cpus = os.cpu_count() or 1
     return max(minimum, min(8, cpus if str(device).startswith("cuda") else cpus // 4))
 
