@@ -169,7 +169,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     from stdin; all queries share one model load. Each image is decoded and preprocessed exactly as the
     indexer did, and embedded with the encoder recorded in the DB.
     """
-    from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
+    from indexer.image_query import QueryConfig, expand_queries, run_query, write_query_html
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
     results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device))
@@ -227,13 +227,13 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
     if db_dir is not None:
         if model is not None or root is not None:
             raise click.UsageError("--model and --root go with --dataset; a DB records its own encoder and folder")
-        from indexer.evaluation import DbEvalConfig, evaluate_db
+        from indexer.eval_db import DbEvalConfig, evaluate_db
 
         result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device))
     else:
         if root is None:
             raise click.UsageError("--dataset needs --root DIR (make one with: python cli.py make-dataset DIR)")
-        from retrieval.evaluation import DatasetEvalConfig, evaluate_dataset
+        from retrieval.eval_dataset import DatasetEvalConfig, evaluate_dataset
 
         result = evaluate_dataset(DatasetEvalConfig(
             dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop,
@@ -277,7 +277,7 @@ def demo_cmd(out: Path, classes: int, per_class: int, size: int, epochs: int, mo
     3. fine-tune with Circle Loss                          6. query it with new bird pictures
     Ends with a before/after table and the path of the HTML report.
     """
-    from retrieval.demo import DemoConfig, run_demo
+    from indexer.demo import DemoConfig, run_demo
 
     result = run_demo(DemoConfig(out=out, classes=classes, per_class=per_class, size=size, epochs=epochs, model=model,
                                  seed=seed, workers=workers, device=device),

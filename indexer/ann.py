@@ -27,7 +27,7 @@ import numpy as np
 
 from retrieval.errors import IndexStoreError
 
-from .records import ids_digest
+from .layout import ids_digest
 
 log = logging.getLogger(__name__)
 

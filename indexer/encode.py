@@ -29,7 +29,7 @@ from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 
-from .records import Failure, NewItem
+from .layout import Failure, NewItem
 from .scan import FileEntry
 from .store import Store
 

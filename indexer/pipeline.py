@@ -25,8 +25,8 @@ from retrieval.errors import DecodeError, IndexStoreError
 
 from . import ann
 from .plan import Plan, make_plan
-from .records import EncoderInfo, Failure, Header
-from .scan import ScanResult, display_path, path_key, scan_folder
+from .layout import EncoderInfo, Failure, Header, display_path, path_key
+from .scan import ScanResult, scan_folder
 from .store import Store
 
 _RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .records import Failure, PathState
-from .scan import FileEntry, ScanResult, path_key
+from .layout import Failure, PathState, path_key
+from .scan import FileEntry, ScanResult
 
 
 @dataclass(frozen=True)

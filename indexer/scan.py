@@ -16,6 +16,8 @@ from pathlib import Path
 from retrieval.data.folder import IMAGE_EXTENSIONS
 from retrieval.errors import DataError
 
+from .layout import path_key
+
 
 @dataclass(frozen=True)
 class FileEntry:
@@ -44,16 +46,6 @@ class ScanResult:
     files: list[FileEntry]  # sorted by path_key(relpath): the order of LMDB keys
     failures: list[ScanFailure]
     unlisted: list[str] = field(default_factory=list)  # folders that could not be listed (their files unknown)
-
-
-def path_key(relpath: str) -> bytes:
-    """The bytes a relative path is stored under (the file system's own bytes, also for odd names)."""
-    return os.fsencode(relpath)
-
-
-def display_path(key: bytes) -> str:
-    """A printable form of a stored path key (invalid UTF-8 shown as backslash escapes)."""
-    return key.decode("utf-8", "backslashreplace")
 
 
 def scan_folder(root: str | Path) -> ScanResult:

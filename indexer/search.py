@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from . import ann
-from .records import EncoderInfo, Header, Item, ids_digest
+from .layout import EncoderInfo, Header, Item, ids_digest
 from .store import Snapshot, Store, require_encoder
 
 
@@ -43,7 +43,7 @@ class SearchIndex:
         store = stack.enter_context(Store.open(db_dir, readonly=True))
         try:
             snapshot = stack.enter_context(store.snapshot())
-            snapshot._require_header()
+            snapshot.require_header()
             main = ann.load_ann(db_dir, mmap=mmap)
             if main is not None and main.d != snapshot.header.encoder.dim:  # left from before a --reembed
                 main = None

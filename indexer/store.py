@@ -36,7 +36,7 @@ import numpy as np
 
 from retrieval.errors import IndexStoreError
 
-from .records import (
+from .layout import (
     SCHEMA_VERSION,
     EncoderInfo,
     Failure,
@@ -52,7 +52,7 @@ from .records import (
     unpack_item,
     unpack_path,
 )
-from .scan import path_key
+from .layout import path_key
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class Snapshot:
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
         """Embeddings (len(ids), dim) float32 of items that are in the DB, in the order given."""
-        header = self._require_header()
+        header = self.require_header()
         rows, dim = header.chunk_rows, header.encoder.dim
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), dim), dtype=np.float32)
@@ -158,7 +158,7 @@ class Snapshot:
             return np.empty((0, dim), dtype=np.float32)
         return np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
 
-    def _require_header(self) -> Header:
+    def require_header(self) -> Header:
         if self.header is None:
             raise IndexStoreError("the index DB has no header yet (no index run has committed)")
         return self.header

@@ -44,7 +44,7 @@ from .data.records import Record
 from .data.sampler import PKSampler
 from .encoder import Encoder, load_encoder, save_encoder
 from .errors import RetrievalError
-from .evaluate import DEFAULT_KS, autocast, evaluate_records, make_loader
+from .embed import DEFAULT_KS, autocast, evaluate_records, make_loader
 from .finetune_config import SCHEDULES, FinetuneConfig
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
 

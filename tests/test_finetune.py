@@ -20,7 +20,7 @@ from retrieval.data import load_records, split_records
 from retrieval.data.generate import GenerateConfig, make_dataset
 from retrieval.encoder import load_encoder, save_encoder
 from retrieval.errors import RetrievalError
-from retrieval.evaluate import evaluate_records
+from retrieval.embed import evaluate_records
 from retrieval.finetune import (
     CHECKPOINT,
     TrainingInterrupted,

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 import cli
 from indexer.pipeline import IndexConfig, run_index
-from indexer.records import ids_digest
+from indexer.layout import ids_digest
 from indexer.search import SearchIndex
 from indexer.store import Store
 from tests.index_support import (

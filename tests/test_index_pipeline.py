@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import cli
 from indexer import ann
 from indexer.pipeline import IndexConfig, run_index
-from indexer.records import NewItem
+from indexer.layout import NewItem
 from indexer.search import SearchIndex
 from indexer.store import Store
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError

@@ -7,8 +7,9 @@ import os
 import pytest
 
 from indexer.plan import make_plan
-from indexer.records import Failure, PathState
-from indexer.scan import FileEntry, ScanFailure, ScanResult, path_key, scan_folder
+from indexer.layout import Failure, PathState
+from indexer.layout import path_key
+from indexer.scan import FileEntry, ScanFailure, ScanResult, scan_folder
 
 
 def _touch(path, data=b"x"):

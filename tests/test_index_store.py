@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.records import EncoderInfo, Failure, NewItem, ids_digest
+from indexer.layout import EncoderInfo, Failure, NewItem, ids_digest
 from indexer.store import Store
 from retrieval.errors import IndexStoreError
 

@@ -228,7 +228,7 @@ def test_eval_dataset_shares_finetunes_numbers_and_writes_a_compared_report(tiny
     from retrieval.data import load_records, split_records
     from retrieval.data.generate import GenerateConfig, make_dataset
     from retrieval.encoder import load_encoder
-    from retrieval.evaluate import evaluate_records
+    from retrieval.embed import evaluate_records
 
     data = Path(make_dataset(GenerateConfig(tmp_path / "birds", classes=4, per_class=4, size=32))["root"])
     other = tmp_path / "run"

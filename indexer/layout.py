@@ -7,6 +7,7 @@ content (and so its embedding) never changes either: a changed file gets a new i
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import asdict, dataclass
 
@@ -162,3 +163,13 @@ def ids_digest(ids: np.ndarray) -> int:
 
 def digest_update(digest: int, added: np.ndarray, removed: np.ndarray) -> int:
     return (digest + ids_digest(added) - ids_digest(removed)) & _MASK
+
+
+def path_key(relpath: str) -> bytes:
+    """The bytes a relative path is stored under (the file system's own bytes, also for odd names)."""
+    return os.fsencode(relpath)
+
+
+def display_path(key: bytes) -> str:
+    """A printable form of a stored path key (invalid UTF-8 shown as backslash escapes)."""
+    return key.decode("utf-8", "backslashreplace")

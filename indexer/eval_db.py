@@ -1,6 +1,6 @@
 """`eval --db`: every labelled item of an index DB queries the rest of the DB (itself excluded).
 
-The stored embeddings are ranked exactly (retrieval.evaluation); when the DB's FAISS index is approximate
+The stored embeddings are ranked exactly (retrieval.eval_dataset); when the DB's FAISS index is approximate
 (IVF, HNSW, PQ), the same queries also go through FAISS, and the report shows both and the gap. Unlabelled
 items (files directly in the indexed folder) are never queries but stay in the database as distractors.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import IndexStoreError
-from retrieval.evaluation import (
+from retrieval.eval_dataset import (
     DEFAULT_KS,
     EvalResult,
     make_result,

@@ -1,7 +1,7 @@
 """The `eval` command's model side: leave-one-out ranking of embeddings into metrics plus what a report shows.
 
-`eval --dataset` embeds a split with `evaluate.embed_records` (the code `finetune` evaluates with) and ranks it
-with the exact kNN of `metrics`; `eval --db` (indexer/evaluation.py) ranks stored embeddings the same way.
+`eval --dataset` embeds a split with `embed.embed_records` (the code `finetune` evaluates with) and ranks it
+with the exact kNN of `metrics`; `eval --db` (indexer/eval_db.py) ranks stored embeddings the same way.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     if cfg.compare is not None:
         load_comparison(cfg.compare)  # fail before the slow part
     from retrieval.encoder import load_encoder
-    from retrieval.evaluate import embed_records
+    from retrieval.embed import embed_records
 
     encoder = load_encoder(cfg.model, device=cfg.device)
     embeddings, labels = embed_records(encoder, records, batch_size=cfg.batch_size, workers=cfg.workers,

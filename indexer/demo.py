@@ -55,7 +55,7 @@ class DemoResult:
     table: str
     report: Path
     query_page: Path
-    queries: list = field(default_factory=list)  # indexer.query.QueryResult
+    queries: list = field(default_factory=list)  # indexer.image_query.QueryResult
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -119,7 +119,7 @@ def _generate(cfg: DemoConfig, out: Path) -> dict:
 
 def _evaluate_pretrained(cfg: DemoConfig, data: dict, out: Path, progress: bool):
     from retrieval.data.decode import default_workers
-    from retrieval.evaluation import DatasetEvalConfig, evaluate_dataset
+    from retrieval.eval_dataset import DatasetEvalConfig, evaluate_dataset
 
     return evaluate_dataset(DatasetEvalConfig(
         dataset="cub", root=Path(data["root"]), model=cfg.model, split="test", ks=cfg.ks,
@@ -157,7 +157,7 @@ def _index(cfg: DemoConfig, data: dict, run_dir: Path, out: Path, progress: bool
 
 
 def _evaluate_index(cfg: DemoConfig, db: Path, out: Path):
-    from indexer.evaluation import DbEvalConfig, evaluate_db
+    from indexer.eval_db import DbEvalConfig, evaluate_db
 
     return evaluate_db(DbEvalConfig(db=db, ks=cfg.ks, report=out / "report",
                                     compare=out / "report-pretrained" / "report.json", device=cfg.device))
@@ -165,7 +165,7 @@ def _evaluate_index(cfg: DemoConfig, db: Path, out: Path):
 
 def _query(cfg: DemoConfig, db: Path, out: Path) -> list:
     """New pictures of test classes (drawn with another seed, so not in the index) as example queries."""
-    from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
+    from indexer.image_query import QueryConfig, expand_queries, run_query, write_query_html
     from retrieval.data import load_records, split_records
     from retrieval.data.generate import GenerateConfig, make_dataset
 

@@ -13,7 +13,7 @@ from retrieval.data.decode import load_image
 from retrieval.data.generate import GenerateConfig, make_dataset
 from retrieval.encoder import load_encoder
 from retrieval.errors import RetrievalError
-from retrieval.evaluate import embed_records, evaluate_records
+from retrieval.embed import embed_records, evaluate_records
 from retrieval.metrics import retrieval_metrics
 
 
