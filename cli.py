@@ -15,6 +15,7 @@ import click
 
 from retrieval import __version__
 from retrieval.errors import RetrievalError
+from retrieval.eval_config import DEFAULT_KS
 
 DEFAULT_MODEL = "lite0"
 
@@ -199,7 +200,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
               help="Split to evaluate (with --dataset); test holds the classes unseen in training.")
 @click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
 @click.option("--train-fraction", default=0.5, show_default=True, help="folder: share of the sorted classes in train.")
-@click.option("--k", "ks", default="1,2,4,8", show_default=True, callback=_parse_ks,
+@click.option("--k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, callback=_parse_ks,
               help="K values for Recall@K (1,10,100,1000 suits SOP).")
 @click.option("--batch-size", default=64, show_default=True, help="Images per encoder batch (with --dataset).")
 @click.option("--workers", default=0, show_default=True, help="Decode worker processes (with --dataset).")
@@ -233,7 +234,8 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
     else:
         if root is None:
             raise click.UsageError("--dataset needs --root DIR (make one with: python cli.py make-dataset DIR)")
-        from retrieval.eval_dataset import DatasetEvalConfig, evaluate_dataset
+        from retrieval.eval_config import DatasetEvalConfig
+        from retrieval.eval_dataset import evaluate_dataset
 
         result = evaluate_dataset(DatasetEvalConfig(
             dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop,

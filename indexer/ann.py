@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from retrieval.errors import IndexStoreError
+from retrieval.files import atomic_path, remove_stale_temporaries, write_text_atomic
 
 from .layout import ids_digest
 
@@ -228,20 +229,14 @@ def write_ann(db_dir: Path, index: faiss.Index, meta: AnnMeta) -> AnnMeta:
     Only the writer (holding the DB lock) calls this, so temporary files already there are left by a killed
     run: they are deleted first.
     """
-    for stale in [*db_dir.glob(f".{ANN_FILE}.tmp-*"), *db_dir.glob(f".{ANN_META}.tmp-*")]:
-        stale.unlink(missing_ok=True)
     path = db_dir / ANN_FILE
-    tmp = db_dir / f".{ANN_FILE}.tmp-{os.getpid()}"
-    faiss.write_index(index, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, path)
+    remove_stale_temporaries(path)
+    remove_stale_temporaries(db_dir / ANN_META)
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
     st = path.stat()
     meta = AnnMeta(**{**asdict(meta), "file_size": st.st_size, "file_mtime_ns": st.st_mtime_ns})
-    tmp_meta = db_dir / f".{ANN_META}.tmp-{os.getpid()}"
-    tmp_meta.write_text(json.dumps(asdict(meta), indent=1))
-    _fsync(tmp_meta)
-    os.replace(tmp_meta, db_dir / ANN_META)
-    _fsync(db_dir)
+    write_text_atomic(db_dir / ANN_META, json.dumps(asdict(meta), indent=1))
     return meta
 
 
@@ -296,10 +291,3 @@ def _gpu_count() -> int:
 def _physical_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from retrieval.errors import DataError
+from retrieval.eval_config import DEFAULT_KS
 
 MARKER = "demo.json"
 STEPS = ("generate data", "evaluate pretrained", "fine-tune", "index test split", "evaluate index", "query")
@@ -44,7 +45,7 @@ class DemoConfig:
     device: str = "cpu"
     k: int = 5  # results per example query
     n_queries: int = 4
-    ks: tuple[int, ...] = (1, 2, 4, 8)
+    ks: tuple[int, ...] = DEFAULT_KS
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def _generate(cfg: DemoConfig, out: Path) -> dict:
 
 def _evaluate_pretrained(cfg: DemoConfig, data: dict, out: Path, progress: bool):
     from retrieval.data.decode import default_workers
-    from retrieval.eval_dataset import DatasetEvalConfig, evaluate_dataset
+    from retrieval.eval_config import DatasetEvalConfig
+    from retrieval.eval_dataset import evaluate_dataset
 
     return evaluate_dataset(DatasetEvalConfig(
         dataset="cub", root=Path(data["root"]), model=cfg.model, split="test", ks=cfg.ks,

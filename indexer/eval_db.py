@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from retrieval.errors import IndexStoreError
+from retrieval.eval_config import DEFAULT_KS
 from retrieval.eval_dataset import (
-    DEFAULT_KS,
     EvalResult,
     make_result,
     metrics_of_ranking,

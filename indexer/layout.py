@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from retrieval.hashing import splitmix64
+
 SCHEMA_VERSION = 1
 METRIC = "inner_product"  # on L2-normalised embeddings this is cosine similarity
 
@@ -154,11 +156,7 @@ def ids_digest(ids: np.ndarray) -> int:
     LMDB keeps it up to date per transaction; comparing it with the digest of a FAISS index's ids tells in
     one pass whether the index holds exactly the DB's items (a stale file after a crash does not).
     """
-    z = np.asarray(ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return int(z.sum(dtype=np.uint64)) & _MASK
+    return int(splitmix64(ids).sum(dtype=np.uint64)) & _MASK
 
 
 def digest_update(digest: int, added: np.ndarray, removed: np.ndarray) -> int:

@@ -17,9 +17,8 @@ from tqdm import tqdm
 from .data.dataset import ImageDataset
 from .data.records import Record
 from .errors import RetrievalError
+from .eval_config import DEFAULT_KS
 from .metrics import retrieval_metrics
-
-DEFAULT_KS = (1, 2, 4, 8)
 
 
 def autocast(device: torch.device, enabled: bool):

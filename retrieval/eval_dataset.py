@@ -12,29 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.eval_config import DatasetEvalConfig
 from retrieval.report import Comparison, Ranking, Report, ReportFiles, build_report, load_comparison, write_report
 
-DEFAULT_KS = (1, 2, 4, 8)
 SAMPLE_TOP = 5  # results per sample query in the HTML grid
-
-
-@dataclass(frozen=True)
-class DatasetEvalConfig:
-    """`eval --dataset`: which split of which data set, embedded by which encoder."""
-
-    dataset: str
-    root: Path
-    model: str
-    split: str = "test"
-    ks: tuple[int, ...] = DEFAULT_KS
-    crop: bool = False
-    train_fraction: float = 0.5
-    batch_size: int = 64
-    workers: int = 0
-    device: str = "cpu"
-    report: Path | None = None
-    compare: Path | None = None
-    progress: bool = False
 
 
 @dataclass(frozen=True)

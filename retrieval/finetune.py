@@ -43,8 +43,10 @@ from .data.decode import default_workers
 from .data.records import Record
 from .data.sampler import PKSampler
 from .encoder import Encoder, load_encoder, save_encoder
+from .embed import autocast, evaluate_records, make_loader
 from .errors import RetrievalError
-from .embed import DEFAULT_KS, autocast, evaluate_records, make_loader
+from .eval_config import DEFAULT_KS
+from .files import atomic_path, write_text_atomic
 from .finetune_config import SCHEDULES, FinetuneConfig
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
 
@@ -455,9 +457,8 @@ class _Run:
             "encoder": self.encoder.state_dict(), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
         }
-        tmp = self.out / f".{CHECKPOINT}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        with atomic_path(self.out / CHECKPOINT) as tmp:
+            torch.save(payload, tmp)
 
     def _load_checkpoint(self) -> None:
         path = self.out / CHECKPOINT
@@ -489,9 +490,7 @@ class _Run:
             "best": s.history[s.best_epoch] if s.best_epoch is not None else None,
             "epochs": s.history,
         }
-        tmp = self.out / f".{METRICS}.tmp"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.out / METRICS)
+        write_text_atomic(self.out / METRICS, json.dumps(data, indent=2) + "\n")
 
     def _summary(self, seconds: float) -> dict:
         s = self.state
@@ -535,8 +534,7 @@ def plot_curves(history: list[dict], png: Path) -> Path:
     for ax in (ax_loss, ax_rec):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(png, suffix=png.suffix) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, png)
     return png

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .eval_config import DEFAULT_KS
+
 
 def knn_search(queries: np.ndarray, database: np.ndarray, k: int, *, exclude_self: bool = False,
                block: int = 4096, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +93,7 @@ def _map_at_r(hits: np.ndarray, r: np.ndarray) -> tuple[float, float]:
     return float(map_r.mean()), float((within_r.sum(axis=1) / r).mean())
 
 
-def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 2, 4, 8), *,
+def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *,
                       block: int = 4096, device: str | torch.device = "cpu") -> dict:
     """Leave-one-out Recall@K, MAP@R and R-Precision of embeddings (N, D) under inner product."""
     _, dense, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)

@@ -203,7 +203,7 @@ def test_killed_generation_never_leaves_a_partial_set(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
         for _ in range(600):  # wait until images are being written
-            if any(tmp_path.glob(".birds.*.tmp/images/*/*.jpg")) or proc.poll() is not None:
+            if any(tmp_path.glob(".birds.tmp-*/images/*/*.jpg")) or proc.poll() is not None:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "generation finished before it could be killed"

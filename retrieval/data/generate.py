@@ -20,8 +20,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from retrieval.errors import DataError
+from retrieval.files import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -376,8 +375,8 @@ def _write_set(cfg: GenerateConfig, root: Path) -> None:
 def make_dataset(cfg: GenerateConfig) -> dict:
     """Generate the bird set into `cfg.out_dir` atomically and return its summary.
 
-    The set is built in a temporary folder beside `out_dir` and renamed into place, so `out_dir`
-    is either absent or complete. An existing complete set with the same config is reused as is;
+    The set is built in a temporary folder beside `out_dir`, flushed to disk and renamed into place
+    (retrieval.files.atomic_dir), so `out_dir` is either absent or complete, even after a power cut. An existing complete set with the same config is reused as is;
     any other non-empty `out_dir` is an error (nothing is overwritten).
     """
     _validate(cfg)
@@ -391,19 +390,11 @@ def make_dataset(cfg: GenerateConfig) -> dict:
     start = time.perf_counter()
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    except OSError as exc:
-        raise DataError(out_dir, f"cannot create the data set folder: {exc}") from exc
-    try:
-        _write_set(cfg, tmp)
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            _write_set(cfg, tmp)
     except OSError as exc:
         if not _is_generated_with(out_dir, cfg):  # else another process finished first (several ranks on first use)
             raise DataError(out_dir, f"cannot write the generated set: {exc}") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     logger.info("generated %d images in %.1f s at %s", cfg.classes * cfg.per_class, seconds, out_dir)
     return _summary(cfg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -13,6 +14,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from retrieval.encoder.config import EncoderConfig
+from retrieval.hashing import splitmix64
 
 Transform = Callable[[Image.Image], torch.Tensor]
 _INIT_SEED = 0   # fixed: the same spec always builds the same initial tower (and fingerprint)
@@ -110,22 +112,15 @@ def init_head(feature_dim: int, embed_dim: int) -> nn.Linear:
     head = nn.Linear(feature_dim, embed_dim, bias=False)
     narrow, wide = sorted((feature_dim, embed_dim))
     weight = torch.zeros(narrow, wide)
-    for position, unit in enumerate(sorted(range(wide), key=_splitmix64)):   # a fixed pseudo-random order
-        weight[position % narrow, unit] = 1.0 if _splitmix64(wide + unit) & 1 else -1.0
+    units = np.arange(wide)
+    order = np.argsort(splitmix64(units), kind="stable")   # a fixed pseudo-random order of the wide units
+    signs = np.where(splitmix64(wide + order) & np.uint64(1), 1.0, -1.0)
+    weight[torch.from_numpy(units % narrow), torch.from_numpy(order)] = torch.from_numpy(signs).float()
     weight /= (weight != 0).sum(dim=1, keepdim=True).double().sqrt().float()   # sqrt(group size), exact
     with torch.no_grad():
         head.weight.copy_(torch.eye(embed_dim) if feature_dim == embed_dim
                           else weight if embed_dim < feature_dim else weight.T)
     return head
-
-
-def _splitmix64(value: int) -> int:
-    """SplitMix64's output function: a well-mixed 64-bit hash of an integer, the same everywhere."""
-    mask = 2**64 - 1
-    value = (value + 0x9E3779B97F4A7C15) & mask
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & mask
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & mask
-    return value ^ (value >> 31)
 
 
 def build_visual(model_cfg: dict) -> nn.Module:

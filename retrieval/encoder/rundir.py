@@ -1,18 +1,18 @@
 """Save an encoder to a run directory and load it back: safetensors weights + encoder.json (config, fingerprint).
 
 encoder.json: {"format": 1, "config": EncoderConfig, "weights": "model.safetensors", "fingerprint": sha256 hex,
-"origin": where the initial weights came from}. Both files are written atomically (temp file + rename).
+"origin": where the initial weights came from}. Both files are written atomically and durably (retrieval.files).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from retrieval.encoder.config import EncoderConfig
 from retrieval.encoder.model import Encoder, build_visual, init_head
 from retrieval.errors import EncoderError
+from retrieval.files import atomic_path, write_text_atomic
 
 ENCODER_JSON = "encoder.json"
 FORMAT = 1
@@ -26,14 +26,11 @@ def save_encoder(encoder: Encoder, run_dir: Path, *, filename: str = "model.safe
     run_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = encoder.fingerprint()
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    tmp = run_dir / f".{filename}.tmp"
-    save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint})
-    os.replace(tmp, run_dir / filename)
+    with atomic_path(run_dir / filename) as tmp:
+        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint})
     meta = {"format": FORMAT, "config": encoder.config.to_json(), "weights": filename,
             "fingerprint": fingerprint, "origin": encoder.origin}
-    tmp = run_dir / f".{ENCODER_JSON}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, run_dir / ENCODER_JSON)
+    write_text_atomic(run_dir / ENCODER_JSON, json.dumps(meta, indent=2) + "\n")
     return fingerprint
 
 

@@ -1,0 +1,30 @@
+"""Evaluation settings, kept free of heavy imports so the CLI can show their defaults instantly.
+
+`DEFAULT_KS` is the one list of Recall@K cut-offs that `finetune`, `eval` and the demo report by default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class DatasetEvalConfig:
+    """`eval --dataset`: which split of which data set, embedded by which encoder."""
+
+    dataset: str
+    root: Path
+    model: str
+    split: str = "test"
+    ks: tuple[int, ...] = DEFAULT_KS
+    crop: bool = False
+    train_fraction: float = 0.5
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "cpu"
+    report: Path | None = None
+    compare: Path | None = None
+    progress: bool = False
