@@ -16,6 +16,8 @@ import click
 from retrieval import __version__
 from retrieval.errors import RetrievalError
 from retrieval.eval_config import DEFAULT_KS
+from retrieval.finetune_config import SCHEDULES
+from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
 DEFAULT_MODEL = "lite0"
 
@@ -223,15 +225,13 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
                                                  also exact search and the gap
     eval --dataset cub --root DIR --model SPEC   embed a split and evaluate it (as finetune does per epoch)
     """
-    if (db_dir is None) == (dataset is None):
-        raise click.UsageError("pass either --db DB_DIR or --dataset NAME --root DIR")
-    if db_dir is not None:
+    if db_dir is not None and dataset is None:
         if model is not None or root is not None:
             raise click.UsageError("--model and --root go with --dataset; a DB records its own encoder and folder")
         from indexer.eval_db import DbEvalConfig, evaluate_db
 
         result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device))
-    else:
+    elif dataset is not None and db_dir is None:
         if root is None:
             raise click.UsageError("--dataset needs --root DIR (make one with: python cli.py make-dataset DIR)")
         from retrieval.eval_config import DatasetEvalConfig
@@ -241,6 +241,8 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
             dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop,
             train_fraction=train_fraction, batch_size=batch_size, workers=workers, device=device,
             report=report_dir, compare=compare, progress=sys.stderr.isatty() if progress is None else progress))
+    else:
+        raise click.UsageError("pass either --db DB_DIR or --dataset NAME --root DIR")
     if as_json:
         _print_json(result.to_json())
         return
@@ -296,10 +298,6 @@ def demo_cmd(out: Path, classes: int, per_class: int, size: int, epochs: int, mo
     click.echo(f"queries: {result.query_page}\nreport:  {result.report}")
 
 
-# Light (no torch): the finetune options show FinetuneConfig's defaults, written once, there.
-from retrieval.finetune_config import SCHEDULES, default as _ft  # noqa: E402
-
-
 class _FinetuneCommand(click.Command):
     """`finetune --help` ends with the losses and their paper defaults, read from retrieval.losses."""
 
@@ -316,7 +314,7 @@ class _FinetuneCommand(click.Command):
 
 def _parse_loss_params(ctx, param, values: tuple[str, ...]) -> dict:
     """--loss-param NAME=VALUE (repeatable) -> {NAME: float or str}."""
-    params = {}
+    params: dict[str, float | str] = {}
     for item in values:
         name, sep, value = item.partition("=")
         if not sep or not name:
@@ -350,13 +348,18 @@ def _parse_loss_params(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("-P", "--p", "p", default=_ft("p"), show_default=True,
               help="P: classes per batch (under torchrun write -P: it reads --p as its own --print-completion).")
 @click.option("-K", "--k", "k", default=_ft("k"), show_default=True, help="K: images per class in a batch.")
-@click.option("--epochs", default=_ft("epochs"), show_default=True, help="Training epochs (each one pass over the train images).")
+@click.option("--epochs", default=_ft("epochs"), show_default=True,
+              help="Training epochs (each one pass over the train images).")
 @click.option("--steps-per-epoch", type=int, default=None, help="Cap on batches per epoch [default: one pass].")
-@click.option("--lr-backbone", default=_ft("lr_backbone"), show_default=True, help="AdamW learning rate of the pretrained trunk.")
-@click.option("--lr-head", default=_ft("lr_head"), show_default=True, help="AdamW learning rate of the projection head.")
-@click.option("--lr-proxies", type=float, default=None, help="class-circle proxies' learning rate [default: 10 x --lr-head].")
+@click.option("--lr-backbone", default=_ft("lr_backbone"), show_default=True,
+              help="AdamW learning rate of the pretrained trunk.")
+@click.option("--lr-head", default=_ft("lr_head"), show_default=True,
+              help="AdamW learning rate of the projection head.")
+@click.option("--lr-proxies", type=float, default=None,
+              help="class-circle proxies' learning rate [default: 10 x --lr-head].")
 @click.option("--weight-decay", default=_ft("weight_decay"), show_default=True, help="AdamW weight decay.")
-@click.option("--warmup-epochs", default=_ft("warmup_epochs"), show_default=True, help="Linear warm-up length in epochs (fractions allowed).")
+@click.option("--warmup-epochs", default=_ft("warmup_epochs"), show_default=True,
+              help="Linear warm-up length in epochs (fractions allowed).")
 @click.option("--schedule", type=click.Choice(SCHEDULES), default=_ft("schedule"), show_default=True,
               help="Learning-rate schedule after the warm-up.")
 @click.option("--freeze-backbone-epochs", default=_ft("freeze_backbone_epochs"), show_default=True,
@@ -367,12 +370,18 @@ def _parse_loss_params(ctx, param, values: tuple[str, ...]) -> dict:
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
                    "cores from training), CPUs (max 8) with CUDA].")
-@click.option("--seed", default=_ft("seed"), show_default=True, help="Seed of sampling, augmentation and initialisation.")
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last.pt (after Ctrl-C, or with more --epochs).")
-@click.option("--device", default=_ft("device"), show_default=True, help="auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
-@click.option("--amp/--no-amp", default=_ft("amp"), show_default=True, help="bf16 autocast on CUDA (CPU always runs fp32).")
-@click.option("--eval-batch-size", default=_ft("eval_batch_size"), show_default=True, help="Images per batch when evaluating.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when stderr is a terminal].")
+@click.option("--seed", default=_ft("seed"), show_default=True,
+              help="Seed of sampling, augmentation and initialisation.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last.pt (after Ctrl-C, or with more --epochs).")
+@click.option("--device", default=_ft("device"), show_default=True,
+              help="auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
+@click.option("--amp/--no-amp", default=_ft("amp"), show_default=True,
+              help="bf16 autocast on CUDA (CPU always runs fp32).")
+@click.option("--eval-batch-size", default=_ft("eval_batch_size"), show_default=True,
+              help="Images per batch when evaluating.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (baseline, best, last epoch, paths) as JSON.")
 def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: float, out: Path, model: str,
                  embed_dim: int | None, loss: str, m: float | None, gamma: float | None, margin: float | None,
@@ -395,7 +404,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
     named = {"m": m, "gamma": gamma, "margin": margin}
     cfg = FinetuneConfig(
         out=out, dataset=dataset, root=root, crop=crop, train_fraction=train_fraction, model=model,
-        embed_dim=embed_dim, loss=loss, loss_params={**{k_: v for k_, v in named.items() if v is not None}, **loss_params},
+        embed_dim=embed_dim, loss=loss,
+        loss_params={**{k_: v for k_, v in named.items() if v is not None}, **loss_params},
         p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, image_size=image_size, workers=workers,

@@ -1,8 +1,9 @@
 """The FAISS index in DB_DIR: derived from LMDB, keyed by LMDB ids, rebuildable at any time.
 
 Files: `ann.faiss` (the chosen index, keyed by LMDB ids) and `ann.json` (AnnMeta: what it was built from).
-Both are written to a temporary file and renamed over the old one, the index first, so a reader never sees a
-half-written file and a crash leaves at worst a stale (older) index; `ids_digest` tells stale from current.
+Both are written atomically and durably (retrieval.files: temporary file, fsync, rename), the index first, so
+a reader never sees a half-written file and a crash leaves at worst a stale (older) index; `ids_digest` tells
+stale from current.
 
 Index choice (`--ann`): `flat` exact search; `hnsw` (HNSW32: fast, no removal, so deletions rebuild it);
 `ivf-flat` / `ivf-pq` (inverted lists trained on a sample; PQ compresses each vector to dim/8 bytes);
@@ -120,7 +121,7 @@ def build_index(factory: str, snapshot, *, seed: int = 0) -> faiss.Index:
             ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(dim))
         index.train(snapshot.vectors(sample))
         if ivf is not None:
-            ivf.clustering_index = None
+            ivf.clustering_index = None  # type: ignore[assignment]  # faiss stub: a SWIG pointer may be None
             ivf.nprobe = ivf_params(index)
     for ids, vectors in snapshot.iter_vectors():
         index.add_with_ids(vectors, ids)
@@ -137,7 +138,7 @@ def sync_index(index: faiss.Index, snapshot) -> tuple[int, int]:
     extra = np.setdiff1d(have, want, assume_unique=True)
     missing = np.setdiff1d(want, have, assume_unique=True)
     if len(extra):
-        index.remove_ids(extra)
+        index.remove_ids(extra)  # type: ignore[arg-type]  # faiss stub: the Python wrapper takes an id array
     for start in range(0, len(missing), 16384):
         part = missing[start:start + 16384]
         index.add_with_ids(snapshot.vectors(part), part)
@@ -156,18 +157,19 @@ def refresh(db_dir: Path, snapshot, kind: str, *, rebuild: bool = False) -> dict
     factory = choose_factory(kind, n, dim) if n else "Flat"  # an empty DB cannot train anything
     meta = read_meta(db_dir)
     reason = _rebuild_reason(meta, kind, factory, n, dim, fingerprint) or ("asked (--rebuild-ann)" if rebuild else None)
-    if reason is None and meta.ids_digest == header.ids_digest and meta.ntotal == n:
-        return {"action": "unchanged", "factory": meta.factory, "ntotal": n}
-    index = None if reason else load_ann(db_dir, mmap=False)
-    added = removed = 0
-    if index is None:
-        reason = reason or "ann.faiss unreadable"
-    else:
-        try:
-            added, removed = sync_index(index, snapshot)
-        except RuntimeError:
-            reason = f"{meta.factory} cannot remove ids"
-    if reason:
+    index, added, removed = None, 0, 0
+    if meta is not None and reason is None:
+        if meta.ids_digest == header.ids_digest and meta.ntotal == n:
+            return {"action": "unchanged", "factory": meta.factory, "ntotal": n}
+        index = load_ann(db_dir, mmap=False)
+        if index is None:
+            reason = "ann.faiss unreadable"
+        else:
+            try:
+                added, removed = sync_index(index, snapshot)
+            except RuntimeError:
+                reason = f"{meta.factory} cannot remove ids"
+    if reason is not None or index is None or meta is None:  # (a reason is always given then)
         log.info("building the FAISS index (%s): %s over %d vectors", reason, factory, n)
         index, added, removed = build_index(factory, snapshot), n, 0
         meta = AnnMeta(kind, factory, dim, fingerprint, 0, 0, trained_on=n)
@@ -198,6 +200,8 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     if isinstance(index, faiss.IndexIDMap2):
         return faiss.vector_to_array(index.id_map).astype(np.int64, copy=False)
     lists = faiss.extract_index_ivf(index).invlists
+    if lists is None:
+        raise IndexStoreError("the FAISS index has neither an id map nor inverted lists (not made by new_index)")
     parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(lists.nlist)]
     return np.concatenate(parts).astype(np.int64, copy=False) if parts else np.empty(0, np.int64)
 
@@ -213,12 +217,16 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *, exclude: np.ndarr
         return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
     sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(exclude)) if exclude is not None and len(exclude) else None
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+    # faiss stubs: SWIG constructors take their fields as keywords; SearchParametersHNSW is not declared
+    params: faiss.SearchParameters | None
     if faiss.try_extract_index_ivf(inner) is not None:
-        params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or faiss.extract_index_ivf(inner).nprobe)
+        params = faiss.SearchParametersIVF(  # type: ignore[call-arg]
+            sel=sel, nprobe=nprobe or faiss.extract_index_ivf(inner).nprobe)
     elif isinstance(inner, faiss.IndexHNSW):
-        params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(inner.hnsw.efSearch, 2 * k))
+        params = faiss.SearchParametersHNSW(  # type: ignore[attr-defined]
+            sel=sel, efSearch=max(inner.hnsw.efSearch, 2 * k))
     else:
-        params = faiss.SearchParameters(sel=sel) if sel is not None else None
+        params = faiss.SearchParameters(sel=sel) if sel is not None else None  # type: ignore[call-arg]
     scores, ids = index.search(queries, k, params=params)
     return scores, ids
 

@@ -209,7 +209,7 @@ class Embedder:
 
 
 def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embedder, *, batch_size: int,
-                 workers: int, max_pixels: int, checkpoint: Callable[[], None], checkpoint_seconds: float,
+                 workers: int, max_pixels: int, checkpoint: Callable[[], object], checkpoint_seconds: float,
                  progress: bool) -> EncodeCounts:
     """Read, decode, encode and commit every file of `todo`; `checkpoint()` runs every checkpoint_seconds
     with everything so far committed."""
@@ -281,7 +281,8 @@ def _embed_batch(store: Store, todo: list[FileEntry], loaded: list[_Loaded], sta
         known = snap.find_hashes({x.content_hash for x in good})
         reused = dict(zip(known, snap.vectors(list(known.values())), strict=True)) if known else {}
     fresh = [i for i, x in enumerate(good) if x.content_hash not in reused]
-    vectors = dict(zip(fresh, embedder(stacked[fresh]), strict=True)) if fresh else {}
+    # stacked holds the images that decoded (None when none did, and then nothing is fresh either)
+    vectors = dict(zip(fresh, embedder(stacked[fresh]), strict=True)) if fresh and stacked is not None else {}
     counts.encoded += len(fresh)
     counts.reused += len(good) - len(fresh)
     items = []

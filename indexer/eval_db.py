@@ -58,16 +58,16 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
         factory = meta.factory if meta is not None else "Flat"
         if factory != "Flat":
             scores, neighbours = _ann_neighbours(index, ids, vectors, queries, neighbour_width(labels, cfg.ks))
-            metrics = metrics_of_ranking(labels, queries, neighbours, cfg.ks)
+            metrics, reported_exact = metrics_of_ranking(labels, queries, neighbours, cfg.ks), exact
         else:
-            metrics, exact = exact, None
+            metrics, reported_exact = exact, None
         header = index.header
         ranking = Ranking([str(index.root / it.relpath) for it in items], labels, class_names, queries,
                           neighbours, scores)
     source = {"db": str(cfg.db), "root": header.root, "model": header.encoder.spec,
               "fingerprint": header.encoder.fingerprint, "index": factory}
     title = f"index {Path(cfg.db).name} (encoder {Path(header.encoder.spec).name or header.encoder.spec})"
-    return make_result(title, source, cfg.ks, metrics, ranking, exact=exact, report_dir=cfg.report,
+    return make_result(title, source, cfg.ks, metrics, ranking, exact=reported_exact, report_dir=cfg.report,
                        compare=cfg.compare)
 
 

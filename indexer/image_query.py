@@ -93,7 +93,7 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
             scores, ids = index.search(embed_images(encoder, images), cfg.k)
-            results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids)]
+            results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids, strict=True)]
         return results
 
 
@@ -123,7 +123,7 @@ def hits_of(index, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:
     items = index.items(ids[keep])
     return tuple(
         Hit(rank, str(index.root / item.relpath), float(score), item.label)
-        for rank, (item, score) in enumerate(zip(items, scores[keep]), start=1)
+        for rank, (item, score) in enumerate(zip(items, scores[keep], strict=True), start=1)
     )
 
 

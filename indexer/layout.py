@@ -22,6 +22,7 @@ _ITEM = struct.Struct("<qqII16sH")  # size, mtime_ns, width, height, content has
 _PATH = struct.Struct("<Qqq")  # id, size, mtime_ns
 _ID = struct.Struct(">Q")  # big-endian, so LMDB's byte order is numeric order
 _MASK = (1 << 64) - 1
+Raw = bytes | memoryview  # an LMDB value: bytes, or a zero-copy view inside a read snapshot
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Header:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Header:
+    def from_bytes(cls, data: Raw) -> Header:
         fields = json.loads(bytes(data))
         fields["encoder"] = EncoderInfo(**fields["encoder"])
         return cls(**fields)
@@ -108,7 +109,7 @@ class Failure:
                            "ctime_ns": self.ctime_ns}).encode()
 
     @classmethod
-    def from_bytes(cls, relpath: str, data: bytes) -> Failure:
+    def from_bytes(cls, relpath: str, data: Raw) -> Failure:
         return cls(relpath=relpath, **json.loads(bytes(data)))
 
 
@@ -125,7 +126,7 @@ def id_key(item_id: int) -> bytes:
     return _ID.pack(item_id)
 
 
-def key_id(key: bytes) -> int:
+def key_id(key: Raw) -> int:
     return _ID.unpack(key)[0]
 
 
@@ -135,7 +136,7 @@ def pack_item(item: NewItem) -> bytes:
     return head + label + item.relpath.encode()
 
 
-def unpack_item(item_id: int, data: bytes) -> Item:
+def unpack_item(item_id: int, data: Raw) -> Item:
     size, mtime_ns, width, height, content_hash, label_len = _ITEM.unpack_from(data)
     rest = bytes(data[_ITEM.size:])
     return Item(item_id, rest[label_len:].decode(), rest[:label_len].decode(), size, mtime_ns, width, height,
@@ -146,7 +147,7 @@ def pack_path(state: PathState) -> bytes:
     return _PATH.pack(state.id, state.size, state.mtime_ns)
 
 
-def unpack_path(data: bytes) -> PathState:
+def unpack_path(data: Raw) -> PathState:
     return PathState(*_PATH.unpack(data))
 
 

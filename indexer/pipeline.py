@@ -19,15 +19,19 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retrieval.data.decode import DEFAULT_MAX_PIXELS, default_workers
 from retrieval.errors import DecodeError, IndexStoreError
 
 from . import ann
-from .plan import Plan, make_plan
 from .layout import EncoderInfo, Failure, Header, display_path, path_key
-from .scan import ScanResult, scan_folder
+from .plan import Plan, make_plan
+from .scan import FileEntry, ScanResult, scan_folder
 from .store import Store
+
+if TYPE_CHECKING:  # torch stays unimported until an encoder is needed
+    from retrieval.encoder import Encoder
 
 _RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)
 
@@ -36,8 +40,8 @@ def prefer_passive_openmp() -> None:
     """Let idle OpenMP threads sleep instead of spinning (unless the user chose OMP_WAIT_POLICY). Must run
     before torch is imported. On a CPU the decode workers share the cores with the encoder's threads, and
     spinning threads take their time: measured on 2 cores (scripts/bench_index.py), index ran 7% faster
-    and reached 0.91-0.94 of the encoder-alone rate (medians of two runs) instead of 0.88. Training is left alone: its many small ops
-    ran 14% slower with sleeping threads (scripts/bench_finetune.py)."""
+    and reached 0.91-0.94 of the encoder-alone rate (medians of two runs) instead of 0.88. Training is left
+    alone: its many small ops ran 14% slower with sleeping threads (scripts/bench_finetune.py)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
@@ -79,7 +83,10 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
         ann.check_kind(cfg.ann, header.encoder.dim)
         store.put_failures([Failure(f.relpath, f.reason) for f in scan.failures])
         t = time.perf_counter()
-        encoded = _encode(store, cfg, folder, plan.todo, encoder, progress) if plan.todo else {}
+        encoded = {}
+        if plan.todo:
+            assert encoder is not None  # _bind_and_plan loads the encoder whenever there is work
+            encoded = _encode(store, cfg, folder, plan.todo, encoder, progress)
         timings["encode_s"] = time.perf_counter() - t
         removed = store.remove_paths(plan.removed)
         if header.reembed_pending:
@@ -122,27 +129,30 @@ def _refuse_to_empty(store: Store, folder: Path, scan: ScanResult) -> None:
                               f"them all (an unmounted drive or a wrong path?); pass --allow-empty to empty the DB")
 
 
-def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path, scan: ScanResult) -> tuple[Header, object, Plan]:
+def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path,
+                   scan: ScanResult) -> tuple[Header, Encoder | None, Plan]:
     """Bind the DB to the encoder (loading it only if needed) and plan the work: (header, encoder or None, plan).
 
     --reembed empties the DB, so it binds before planning; otherwise the plan comes first, and an unchanged
     folder indexed with the same encoder never loads it.
     """
-    header, encoder = store.header(), None
-    bind_first = header is None or cfg.reembed
-    if bind_first:
+    header = store.header()
+    if header is None or cfg.reembed:
         encoder = _load_encoder(cfg)
-        header = store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed)
+        return store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed), encoder, _plan(store, scan)
+    plan = _plan(store, scan)
+    loaded = _load_encoder(cfg) if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder) else None
+    header = store.begin_run(EncoderInfo.of(loaded) if loaded else header.encoder, str(folder), reembed=False)
+    return header, loaded, plan
+
+
+def _plan(store: Store, scan: ScanResult) -> Plan:
     with store.snapshot() as snap:
-        plan = make_plan(scan, snap.paths(), snap.failures())
-    if not bind_first:
-        if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder):
-            encoder = _load_encoder(cfg)
-        header = store.begin_run(EncoderInfo.of(encoder) if encoder else header.encoder, str(folder), reembed=False)
-    return header, encoder, plan
+        return make_plan(scan, snap.paths(), snap.failures())
 
 
-def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list, encoder, progress: bool) -> dict:
+def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry], encoder: Encoder,
+            progress: bool) -> dict:
     from .encode import Embedder, encode_files
 
     embedder = Embedder(encoder, cfg.device, cfg.precision)
@@ -155,7 +165,7 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list, encoder, p
             "precision": embedder.precision, "min_cosine": embedder.min_cosine}
 
 
-def _load_encoder(cfg: IndexConfig):
+def _load_encoder(cfg: IndexConfig) -> Encoder:
     from retrieval.encoder import load_encoder
 
     return load_encoder(cfg.model, device=cfg.device)

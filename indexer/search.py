@@ -43,14 +43,14 @@ class SearchIndex:
         store = stack.enter_context(Store.open(db_dir, readonly=True))
         try:
             snapshot = stack.enter_context(store.snapshot())
-            snapshot.require_header()
+            dim = snapshot.require_header().encoder.dim
             main = ann.load_ann(db_dir, mmap=mmap)
-            if main is not None and main.d != snapshot.header.encoder.dim:  # left from before a --reembed
+            if main is not None and main.d != dim:  # left from before a --reembed
                 main = None
             exclude, missing = _lag(main, snapshot)
             delta = None
             if len(missing):
-                delta = ann.new_index("Flat", snapshot.header.encoder.dim)
+                delta = ann.new_index("Flat", dim)
                 delta.add_with_ids(snapshot.vectors(missing), missing)
             if main is not None and gpu:
                 main = ann.to_gpu(main)
@@ -61,7 +61,7 @@ class SearchIndex:
 
     @property
     def header(self) -> Header:
-        return self.snapshot.header
+        return self.snapshot.require_header()
 
     @property
     def root(self) -> Path:
@@ -114,7 +114,7 @@ class SearchIndex:
 def _lag(main: faiss.Index | None, snapshot: Snapshot) -> tuple[np.ndarray, np.ndarray]:
     """(ids FAISS has that the snapshot lacks, ids the snapshot has that FAISS lacks)."""
     have = ann.index_ids(main) if main is not None else np.empty(0, np.int64)
-    if main is not None and ids_digest(have) == snapshot.header.ids_digest and len(have) == snapshot.count():
+    if main is not None and ids_digest(have) == snapshot.require_header().ids_digest and len(have) == snapshot.count():
         return np.empty(0, np.int64), np.empty(0, np.int64)
     want = snapshot.ids()
     return np.setdiff1d(have, want, assume_unique=True), np.setdiff1d(want, have, assume_unique=True)

@@ -1,7 +1,7 @@
 """The LMDB environment in DB_DIR: the index's source of truth.
 
 Sub-databases (keys are bytes; ids are 8-byte big-endian so key order is id order):
-  items     id -> item record (stat, size, label, content hash, path)          see records.pack_item
+  items     id -> item record (stat, size, label, content hash, path)          see layout.pack_item
   vectors   chunk number -> float32 rows of `chunk_rows` consecutive ids       (id // chunk_rows)
   paths     relative path -> (id, size, mtime_ns)                              what the scan is compared with
   hashes    content hash -> id (duplicates sorted)                             reuse for identical content
@@ -45,19 +45,20 @@ from .layout import (
     NewItem,
     PathState,
     digest_update,
+    display_path,
     id_key,
     key_id,
     pack_item,
     pack_path,
+    path_key,
     unpack_item,
     unpack_path,
 )
-from .layout import path_key
 
 log = logging.getLogger(__name__)
 
-_DBS = {"items": {}, "vectors": {}, "paths": {}, "hashes": {"dupsort": True, "dupfixed": True},
-        "failures": {}, "meta": {}}
+_DBS = ("items", "vectors", "paths", "hashes", "failures", "meta")
+_DUPSORT = ("hashes",)  # several ids per key, all 8 bytes (dupsort + dupfixed)
 _HEADER = b"header"
 LOCK_FILE = "index.lock"
 DEFAULT_MAP_SIZE = 1 << 30
@@ -88,7 +89,7 @@ class Snapshot:
 
     def items(self, ids: Iterable[int]) -> list[Item | None]:
         """Item records for `ids`, in the same order; None where an id is not (or no longer) in the DB."""
-        out = []
+        out: list[Item | None] = []
         for item_id in ids:
             if item_id < 0:
                 out.append(None)
@@ -103,20 +104,20 @@ class Snapshot:
             for key, raw in cur:
                 yield unpack_item(key_id(key), raw)
 
-    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Embeddings (len(ids), dim) float32 of items that are in the DB, in the order given."""
         header = self.require_header()
         rows, dim = header.chunk_rows, header.encoder.dim
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), dim), dtype=np.float32)
-        order = np.argsort(ids, kind="stable")
-        chunks = ids[order] // rows
-        for where in np.split(order, np.flatnonzero(np.diff(chunks)) + 1) if len(ids) else []:
-            chunk = int(ids[where[0]] // rows)
+        wanted = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(wanted), dim), dtype=np.float32)
+        order = np.argsort(wanted, kind="stable")
+        chunks = wanted[order] // rows
+        for where in np.split(order, np.flatnonzero(np.diff(chunks)) + 1) if len(wanted) else []:
+            chunk = int(wanted[where[0]] // rows)
             chunk_vectors = self._chunk(chunk, dim)
-            offsets = ids[where] - chunk * rows
+            offsets = wanted[where] - chunk * rows
             if offsets.max() >= len(chunk_vectors):
-                raise IndexStoreError(f"embedding of item {int(ids[where][offsets.argmax()])} is missing")
+                raise IndexStoreError(f"embedding of item {int(wanted[where][offsets.argmax()])} is missing")
             out[where] = chunk_vectors[offsets]
         return out
 
@@ -138,7 +139,7 @@ class Snapshot:
         return unpack_path(raw) if raw is not None else None
 
     def failures(self) -> Iterator[Failure]:
-        """Every recorded failure, in path order (relpath as os.fsdecode gives it; see scan.display_path)."""
+        """Every recorded failure, in path order (relpath as os.fsdecode gives it; see layout.display_path)."""
         with self._txn.cursor(self._dbs["failures"]) as cur:
             for key, raw in cur:
                 yield Failure.from_bytes(os.fsdecode(bytes(key)), raw)
@@ -186,7 +187,8 @@ class Store:
         try:
             env = lmdb.open(str(db_dir), readonly=readonly, max_dbs=len(_DBS), map_size=map_size,
                             lock=True)
-            dbs = {name: env.open_db(name.encode(), create=not readonly, **flags) for name, flags in _DBS.items()}
+            dbs = {name: env.open_db(name.encode(), create=not readonly, dupsort=name in _DUPSORT,
+                                     dupfixed=name in _DUPSORT) for name in _DBS}
         except lmdb.Error as exc:
             if lock_fd is not None:
                 os.close(lock_fd)
@@ -267,8 +269,9 @@ class Store:
         """
 
         def run(txn: lmdb.Transaction) -> list[int]:
-            header = _read_header(txn, self._dbs)
-            removed = self._drop_paths(txn, [path_key(x.relpath) for x in [*items, *failures]], header)
+            header = _current_header(txn, self._dbs)
+            keys = [path_key(x.relpath) for x in items] + [path_key(x.relpath) for x in failures]
+            removed = self._drop_paths(txn, keys, header)
             ids = list(range(header.next_id, header.next_id + len(items)))
             for item_id, item in zip(ids, items, strict=True):
                 key = path_key(item.relpath)
@@ -289,7 +292,7 @@ class Store:
         """Remove the items and failures of these paths (files that are gone); returns items removed."""
 
         def run(txn: lmdb.Transaction) -> int:
-            removed = self._drop_paths(txn, keys, _read_header(txn, self._dbs))
+            removed = self._drop_paths(txn, keys, _current_header(txn, self._dbs))
             for key in keys:
                 txn.delete(key, db=self._dbs["failures"])
             self._update_header(txn, [], removed)
@@ -306,10 +309,10 @@ class Store:
 
     def _begin(self, *, write: bool) -> lmdb.Transaction:
         try:
-            return self._env.begin(write=write, buffers=not write)  # zero-copy reads
+            return self._env.begin(write=True) if write else self._env.begin(buffers=True)  # zero-copy reads
         except lmdb.MapResizedError:  # another process grew the map: adopt its size
             self._env.set_mapsize(0)
-            return self._env.begin(write=write, buffers=not write)
+            return self._env.begin(write=True) if write else self._env.begin(buffers=True)
 
     def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         if self.readonly:
@@ -338,7 +341,11 @@ class Store:
             if raw is None:
                 continue
             item_id = unpack_path(raw).id
-            item = unpack_item(item_id, txn.pop(id_key(item_id), db=self._dbs["items"]))
+            raw_item = txn.pop(id_key(item_id), db=self._dbs["items"])
+            if raw_item is None:
+                raise IndexStoreError(f"{self.db_dir} is damaged: path {display_path(key)} holds item {item_id}, "
+                                      f"which is missing")
+            item = unpack_item(item_id, raw_item)
             txn.delete(item.content_hash, id_key(item_id), db=self._dbs["hashes"])
             removed.append(item_id)
         rows = header.chunk_rows
@@ -366,7 +373,7 @@ class Store:
             txn.put(id_key(int(chunk)), block.tobytes(), db=self._dbs["vectors"])
 
     def _update_header(self, txn: lmdb.Transaction, added: Sequence[int], removed: Sequence[int], **changes) -> Header:
-        header = _read_header(txn, self._dbs)
+        header = _current_header(txn, self._dbs)
         header = replace(header, generation=header.generation + 1, updated=_now(),
                          ids_digest=digest_update(header.ids_digest, np.asarray(added, dtype=np.int64),
                                                   np.asarray(removed, dtype=np.int64)), **changes)
@@ -377,6 +384,14 @@ class Store:
 def _read_header(txn: lmdb.Transaction, dbs: dict) -> Header | None:
     raw = txn.get(_HEADER, db=dbs["meta"])
     return Header.from_bytes(raw) if raw is not None else None
+
+
+def _current_header(txn: lmdb.Transaction, dbs: dict) -> Header:
+    """The header a write after `begin_run` finds (IndexStoreError if there is none)."""
+    header = _read_header(txn, dbs)
+    if header is None:
+        raise IndexStoreError("the index DB has no header: begin_run must commit before items are written")
+    return header
 
 
 def _write_header(txn: lmdb.Transaction, dbs: dict, header: Header) -> None:

@@ -89,8 +89,8 @@ def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
                             cfg.split)
     if cfg.compare is not None:
         load_comparison(cfg.compare)  # fail before the slow part
-    from retrieval.encoder import load_encoder
     from retrieval.embed import embed_records
+    from retrieval.encoder import load_encoder
 
     encoder = load_encoder(cfg.model, device=cfg.device)
     embeddings, labels = embed_records(encoder, records, batch_size=cfg.batch_size, workers=cfg.workers,

@@ -42,8 +42,8 @@ from .data.dataset import ImageDataset
 from .data.decode import default_workers
 from .data.records import Record
 from .data.sampler import PKSampler
-from .encoder import Encoder, load_encoder, save_encoder
 from .embed import autocast, evaluate_records, make_loader
+from .encoder import Encoder, load_encoder, save_encoder
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
 from .files import atomic_path, write_text_atomic
@@ -276,7 +276,7 @@ class _Run:
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.state = _State()
-        self.wrapped: nn.Module | None = None
+        self.wrapped: nn.Module = self.step_module   # DDP-wrapped under torchrun (_set_backbone_trainable)
         self.backbone_trainable: bool | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------
@@ -284,7 +284,8 @@ class _Run:
     def _prepare_out_dir(self) -> None:
         has_run = (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists()
         if has_run and not self.cfg.resume:
-            raise RetrievalError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            raise RetrievalError(
+                f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         if self.cfg.resume and not (self.out / CHECKPOINT).is_file():
             raise RetrievalError(f"{self.out / CHECKPOINT} not found: nothing to resume (drop --resume to start)")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -416,8 +417,8 @@ class _Run:
         if ctx.world_size > 1:
             dist.all_reduce(mean_loss)
             mean_loss /= ctx.world_size
-        rate = round(done_here * batch_images / seconds, 2) if done_here else None
-        return {"loss": mean_loss.item(), "train_seconds": round(seconds, 2), "images_per_s": rate}
+        images_per_s = round(done_here * batch_images / seconds, 2) if done_here else None
+        return {"loss": mean_loss.item(), "train_seconds": round(seconds, 2), "images_per_s": images_per_s}
 
     def _end_epoch(self, epoch: int, train: dict) -> None:
         """Rank 0 evaluates, records, keeps the best weights and checkpoints; the others wait.

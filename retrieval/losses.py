@@ -212,7 +212,7 @@ LOSS_DEFAULTS: dict[str, dict[str, object]] = {
     name: {p.name: p.default for p in inspect.signature(cls).parameters.values() if p.default is not p.empty}
     for name, cls in _LOSS_CLASSES.items()
 }
-LOSS_HELP: dict[str, str] = {name: cls.__doc__.strip().splitlines()[0] for name, cls in _LOSS_CLASSES.items()}
+LOSS_HELP: dict[str, str] = {name: (inspect.getdoc(cls) or name).splitlines()[0] for name, cls in _LOSS_CLASSES.items()}
 
 
 def make_loss(name: str, *, num_classes: int | None = None, dim: int | None = None, **params) -> MetricLoss:

@@ -293,7 +293,7 @@ def _row(ranking: Ranking, i: int, top: int) -> Row:
     q = int(ranking.queries[i])
     q_label = int(ranking.labels[q])
     cells = []
-    for rank, (j, score) in enumerate(zip(ranking.neighbours[i, :top], ranking.scores[i, :top]), start=1):
+    for rank, (j, score) in enumerate(zip(ranking.neighbours[i, :top], ranking.scores[i, :top], strict=True), start=1):
         if j < 0:
             break
         label = int(ranking.labels[j])

@@ -132,6 +132,6 @@ def kill_at(db: Path, proc: subprocess.Popen, at_least: int) -> int:
     """SIGKILL the index process once the DB holds `at_least` items; returns the count seen at the kill."""
     count = wait_for_items(db, proc, at_least)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     return count

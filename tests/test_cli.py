@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from cli import cli
@@ -32,6 +33,7 @@ def test_version():
     assert "circle-retrieval" in result.output
 
 
+@pytest.mark.slow
 def test_help_does_not_import_heavy_modules():
     code = (
         "import sys; sys.argv = ['cli.py', '--help']\n"
@@ -41,15 +43,17 @@ def test_help_does_not_import_heavy_modules():
         "heavy = [m for m in ('torch', 'faiss', 'open_clip', 'lmdb') if m in sys.modules]\n"
         "print('HEAVY', heavy)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=120)
     assert "HEAVY []" in out.stdout
 
 
+@pytest.mark.slow
 def test_bad_path_is_one_line_error(tmp_path):
     missing = tmp_path / "nope"
     out = subprocess.run(
         [sys.executable, "cli.py", "eval", "--dataset", "cub", "--root", str(missing), "--json"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode != 0
     lines = [line for line in out.stderr.strip().splitlines() if line]

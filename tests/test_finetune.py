@@ -211,13 +211,16 @@ def _finetune_args(data: Path, tiny_dir: Path, out: Path, *extra: str) -> list[s
             "-P", "3", "-K", "4", "--workers", "0", "--device", "cpu", "--no-progress", *extra]
 
 
+@pytest.mark.slow
 def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli(*_finetune_args(data, tiny_dir, out, "--epochs", "1000")), cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         log = out / "train.log"
+        deadline = time.monotonic() + 240
         while proc.poll() is None and not (log.exists() and "epoch 1:" in log.read_text()):   # one epoch done
+            assert time.monotonic() < deadline, "no epoch finished within 240 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -235,6 +238,7 @@ def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_p
     assert [row["epoch"] for row in _history(out)] == list(range(done + 2))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(data, tiny_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

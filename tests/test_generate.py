@@ -196,20 +196,23 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_killed_generation_never_leaves_a_partial_set(tmp_path):
     """A process killed mid-way leaves out_dir absent (only a stale temp folder), and a rerun succeeds."""
     out = tmp_path / "birds"
     code = f"from retrieval.data.generate import *; make_dataset(GenerateConfig({str(out)!r}, per_class=30))"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
     try:
-        for _ in range(600):  # wait until images are being written
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # wait until images are being written
             if any(tmp_path.glob(".birds.tmp-*/images/*/*.jpg")) or proc.poll() is not None:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "generation finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
     finally:
-        proc.wait()
+        proc.kill()
+        proc.wait(timeout=60)
     assert not out.exists()
     assert make_dataset(GenerateConfig(out, classes=2, per_class=1, size=40))["images"] == 2
 

@@ -29,7 +29,7 @@ from tests.index_support import (
 
 ARGS = ("--batch-size", "2", "--workers", "0")  # many small commits: many moments to be killed in
 
-pytestmark = pytest.mark.usefixtures("single_thread_torch")
+pytestmark = [pytest.mark.usefixtures("single_thread_torch"), pytest.mark.slow]
 
 
 def _reference(folder: Path, db: Path, model: Path) -> dict:

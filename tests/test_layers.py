@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import retrieval
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,6 +19,7 @@ def _retrieval_modules() -> list[str]:
     return ["retrieval"] + [m.name for m in pkgutil.walk_packages(retrieval.__path__, "retrieval.")]
 
 
+@pytest.mark.slow
 def test_importing_any_retrieval_module_leaves_indexer_unimported():
     """Each module in a fresh interpreter: `indexer` must not be in sys.modules afterwards."""
     code = (

@@ -139,6 +139,7 @@ def test_query_errors_are_one_line(indexed, tiny_run, tiny_model_spec, tmp_path)
     _one_line_error(_invoke("query", str(folder / "class0" / "img000.jpg"), "--db", str(db), "-k", "0"), "-k")
 
 
+@pytest.mark.slow
 def test_query_missing_db_in_a_real_process_prints_one_line(tmp_path):
     out = subprocess.run([sys.executable, "cli.py", "query", "x.jpg", "--db", str(tmp_path / "nodb")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)

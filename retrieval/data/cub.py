@@ -60,7 +60,7 @@ def _read_boxes(path: Path) -> dict[int, BBox]:
     boxes: dict[int, BBox] = {}
     for lineno, (key_text, *values) in read_table(path, columns):
         key = to_int(path, lineno, key_text, "image_id")
-        x, y, w, h = (to_float(path, lineno, v, name) for v, name in zip(values, columns[1:]))
+        x, y, w, h = (to_float(path, lineno, v, name) for v, name in zip(values, columns[1:], strict=True))
         if w <= 0 or h <= 0:
             raise DataError(path, f"bounding box width and height must be positive, got {w} x {h}", lineno)
         boxes[key] = (x, y, w, h)

@@ -68,7 +68,7 @@ def decode_image(
     try:
         with warnings.catch_warnings():  # our own cap replaces Pillow's warning below 2x its limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
         stored_w, stored_h = img.size
         if stored_w * stored_h > max_pixels:
             raise DecodeError(name, _too_many_pixels(f"{stored_w}x{stored_h} = {stored_w * stored_h:,}", max_pixels))

@@ -30,7 +30,7 @@ def read_folder(root: str | Path, *, train_fraction: float = 0.5) -> list[Record
 
 def image_files(folder: Path) -> list[Path]:
     """Image files at any depth under `folder`, sorted, skipping hidden files and folders."""
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found.extend(

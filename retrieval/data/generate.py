@@ -82,7 +82,7 @@ class BirdClass:
 
     def words(self) -> list[str]:
         """The attribute words, in field order ("" where an optional attribute is absent)."""
-        return [axis[v] for axis, v in zip(_AXES, astuple(self))]
+        return [axis[v] for axis, v in zip(_AXES, astuple(self), strict=True)]
 
     @property
     def name(self) -> str:
@@ -126,7 +126,13 @@ def class_list(n: int) -> list[BirdClass]:
 
 
 def _rgb(h: float, s: float, v: float) -> tuple[int, int, int]:
-    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(v, 1.0)))
+    r, g, b = colorsys.hsv_to_rgb(h % 1.0, min(max(s, 0.0), 1.0), min(v, 1.0))
+    return round(255 * r), round(255 * g), round(255 * b)
+
+
+def _triple(values: np.ndarray) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
 
 
 def sample_scene(rng: np.random.Generator) -> Scene:
@@ -152,7 +158,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
         perch=bool(rng.random() < 0.5),
         brightness=float(rng.uniform(0.7, 1.3)),
         contrast=float(rng.uniform(0.7, 1.25)),
-        cast=tuple(float(c) for c in rng.uniform(0.88, 1.12, 3)),
+        cast=_triple(rng.uniform(0.88, 1.12, 3)),
         noise=float(rng.uniform(0, 10)),
         blur=float(rng.uniform(0, 1.2)),
         quality=int(rng.integers(40, 96)),
@@ -211,8 +217,9 @@ def _bird_parts(bird: BirdClass, scene: Scene) -> tuple[list[tuple[np.ndarray, t
         parts.append((_ellipse(0.39, -0.07, 0.05, 0.035, -20), (35, 35, 40)))
     elif mark == "Redcheeked":
         parts.append((_ellipse(0.31, -0.125, 0.032, 0.032, n=12), (205, 40, 40)))
-    if EYE_RINGS[ring] is not None:
-        parts.append((_ellipse(0.375, -0.195, 0.045, 0.045, n=12), EYE_RINGS[ring]))
+    ring_rgb = EYE_RINGS[ring]
+    if ring_rgb is not None:
+        parts.append((_ellipse(0.375, -0.195, 0.045, 0.045, n=12), ring_rgb))
     parts.append((_ellipse(0.375, -0.195, 0.025, 0.025, n=10), (15, 15, 20)))
 
     legs = [np.array([[0.0, 0.17], [-0.02, 0.33]]), np.array([[0.07, 0.16], [0.07, 0.33]])]
@@ -230,7 +237,7 @@ def _to_pixels(scene: Scene, side: int):
         x, y = points[:, 0] * sx, points[:, 1]
         px = scene.cx * side + x * cos_a + y * sin_a
         py = scene.cy * side - x * sin_a + y * cos_a
-        return list(zip(px.tolist(), py.tolist()))
+        return list(zip(px.tolist(), py.tolist(), strict=True))
 
     return apply
 
@@ -345,7 +352,11 @@ def _is_generated_with(out_dir: Path, cfg: GenerateConfig) -> bool:
 def _write_set(cfg: GenerateConfig, root: Path) -> None:
     """Write every image and the CUB text files into `root` (an empty directory)."""
     birds = class_list(cfg.classes)
-    images, labels, split, boxes, class_lines = [], [], [], [], []
+    images: list[str] = []
+    labels: list[str] = []
+    split: list[str] = []
+    boxes: list[str] = []
+    class_lines: list[str] = []
     for c, bird in enumerate(birds):
         folder = f"{c + 1:03d}.{bird.name}"
         class_lines.append(f"{c + 1} {folder}")
@@ -368,7 +379,7 @@ def _write_set(cfg: GenerateConfig, root: Path) -> None:
                         ("train_test_split.txt", split), ("bounding_boxes.txt", boxes)):
         (root / name).write_text("\n".join(lines) + "\n")
     axes = [f.name for f in fields(BirdClass)]
-    attributes = {f"{c + 1}": dict(zip(axes, b.words())) for c, b in enumerate(birds)}
+    attributes = {f"{c + 1}": dict(zip(axes, b.words(), strict=True)) for c, b in enumerate(birds)}
     (root / MARKER).write_text(json.dumps({**_marker(cfg), "class_attributes": attributes}, indent=1) + "\n")
 
 
@@ -376,8 +387,9 @@ def make_dataset(cfg: GenerateConfig) -> dict:
     """Generate the bird set into `cfg.out_dir` atomically and return its summary.
 
     The set is built in a temporary folder beside `out_dir`, flushed to disk and renamed into place
-    (retrieval.files.atomic_dir), so `out_dir` is either absent or complete, even after a power cut. An existing complete set with the same config is reused as is;
-    any other non-empty `out_dir` is an error (nothing is overwritten).
+    (retrieval.files.atomic_dir), so `out_dir` is either absent or complete, even after a power cut.
+    An existing complete set with the same config is reused as is; any other non-empty `out_dir` is an
+    error (nothing is overwritten).
     """
     _validate(cfg)
     out_dir = Path(cfg.out_dir)

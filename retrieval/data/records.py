@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 BBox = tuple[float, float, float, float]
+ClassKey = TypeVar("ClassKey", int, str)  # how a reader names a class: a numeric id or a folder name
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,8 @@ def train_class_count(n_classes: int, fraction: float = 0.5) -> int:
 
 
 def split_by_class_halves(
-    entries: Sequence[tuple[Path, Hashable, BBox | None]],
-    class_names: Mapping[Hashable, str],
+    entries: Sequence[tuple[Path, ClassKey, BBox | None]],
+    class_names: Mapping[ClassKey, str],
     *,
     train_fraction: float = 0.5,
 ) -> list[Record]:

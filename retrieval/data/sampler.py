@@ -26,8 +26,7 @@ class PKSampler(torch.utils.data.Sampler[list[int]]):
                  world_size: int | None = None):
         if p < 1 or k < 1:
             raise ValueError(f"P and K must be at least 1, got P={p}, K={k}")
-        labels = np.asarray(labels)
-        values, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        _, inverse, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
         by_class = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1]) if len(labels) else []
         self._classes = [members for members in by_class if len(members) >= 2]
         if len(self._classes) < len(by_class):

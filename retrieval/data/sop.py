@@ -29,7 +29,8 @@ def read_sop(root: str | Path) -> list[Record]:
             first_line = table[0][0] if table else None
             raise DataError(index_path, f"first line must be the header {' '.join(HEADER)!r}", first_line)
         for lineno, (*numbers, rel) in table[1:]:
-            class_id = [to_int(index_path, lineno, v, f) for v, f in zip(numbers, HEADER)][1]  # all three are ints
+            ids = [to_int(index_path, lineno, v, f) for v, f in zip(numbers, HEADER[:-1], strict=True)]  # all ints
+            class_id = ids[1]
             if class_split.setdefault(class_id, split) != split:
                 other = SPLIT_FILES[class_split[class_id]]
                 raise DataError(index_path, f"class_id {class_id} is also in {other}", lineno)

