@@ -71,13 +71,13 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
     """
     from retrieval.data.generate import GenerateConfig, make_dataset
 
-    summary = make_dataset(GenerateConfig(out_dir=out_dir, classes=classes, per_class=per_class, size=size, seed=seed))
+    made = make_dataset(GenerateConfig(out_dir=out_dir, classes=classes, per_class=per_class, size=size, seed=seed))
     if as_json:
-        _print_json(summary)
+        _print_json(made.to_json())
     else:
         click.echo(
-            f"wrote {summary['images']} images of {summary['classes']} classes to {out_dir} "
-            f"(train {summary['train_classes']} classes / test {summary['test_classes']} classes)"
+            f"wrote {made.images} images of {made.classes} classes to {out_dir} "
+            f"(train {made.train_classes} classes / test {made.test_classes} classes)"
         )
 
 
@@ -132,14 +132,14 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
                       strict=strict, allow_empty=allow_empty, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     summary = run_index(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if as_json:
-        _print_json(summary)
+        _print_json(summary.to_json())
         return
-    click.echo(f"indexed {summary['indexed']} images ({summary['encoded']} encoded, {summary['reused']} reused "
-               f"by content), {summary['unchanged']} unchanged, {summary['removed']} removed, "
-               f"{summary['failed']} failed: {summary['total']} images in {db_dir} "
-               f"(FAISS {summary['ann']['factory']}, {summary['ann']['action']}) in {summary['seconds']:.1f} s")
-    for failure in summary["failures"]:
-        click.echo(f"  failed: {failure['path']}: {failure['reason']}")
+    click.echo(f"indexed {summary.indexed} images ({summary.encoded} encoded, {summary.reused} reused "
+               f"by content), {summary.unchanged} unchanged, {summary.removed} removed, "
+               f"{summary.failed} failed: {summary.total} images in {db_dir} "
+               f"(FAISS {summary.ann.factory}, {summary.ann.action}) in {summary.seconds:.1f} s")
+    for failure in summary.failures:
+        click.echo(f"  failed: {failure.path}: {failure.reason}")
 
 
 def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:

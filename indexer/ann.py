@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -30,6 +31,9 @@ from retrieval.errors import IndexStoreError
 from retrieval.files import atomic_path, remove_stale_temporaries, write_text_atomic
 
 from .layout import ids_digest
+
+if TYPE_CHECKING:
+    from .store import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,21 @@ class AnnMeta:
         except FileNotFoundError:
             return False
         return (st.st_size, st.st_mtime_ns) == (self.file_size, self.file_mtime_ns)
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """What `refresh` did to ann.faiss: "unchanged", "synced" (ids added / removed) or "rebuilt" (and why)."""
+
+    action: str
+    factory: str
+    ntotal: int
+    reason: str | None = None
+    added: int = 0
+    removed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def choose_factory(kind: str, n: int, dim: int) -> str:
@@ -106,9 +125,9 @@ def new_index(factory: str, dim: int) -> faiss.Index:
     return index if faiss.try_extract_index_ivf(index) is not None else faiss.IndexIDMap2(index)
 
 
-def build_index(factory: str, snapshot, *, seed: int = 0) -> faiss.Index:
+def build_index(factory: str, snapshot: Snapshot, *, seed: int = 0) -> faiss.Index:
     """Build an index of every item in `snapshot` (a store.Snapshot), training on a sample first."""
-    dim = snapshot.header.encoder.dim
+    dim = snapshot.require_header().encoder.dim
     index = new_index(factory, dim)
     if not index.is_trained:
         ids = snapshot.ids()
@@ -128,7 +147,7 @@ def build_index(factory: str, snapshot, *, seed: int = 0) -> faiss.Index:
     return index
 
 
-def sync_index(index: faiss.Index, snapshot) -> tuple[int, int]:
+def sync_index(index: faiss.Index, snapshot: Snapshot) -> tuple[int, int]:
     """Make `index` hold exactly the snapshot's items: remove ids it lost, add ids it gained.
 
     Content per id never changes, so equal id sets mean equal indexes. Returns (added, removed); raises
@@ -145,14 +164,14 @@ def sync_index(index: faiss.Index, snapshot) -> tuple[int, int]:
     return len(missing), len(extra)
 
 
-def refresh(db_dir: Path, snapshot, kind: str, *, rebuild: bool = False) -> dict:
+def refresh(db_dir: Path, snapshot: Snapshot, kind: str, *, rebuild: bool = False) -> Refresh:
     """Bring ann.faiss level with the LMDB `snapshot`: nothing if current, else sync it or rebuild it.
 
     Rebuilds when asked, when there is no usable file, when the encoder or `kind` changed, when the size
     moved `kind` to another index type (IVF: when the DB grew or shrank 4x since training), or when the index
     cannot remove ids (HNSW). Returns what it did.
     """
-    header, n = snapshot.header, snapshot.count()
+    header, n = snapshot.require_header(), snapshot.count()
     dim, fingerprint = header.encoder.dim, header.encoder.fingerprint
     factory = choose_factory(kind, n, dim) if n else "Flat"  # an empty DB cannot train anything
     meta = read_meta(db_dir)
@@ -160,7 +179,7 @@ def refresh(db_dir: Path, snapshot, kind: str, *, rebuild: bool = False) -> dict
     index, added, removed = None, 0, 0
     if meta is not None and reason is None:
         if meta.ids_digest == header.ids_digest and meta.ntotal == n:
-            return {"action": "unchanged", "factory": meta.factory, "ntotal": n}
+            return Refresh("unchanged", meta.factory, n)
         index = load_ann(db_dir, mmap=False)
         if index is None:
             reason = "ann.faiss unreadable"
@@ -177,9 +196,7 @@ def refresh(db_dir: Path, snapshot, kind: str, *, rebuild: bool = False) -> dict
         raise IndexStoreError(f"{db_dir}: FAISS ids do not match LMDB after the update (please report this)")
     meta = write_ann(db_dir, index, AnnMeta(**{**asdict(meta), "ntotal": index.ntotal,
                                                "ids_digest": header.ids_digest}))
-    action = "rebuilt" if reason else "synced"
-    return {"action": action, "reason": reason, "factory": meta.factory, "ntotal": meta.ntotal, "added": added,
-            "removed": removed}
+    return Refresh("rebuilt" if reason else "synced", meta.factory, meta.ntotal, reason, added, removed)
 
 
 def _rebuild_reason(meta: AnnMeta | None, kind: str, factory: str, n: int, dim: int, fingerprint: str) -> str | None:

@@ -20,9 +20,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from retrieval.errors import DataError
 from retrieval.eval_config import DEFAULT_KS
+
+if TYPE_CHECKING:  # the steps import their heavy modules when they run
+    from indexer.image_query import QueryResult
+    from retrieval.data.generate import GeneratedSet
+    from retrieval.eval_dataset import EvalResult
+    from retrieval.metrics import Metrics
+
+T = TypeVar("T")
 
 MARKER = "demo.json"
 STEPS = ("generate data", "evaluate pretrained", "fine-tune", "index test split", "evaluate index", "query")
@@ -51,12 +60,12 @@ class DemoConfig:
 @dataclass(frozen=True)
 class DemoResult:
     out: Path
-    before: dict
-    after: dict
+    before: Metrics
+    after: Metrics
     table: str
     report: Path
     query_page: Path
-    queries: list = field(default_factory=list)  # indexer.image_query.QueryResult
+    queries: list[QueryResult] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -73,7 +82,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = False) -> DemoResult:
     seconds: dict[str, float] = {}
     bar = tqdm(total=len(STEPS), desc="demo", unit="step", disable=not progress, position=0, leave=True)
 
-    def step(name: str, fn: Callable):
+    def step(name: str, fn: Callable[[], T]) -> T:
         bar.set_description(f"demo: {name}")
         start = time.perf_counter()
         value = fn()
@@ -92,6 +101,7 @@ def run_demo(cfg: DemoConfig, *, progress: bool = False) -> DemoResult:
 
     table = metrics_table(after.report.metrics, cfg.ks, compare=Comparison("pretrained", before.report.metrics),
                           name="fine-tuned")
+    assert after.files is not None  # _evaluate_index always writes its report
     return DemoResult(out, before.report.metrics, after.report.metrics, table, after.files.html,
                       out / "query.html", queries, seconds)
 
@@ -112,44 +122,44 @@ def _prepare_out(out: Path) -> Path:
     return out
 
 
-def _generate(cfg: DemoConfig, out: Path) -> dict:
+def _generate(cfg: DemoConfig, out: Path) -> GeneratedSet:
     from retrieval.data.generate import GenerateConfig, make_dataset
 
     return make_dataset(GenerateConfig(out / "data", cfg.classes, cfg.per_class, cfg.size, cfg.seed))
 
 
-def _evaluate_pretrained(cfg: DemoConfig, data: dict, out: Path, progress: bool):
+def _evaluate_pretrained(cfg: DemoConfig, data: GeneratedSet, out: Path, progress: bool) -> EvalResult:
     from retrieval.data.decode import default_workers
     from retrieval.eval_config import DatasetEvalConfig
     from retrieval.eval_dataset import evaluate_dataset
 
     return evaluate_dataset(DatasetEvalConfig(
-        dataset="cub", root=Path(data["root"]), model=cfg.model, split="test", ks=cfg.ks,
+        dataset="cub", root=data.root, model=cfg.model, split="test", ks=cfg.ks,
         workers=default_workers(cfg.device, minimum=0) if cfg.workers is None else cfg.workers,
         device=cfg.device, report=out / "report-pretrained", progress=progress))
 
 
-def _finetune(cfg: DemoConfig, data: dict, out: Path, progress: bool) -> Path:
+def _finetune(cfg: DemoConfig, data: GeneratedSet, out: Path, progress: bool) -> Path:
     from retrieval.finetune import FinetuneConfig, run_finetune
 
     defaults = FinetuneConfig(out=out / "run")
     run_finetune(FinetuneConfig(
-        out=out / "run", dataset="cub", root=Path(data["root"]), model=cfg.model,
+        out=out / "run", dataset="cub", root=data.root, model=cfg.model,
         epochs=cfg.epochs,
-        p=min(defaults.p, data["train_classes"]), workers=cfg.workers, seed=cfg.seed, device=cfg.device,
+        p=min(defaults.p, data.train_classes), workers=cfg.workers, seed=cfg.seed, device=cfg.device,
     ), progress=progress)
     return out / "run"
 
 
-def _index(cfg: DemoConfig, data: dict, run_dir: Path, out: Path, progress: bool) -> Path:
+def _index(cfg: DemoConfig, data: GeneratedSet, run_dir: Path, out: Path, progress: bool) -> Path:
     """Index a folder holding only the test classes: one relative symbolic link per class folder."""
     from indexer.pipeline import IndexConfig, run_index
     from retrieval.data import load_records, split_records
 
-    images = Path(data["root"]) / "images"
+    images = data.root / "images"
     folder = out / "test-images"
     folder.mkdir()
-    test_classes = sorted({r.path.parent.name for r in split_records(load_records("cub", data["root"]), "test")})
+    test_classes = sorted({r.path.parent.name for r in split_records(load_records("cub", data.root), "test")})
     for name in test_classes:
         os.symlink(os.path.relpath(images / name, folder), folder / name, target_is_directory=True)
     db = out / "db"
@@ -158,21 +168,21 @@ def _index(cfg: DemoConfig, data: dict, run_dir: Path, out: Path, progress: bool
     return db
 
 
-def _evaluate_index(cfg: DemoConfig, db: Path, out: Path):
+def _evaluate_index(cfg: DemoConfig, db: Path, out: Path) -> EvalResult:
     from indexer.eval_db import DbEvalConfig, evaluate_db
 
     return evaluate_db(DbEvalConfig(db=db, ks=cfg.ks, report=out / "report",
                                     compare=out / "report-pretrained" / "report.json", device=cfg.device))
 
 
-def _query(cfg: DemoConfig, db: Path, out: Path) -> list:
+def _query(cfg: DemoConfig, db: Path, out: Path) -> list[QueryResult]:
     """New pictures of test classes (drawn with another seed, so not in the index) as example queries."""
     from indexer.image_query import QueryConfig, expand_queries, run_query, write_query_html
     from retrieval.data import load_records, split_records
     from retrieval.data.generate import GenerateConfig, make_dataset
 
     fresh = make_dataset(GenerateConfig(out / "queries", cfg.classes, 1, cfg.size, cfg.seed + 1))
-    test = split_records(load_records("cub", fresh["root"]), "test")
+    test = split_records(load_records("cub", fresh.root), "test")
     step = max(1, len(test) // cfg.n_queries)
     paths = expand_queries([r.path for r in test[::step][: cfg.n_queries]])
     results = run_query(QueryConfig(db=db, images=paths, k=cfg.k, device=cfg.device))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,6 +32,8 @@ from .store import Store
 
 if TYPE_CHECKING:  # torch stays unimported until an encoder is needed
     from retrieval.encoder import Encoder
+
+    from .encode import Embedder, EncodeCounts
 
 _RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)
 
@@ -63,12 +65,52 @@ class IndexConfig:
     checkpoint_seconds: float = 600.0  # also write FAISS this often during a long run
 
 
-def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
-    """Bring the DB at cfg.db_dir level with cfg.folder and return a summary.
+@dataclass(frozen=True)
+class FailedFile:
+    """A file the DB records as not indexable: its path (printable) and why."""
 
-    Summary keys: indexed (= encoded + reused), unchanged, removed, failed (files currently recorded as
-    bad), total (items in the DB), encoded, reused, new_failures, files, precision, ann, timings, failures
-    (path, reason), and a few descriptive ones. With cfg.strict, raises DecodeError if any file failed.
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class IndexSummary:
+    """What one `index` run did, and the DB it left behind."""
+
+    indexed: int  # encoded + reused
+    unchanged: int
+    removed: int
+    failed: int  # files currently recorded as bad (this run's and earlier unchanged ones)
+    total: int  # items in the DB
+    encoded: int
+    reused: int  # embeddings taken from an item with the same content
+    new_failures: int
+    files: int  # files seen by the scan
+    db: Path
+    folder: Path
+    model: str
+    fingerprint: str
+    precision: str | None  # the precision the encoder ran at (None: nothing encoded)
+    ann: ann.Refresh
+    lmdb_bytes: int
+    seconds: float
+    images_per_s: float | None
+    timings: dict[str, float]
+    failures: list[FailedFile]
+    precision_min_cosine: float | None = None  # reduced precision: its first batch's min cosine to fp32
+
+    def to_json(self) -> dict:
+        """The `index --json` object (precision_min_cosine only when a reduced precision was checked)."""
+        out = {**asdict(self), "db": str(self.db), "folder": str(self.folder)}
+        if self.precision_min_cosine is None:
+            del out["precision_min_cosine"]
+        return out
+
+
+def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
+    """Bring the DB at cfg.db_dir level with cfg.folder and return what the run did.
+
+    With cfg.strict, raises DecodeError if any file failed.
     """
     if cfg.batch_size < 1 or (cfg.workers or 0) < 0:
         raise ValueError("batch_size must be >= 1 and workers >= 0")
@@ -83,10 +125,11 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
         ann.check_kind(cfg.ann, header.encoder.dim)
         store.put_failures([Failure(f.relpath, f.reason) for f in scan.failures])
         t = time.perf_counter()
-        encoded = {}
+        counts: EncodeCounts | None = None
+        embedder: Embedder | None = None
         if plan.todo:
             assert encoder is not None  # _bind_and_plan loads the encoder whenever there is work
-            encoded = _encode(store, cfg, folder, plan.todo, encoder, progress)
+            counts, embedder = _encode(store, cfg, folder, plan.todo, encoder, progress)
         timings["encode_s"] = time.perf_counter() - t
         removed = store.remove_paths(plan.removed)
         if header.reembed_pending:
@@ -97,23 +140,22 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> dict:
         with store.snapshot() as snap:
             total, failures = snap.count(), list(snap.failures())
         lmdb_bytes = store.disk_bytes()
-    summary = {
-        "indexed": encoded.get("encoded", 0) + encoded.get("reused", 0), "unchanged": plan.unchanged,
-        "removed": removed, "failed": len(failures), "total": total, "encoded": encoded.get("encoded", 0),
-        "reused": encoded.get("reused", 0), "new_failures": encoded.get("failed", 0) + len(scan.failures),
-        "files": len(scan.files) + len(scan.failures), "db": str(cfg.db_dir), "folder": str(folder),
-        "model": header.encoder.spec, "fingerprint": header.encoder.fingerprint,
-        "precision": encoded.get("precision"), "ann": ann_info, "lmdb_bytes": lmdb_bytes,
-        "seconds": round(time.perf_counter() - started, 3),
-        "images_per_s": round(len(plan.todo) / timings["encode_s"], 2) if plan.todo else None,
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "failures": [{"path": display_path(path_key(f.relpath)), "reason": f.reason} for f in failures],
-    }
-    if encoded.get("min_cosine") is not None:
-        summary["precision_min_cosine"] = round(encoded["min_cosine"], 6)
+    encoded, reused, failed_now = (counts.encoded, counts.reused, len(counts.failures)) if counts else (0, 0, 0)
+    min_cosine = embedder.min_cosine if embedder is not None else None
+    summary = IndexSummary(
+        indexed=encoded + reused, unchanged=plan.unchanged, removed=removed, failed=len(failures),
+        total=total, encoded=encoded, reused=reused,
+        new_failures=failed_now + len(scan.failures), files=len(scan.files) + len(scan.failures),
+        db=Path(cfg.db_dir), folder=folder, model=header.encoder.spec, fingerprint=header.encoder.fingerprint,
+        precision=embedder.precision if embedder is not None else None, ann=ann_info, lmdb_bytes=lmdb_bytes,
+        seconds=round(time.perf_counter() - started, 3),
+        images_per_s=round(len(plan.todo) / timings["encode_s"], 2) if plan.todo else None,
+        timings={k: round(v, 3) for k, v in timings.items()},
+        failures=[FailedFile(display_path(path_key(f.relpath)), f.reason) for f in failures],
+        precision_min_cosine=round(min_cosine, 6) if min_cosine is not None else None)
     if cfg.strict and failures:
-        first = summary["failures"][0]
-        raise DecodeError(first["path"], f"{first['reason']} ({len(failures)} file(s) could not be indexed; --strict)")
+        first = summary.failures[0]
+        raise DecodeError(first.path, f"{first.reason} ({len(failures)} file(s) could not be indexed; --strict)")
     return summary
 
 
@@ -152,7 +194,7 @@ def _plan(store: Store, scan: ScanResult) -> Plan:
 
 
 def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry], encoder: Encoder,
-            progress: bool) -> dict:
+            progress: bool) -> tuple[EncodeCounts, Embedder]:
     from .encode import Embedder, encode_files
 
     embedder = Embedder(encoder, cfg.device, cfg.precision)
@@ -161,8 +203,7 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry],
         workers=default_workers(cfg.device, minimum=1) if cfg.workers is None else cfg.workers,
         max_pixels=cfg.max_pixels, checkpoint=lambda: _refresh_ann(store, cfg.ann, rebuild=False),
         checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
-    return {"encoded": counts.encoded, "reused": counts.reused, "failed": len(counts.failures),
-            "precision": embedder.precision, "min_cosine": embedder.min_cosine}
+    return counts, embedder
 
 
 def _load_encoder(cfg: IndexConfig) -> Encoder:
@@ -184,6 +225,6 @@ def _same_encoder_cheap(spec: str, stored: EncoderInfo) -> bool:
     return spec == stored.spec
 
 
-def _refresh_ann(store: Store, kind: str, *, rebuild: bool) -> dict:
+def _refresh_ann(store: Store, kind: str, *, rebuild: bool) -> ann.Refresh:
     with store.snapshot() as snap:
         return ann.refresh(store.db_dir, snap, kind, rebuild=rebuild)

@@ -4,6 +4,8 @@
         index.check_encoder(encoder)                  # IndexStoreError if the DB was built with another
         scores, ids = index.search(embeddings, k=10)  # (Q, k) float32 cosine, int64 LMDB ids (-1: none)
         items = index.items(ids[0])                   # Item records (path relative to index.root, label...)
+        every = list(index.iter_items())              # bulk reads of the same snapshot (eval --db)
+        vectors = index.vectors([it.id for it in every])
 
 The FAISS file is trusted only if its ids are exactly the LMDB snapshot's (ids digest). While an `index` run
 is writing (or after one was killed), it can lag behind: then ids LMDB no longer has are filtered out and
@@ -14,7 +16,9 @@ snapshot. Nothing on disk is modified.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -23,16 +27,20 @@ from . import ann
 from .layout import EncoderInfo, Header, Item, ids_digest
 from .store import Snapshot, Store, require_encoder
 
+if TYPE_CHECKING:
+    from retrieval.encoder import Encoder
+
 
 class SearchIndex:
     """Search an index DB; holds one LMDB read snapshot until `close()` (use it as a context manager)."""
 
     def __init__(self, store: Store, stack: contextlib.ExitStack, snapshot: Snapshot, main: faiss.Index | None,
-                 exclude: np.ndarray, delta: faiss.Index | None):
+                 factory: str, exclude: np.ndarray, delta: faiss.Index | None):
         self.store = store
-        self.snapshot = snapshot  # for bulk reads: snapshot.iter_items(), snapshot.vectors(ids)...
+        self._snapshot = snapshot
         self._stack = stack
         self._main = main
+        self._factory = factory
         self._exclude = exclude
         self._delta = delta
 
@@ -44,9 +52,11 @@ class SearchIndex:
         try:
             snapshot = stack.enter_context(store.snapshot())
             dim = snapshot.require_header().encoder.dim
+            meta = ann.read_meta(Path(db_dir))  # read first: a writer replaces the index before its meta
             main = ann.load_ann(db_dir, mmap=mmap)
             if main is not None and main.d != dim:  # left from before a --reembed
                 main = None
+            factory = meta.factory if main is not None and meta is not None else "Flat"
             exclude, missing = _lag(main, snapshot)
             delta = None
             if len(missing):
@@ -57,11 +67,11 @@ class SearchIndex:
         except BaseException:
             stack.close()
             raise
-        return cls(store, stack, snapshot, main, exclude, delta)
+        return cls(store, stack, snapshot, main, factory, exclude, delta)
 
     @property
     def header(self) -> Header:
-        return self.snapshot.require_header()
+        return self._snapshot.require_header()
 
     @property
     def root(self) -> Path:
@@ -69,14 +79,24 @@ class SearchIndex:
         return Path(self.header.root)
 
     def __len__(self) -> int:
-        return self.snapshot.count()
+        return self._snapshot.count()
 
     @property
     def lagging(self) -> bool:
         """True when the FAISS file is behind LMDB (an index run is going on, or was killed)."""
         return bool(len(self._exclude)) or self._delta is not None
 
-    def check_encoder(self, encoder) -> None:
+    @property
+    def factory(self) -> str:
+        """The FAISS index type searched ("Flat" when exact, also when there is no FAISS file yet)."""
+        return self._factory
+
+    @property
+    def approximate(self) -> bool:
+        """True when `search` may miss true nearest neighbours (IVF, HNSW, PQ...)."""
+        return self._factory != "Flat"
+
+    def check_encoder(self, encoder: Encoder | EncoderInfo) -> None:
         """IndexStoreError unless `encoder` (an Encoder or EncoderInfo) is the one the DB was built with."""
         info = encoder if isinstance(encoder, EncoderInfo) else EncoderInfo.of(encoder)
         require_encoder(self.header, info, self.store.db_dir)
@@ -97,9 +117,21 @@ class SearchIndex:
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
-    def items(self, ids) -> list[Item | None]:
+    def items(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
         """Item records for ids (None for -1 or an id not in this snapshot)."""
-        return self.snapshot.items(np.asarray(ids, dtype=np.int64).ravel())
+        return self._snapshot.items(np.asarray(ids, dtype=np.int64).ravel())
+
+    def ids(self) -> np.ndarray:
+        """Every item id of the snapshot, ascending (int64)."""
+        return self._snapshot.ids()
+
+    def iter_items(self) -> Iterator[Item]:
+        """Every item of the snapshot, in id order."""
+        return self._snapshot.iter_items()
+
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The stored embeddings (len(ids), dim) float32 of these ids, in the order given."""
+        return self._snapshot.vectors(ids)
 
     def close(self) -> None:
         self._stack.close()

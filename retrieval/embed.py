@@ -1,7 +1,8 @@
 """Embed a list of records with an encoder and score retrieval on them (Recall@K, MAP@R).
 
-One code path for `finetune` (the baseline and every epoch) and `eval --dataset`, so the numbers a run
-reports are the numbers a later evaluation of its run directory reproduces.
+One code path for `finetune` (the baseline and every epoch) and `eval --dataset`: both embed with
+`embed_records` and score with `metrics.rank_leave_one_out` + `metrics.ranking_metrics`, so the numbers a
+run reports are the numbers a later evaluation of its run directory reproduces.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,10 +21,25 @@ from .data.dataset import ImageDataset
 from .data.records import Record
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
-from .metrics import retrieval_metrics
+from .metrics import Metrics, rank_leave_one_out, ranking_metrics
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 
-def autocast(device: torch.device, enabled: bool):
+@dataclass(frozen=True)
+class RecordsEvaluation:
+    """What `evaluate_records` measured: the metrics of `metrics.ranking_metrics` and the embedding time."""
+
+    metrics: Metrics
+    embed_seconds: float
+
+    def to_json(self) -> dict[str, float]:
+        """The metrics flat, plus "embed_seconds" (one row of a fine-tune run's history)."""
+        return {**self.metrics, "embed_seconds": self.embed_seconds}
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when enabled; a no-op elsewhere (on CPU fp32 measured faster here)."""
     if enabled and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -41,7 +59,7 @@ def make_loader(dataset: ImageDataset, *, workers: int, device: torch.device, **
 
 @torch.inference_mode()
 def embed_records(
-    encoder,
+    encoder: Encoder,
     records: Sequence[Record],
     *,
     batch_size: int = 64,
@@ -74,7 +92,7 @@ def embed_records(
 
 
 def evaluate_records(
-    encoder,
+    encoder: Encoder,
     records: Sequence[Record],
     *,
     batch_size: int = 64,
@@ -83,16 +101,12 @@ def evaluate_records(
     progress: bool = False,
     amp: bool = True,
     ks: Sequence[int] = DEFAULT_KS,
-) -> dict:
-    """Recall@K, MAP@R and R-Precision of `records` retrieving each other (leave-one-out), plus timing.
-
-    Keys: those of `retrieval_metrics` ("recall@1", ..., "map@r", "r_precision", "n_queries", "n_classes")
-    and "embed_seconds".
-    """
+) -> RecordsEvaluation:
+    """Recall@K, MAP@R and R-Precision of `records` retrieving each other (leave-one-out), plus timing."""
     start = time.perf_counter()
     embeddings, labels = embed_records(
         encoder, records, batch_size=batch_size, workers=workers, device=device, progress=progress, amp=amp
     )
     seconds = time.perf_counter() - start
-    metrics = retrieval_metrics(embeddings, labels, ks=tuple(ks), device=device)
-    return {**metrics, "embed_seconds": round(seconds, 2)}
+    queries, _, neighbours = rank_leave_one_out(embeddings, labels, ks, device=device)
+    return RecordsEvaluation(ranking_metrics(labels, queries, neighbours, ks), round(seconds, 2))

@@ -1,7 +1,8 @@
-"""The `eval` command's model side: leave-one-out ranking of embeddings into metrics plus what a report shows.
+"""`eval --dataset`: embed one split, rank it leave-one-out, and build the result (and report) `eval` prints.
 
-`eval --dataset` embeds a split with `embed.embed_records` (the code `finetune` evaluates with) and ranks it
-with the exact kNN of `metrics`; `eval --db` (indexer/eval_db.py) ranks stored embeddings the same way.
+The split is embedded with `embed.embed_records` and scored with `metrics.rank_leave_one_out` +
+`metrics.ranking_metrics`, exactly as `finetune` scores each epoch. `eval --db` (indexer/eval_db.py) scores
+stored embeddings with the same two functions and shares `EvalResult` / `make_result`.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from retrieval.eval_config import DatasetEvalConfig
+from retrieval.metrics import Metrics, rank_leave_one_out, ranking_metrics
 from retrieval.report import Comparison, Ranking, Report, ReportFiles, build_report, load_comparison, write_report
 
 SAMPLE_TOP = 5  # results per sample query in the HTML grid
@@ -41,39 +41,9 @@ class EvalResult:
         return out
 
 
-def neighbour_width(labels: np.ndarray, ks: Sequence[int], top: int = SAMPLE_TOP) -> int:
-    """Neighbours per query needed for Recall@max(K), MAP@R (R = class size - 1) and the sample grid."""
-    labelled = labels[labels >= 0]
-    largest_class = int(np.bincount(labelled).max(initial=1)) if len(labelled) else 1
-    return max(max(ks), largest_class - 1, top)
-
-
-def metrics_of_ranking(labels: np.ndarray, queries: np.ndarray, neighbours: np.ndarray, ks: Sequence[int]) -> dict:
-    """Recall@K, MAP@R, R-Precision of ranked neighbours (indices into `labels`, -1 = none) for `queries`.
-
-    Labels are >= 0 for labelled items, -1 for unlabelled ones, which stay in the database as distractors.
-    """
-    from retrieval.metrics import metrics_from_neighbours
-
-    counts = np.bincount(labels[labels >= 0], minlength=int(labels.max(initial=0)) + 1)
-    query_labels = labels[queries]
-    neighbour_labels = np.where(neighbours >= 0, labels[np.maximum(neighbours, 0)], -1)
-    return metrics_from_neighbours(query_labels, neighbour_labels, counts[query_labels] - 1, tuple(ks))
-
-
-def rank_embeddings(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int], *, top: int = SAMPLE_TOP,
-                    device: str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact leave-one-out kNN of every labelled item against all others: (queries, scores, neighbours)."""
-    from retrieval.metrics import knn_search
-
-    width = neighbour_width(labels, ks, top)  # knn_search pads with -1 when fewer items exist
-    scores, neighbours = knn_search(embeddings, embeddings, width, exclude_self=True, device=device)
-    queries = np.flatnonzero(labels >= 0)
-    return queries, scores[queries], neighbours[queries]
-
-
-def make_result(title: str, source: dict[str, str], ks: Sequence[int], metrics: dict, ranking: Ranking, *,
-           exact: dict | None = None, report_dir: Path | None = None, compare: Path | None = None) -> EvalResult:
+def make_result(title: str, source: dict[str, str], ks: Sequence[int], metrics: Metrics, ranking: Ranking, *,
+                exact: Metrics | None = None, report_dir: Path | None = None,
+                compare: Path | None = None) -> EvalResult:
     """Build the report (and write it when `report_dir` is given), with the comparison when asked for."""
     comparison = load_comparison(compare) if compare is not None else None
     report = build_report(title, source, ks, metrics, ranking, exact=exact, top=SAMPLE_TOP)
@@ -95,14 +65,14 @@ def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     encoder = load_encoder(cfg.model, device=cfg.device)
     embeddings, labels = embed_records(encoder, records, batch_size=cfg.batch_size, workers=cfg.workers,
                                        device=cfg.device, progress=cfg.progress)
-    queries, scores, neighbours = rank_embeddings(embeddings, labels, cfg.ks, device=cfg.device)
-    metrics = metrics_of_ranking(labels, queries, neighbours, cfg.ks)
+    queries, scores, neighbours = rank_leave_one_out(embeddings, labels, cfg.ks, top=SAMPLE_TOP, device=cfg.device)
+    metrics = ranking_metrics(labels, queries, neighbours, cfg.ks)
     names = {r.label: r.class_name for r in records}
     ranking = Ranking([str(r.path) for r in records], labels, _names_list(names), queries, neighbours, scores)
     source = {"dataset": cfg.dataset, "root": str(cfg.root), "split": cfg.split, "model": encoder.spec,
               "fingerprint": encoder.fingerprint()}
     return make_result(f"{Path(encoder.spec).name or encoder.spec} on {cfg.dataset}/{cfg.split}", source, cfg.ks,
-                  metrics, ranking, report_dir=cfg.report, compare=cfg.compare)
+                       metrics, ranking, report_dir=cfg.report, compare=cfg.compare)
 
 
 def _names_list(names: dict[int, str]) -> list[str]:

@@ -429,7 +429,7 @@ class _Run:
         if ctx.main:
             metrics = evaluate_records(self.encoder, self.test_records, batch_size=cfg.eval_batch_size,
                                        workers=self.workers, device=ctx.device, progress=self.progress, amp=self.amp)
-            row = {"epoch": epoch, **train, **metrics,
+            row = {"epoch": epoch, **train, **metrics.to_json(),
                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
             best = self.state.history[self.state.best_epoch] if self.state.best_epoch is not None else None
             # the pretrained weights are the baseline, not a result

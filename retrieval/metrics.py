@@ -1,7 +1,12 @@
 """Retrieval metrics from exact inner-product kNN: Recall@K, MAP@R and R-Precision.
 
-Definitions follow Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020). Every item is a query
-against all the others (leave-one-out); R = the number of *other* items with the query's label.
+One path for every figure the project reports: `rank_leave_one_out` ranks (exact kNN) and `ranking_metrics`
+scores a ranking; `finetune` (each epoch), `eval --dataset` and `eval --db` (exact, and FAISS's own ranking
+when the index is approximate) all go through these two functions.
+
+Definitions follow Musgrave et al., "A Metric Learning Reality Check" (ECCV 2020). Every labelled item is a
+query against all the others (leave-one-out); R = the number of *other* items with the query's label.
+Unlabelled items (label < 0) stay in the database as distractors and never count as a hit.
 - Recall@K: share of queries with at least one same-label item among their K nearest neighbours.
   A query whose class has no other item can never hit: it counts as a miss.
 - R-Precision: same-label share of the R nearest neighbours.
@@ -19,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .eval_config import DEFAULT_KS
+Metrics = dict[str, float]  # "recall@K" per K, "map@r", "r_precision", "n_queries", "n_classes", ...
 
 
 def knn_search(queries: np.ndarray, database: np.ndarray, k: int, *, exclude_self: bool = False,
@@ -59,21 +64,43 @@ def knn_search(queries: np.ndarray, database: np.ndarray, k: int, *, exclude_sel
     return scores, indices
 
 
-def metrics_from_neighbours(query_labels: np.ndarray, neighbour_labels: np.ndarray, relevant: np.ndarray,
-                            ks: Sequence[int]) -> dict:
-    """Recall@K, MAP@R and R-Precision from the labels of each query's ranked neighbours (Q, W).
+def neighbour_width(labels: np.ndarray, ks: Sequence[int], top: int = 0) -> int:
+    """Neighbours per query needed for Recall@max(K), MAP@R (R = largest class - 1) and `top` shown results."""
+    labels = np.asarray(labels)
+    labelled = labels[labels >= 0]
+    largest_class = int(np.bincount(labelled).max(initial=1)) if len(labelled) else 1
+    return max(max(ks), largest_class - 1, top)
 
-    `relevant[i]` = number of other items with query i's label (R). W must cover max(ks) and max(R);
-    padding neighbours must carry a label no query has.
+
+def rank_leave_one_out(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int], *, top: int = 0,
+                       block: int = 4096,
+                       device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact kNN of every labelled item against all the others: (queries, scores, neighbours).
+
+    `queries` are the row numbers of the labelled items (label >= 0); `scores` and `neighbours` (row numbers,
+    -1 past the end) have one row per query and `neighbour_width(labels, ks, top)` columns, best first.
     """
-    query_labels = np.asarray(query_labels)
-    neighbour_labels = np.asarray(neighbour_labels)
-    relevant = np.asarray(relevant, dtype=np.int64)
+    width = neighbour_width(labels, ks, top)  # knn_search pads with -1 when fewer items exist
+    scores, neighbours = knn_search(embeddings, embeddings, width, exclude_self=True, block=block, device=device)
+    queries = np.flatnonzero(np.asarray(labels) >= 0)
+    return queries, scores[queries], neighbours[queries]
+
+
+def ranking_metrics(labels: np.ndarray, queries: np.ndarray, neighbours: np.ndarray, ks: Sequence[int]) -> Metrics:
+    """Recall@K, MAP@R and R-Precision of ranked `neighbours` (row numbers into `labels`, -1 = none) of `queries`.
+
+    Any ranking works (exact or FAISS's); it must be `neighbour_width` wide so that Recall@max(K) and MAP@R
+    see all they need.
+    """
+    labels = np.asarray(labels)
+    query_labels = labels[queries]
+    neighbour_labels = np.where(neighbours >= 0, labels[np.maximum(neighbours, 0)], -1)  # -1 never hits
+    relevant = np.bincount(labels[labels >= 0], minlength=int(labels.max(initial=0)) + 1)[query_labels] - 1
     width = neighbour_labels.shape[1]
     if max(ks) > width or relevant.max(initial=0) > width:
         raise ValueError(f"{width} neighbours per query do not cover K={max(ks)} and R={relevant.max(initial=0)}")
     hits = neighbour_labels == query_labels[:, None]
-    metrics: dict = {f"recall@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
+    metrics: Metrics = {f"recall@{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks}
     has_positives = relevant > 0
     metrics["map@r"], metrics["r_precision"] = _map_at_r(hits[has_positives], relevant[has_positives])
     metrics["n_queries"] = len(query_labels)
@@ -91,18 +118,6 @@ def _map_at_r(hits: np.ndarray, r: np.ndarray) -> tuple[float, float]:
     precision_at_rank = np.cumsum(within_r, axis=1, dtype=np.float32) / rank.astype(np.float32)
     map_r = (precision_at_rank * within_r).sum(axis=1) / r
     return float(map_r.mean()), float((within_r.sum(axis=1) / r).mean())
-
-
-def retrieval_metrics(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int] = DEFAULT_KS, *,
-                      block: int = 4096, device: str | torch.device = "cpu") -> dict:
-    """Leave-one-out Recall@K, MAP@R and R-Precision of embeddings (N, D) under inner product."""
-    _, dense, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
-    dense = dense.reshape(-1)
-    relevant = counts[dense] - 1
-    k = max(max(ks), int(relevant.max(initial=0)))
-    _, indices = knn_search(embeddings, embeddings, k, exclude_self=True, block=block, device=device)
-    neighbour_labels = np.where(indices >= 0, dense[indices], -1)   # dense labels are >= 0: -1 never hits
-    return metrics_from_neighbours(dense, neighbour_labels, relevant, ks)
 
 
 def _as_tensor(array: np.ndarray, device: str | torch.device) -> torch.Tensor:

@@ -143,7 +143,7 @@ def peak_rss(folder: Path, db: Path, model: str, batch_size: int, workers: int |
         f"s = run_index(IndexConfig(folder=Path({str(folder)!r}), db_dir=Path({str(db)!r}), model={model!r}, "
         f"batch_size={batch_size}, workers={workers}))\n"
         "print(json.dumps({'main': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "
-        "'worker': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 'total': s['total']}))")
+        "'worker': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 'total': s.total}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -202,7 +202,7 @@ def main() -> None:
             shutil.rmtree(db, ignore_errors=True)
             start, cpu = time.perf_counter(), _cpu_seconds()
             summary = run_index(IndexConfig(folder=photos, db_dir=db, model=args.model, batch_size=args.batch_size,
-                                            workers=report["workers"]))
+                                            workers=report["workers"])).to_json()
             wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
             rounds.append({"encoder_alone": round(alone, 2), "index": summary["images_per_s"],
                            "index_wall": round(args.images / wall, 2),

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import torch
 
-from retrieval.metrics import retrieval_metrics
+from retrieval.eval_config import DEFAULT_KS
+from retrieval.metrics import rank_leave_one_out, ranking_metrics
 
 
 def main() -> None:
@@ -30,7 +31,8 @@ def main() -> None:
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
 
     start = time.perf_counter()
-    metrics = retrieval_metrics(embeddings, labels, block=args.block, device=args.device)
+    queries, _, neighbours = rank_leave_one_out(embeddings, labels, DEFAULT_KS, block=args.block, device=args.device)
+    metrics = ranking_metrics(labels, queries, neighbours, DEFAULT_KS)
     seconds = time.perf_counter() - start
     print(f"{args.n} x {args.dim} on {args.device} ({torch.get_num_threads()} CPU threads): {seconds:.1f} s")
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})

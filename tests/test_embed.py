@@ -14,12 +14,12 @@ from retrieval.data.generate import GenerateConfig, make_dataset
 from retrieval.encoder import load_encoder
 from retrieval.errors import RetrievalError
 from retrieval.embed import embed_records, evaluate_records
-from retrieval.metrics import retrieval_metrics
+from retrieval.metrics import rank_leave_one_out, ranking_metrics
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    root = make_dataset(GenerateConfig(out_dir=tmp_path_factory.mktemp("birds"), classes=4, per_class=4, size=48))["root"]
+    root = make_dataset(GenerateConfig(out_dir=tmp_path_factory.mktemp("birds"), classes=4, per_class=4, size=48)).root
     return load_records("cub", Path(root))
 
 
@@ -35,10 +35,13 @@ def test_batched_workers_embedding_matches_one_image_at_a_time(records, tiny_mod
     assert labels.tolist() == [r.label for r in records]
     assert embeddings.dtype == np.float32 and embeddings.shape == (len(records), 16)
 
-    metrics = evaluate_records(encoder, records, batch_size=7)
-    assert {k: metrics[k] for k in ("recall@1", "map@r")} == pytest.approx(
-        {k: retrieval_metrics(embeddings, labels)[k] for k in ("recall@1", "map@r")})
-    assert metrics["n_queries"] == len(records)
+    result = evaluate_records(encoder, records, batch_size=7)
+    queries, _, neighbours = rank_leave_one_out(embeddings, labels, (1, 2, 4, 8))
+    expected = ranking_metrics(labels, queries, neighbours, (1, 2, 4, 8))
+    assert {k: result.metrics[k] for k in ("recall@1", "map@r")} == pytest.approx(
+        {k: expected[k] for k in ("recall@1", "map@r")})
+    assert result.metrics["n_queries"] == len(records)
+    assert result.to_json() == {**result.metrics, "embed_seconds": result.embed_seconds} and result.embed_seconds > 0
 
 
 def test_nothing_to_embed_is_an_error(tiny_model_spec):

@@ -48,7 +48,7 @@ def one_thread():
 def data(tmp_path_factory) -> Path:
     """6 classes x 8 images at 48 px: 3 train classes (24 images, 2 P x K batches of 3 x 4), 3 test classes."""
     return Path(make_dataset(GenerateConfig(out_dir=tmp_path_factory.mktemp("birds"), classes=6, per_class=8,
-                                            size=48))["root"])
+                                            size=48)).root)
 
 
 TINY_CNN = "tiny-cnn-finetune-test"
@@ -131,7 +131,7 @@ def test_short_finetune_lowers_the_loss_and_writes_every_artefact(data, tiny_dir
     encoder = load_encoder(str(out))
     assert encoder.fingerprint() == (out / "fingerprint").read_text().strip() == summary["fingerprint"]
     test = split_records(load_records("cub", data), "test")
-    again = evaluate_records(encoder, test, batch_size=7)
+    again = evaluate_records(encoder, test, batch_size=7).metrics
     assert again["recall@1"] == pytest.approx(history[best]["recall@1"])
     assert again["map@r"] == pytest.approx(history[best]["map@r"], abs=1e-6)
 

@@ -38,9 +38,9 @@ def _pixels(path: Path) -> np.ndarray:
 
 
 def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
-    a = _tree(Path(make_dataset(GenerateConfig(tmp_path / "a", classes=4, per_class=3, size=64, seed=7))["root"]))
-    b = _tree(Path(make_dataset(GenerateConfig(tmp_path / "b", classes=4, per_class=3, size=64, seed=7))["root"]))
-    c = _tree(Path(make_dataset(GenerateConfig(tmp_path / "c", classes=4, per_class=3, size=64, seed=8))["root"]))
+    a = _tree(Path(make_dataset(GenerateConfig(tmp_path / "a", classes=4, per_class=3, size=64, seed=7)).root))
+    b = _tree(Path(make_dataset(GenerateConfig(tmp_path / "b", classes=4, per_class=3, size=64, seed=7)).root))
+    c = _tree(Path(make_dataset(GenerateConfig(tmp_path / "c", classes=4, per_class=3, size=64, seed=8)).root))
     assert a == b
     jpgs = [name for name in a if name.endswith(".jpg")]
     assert len(jpgs) == 12 and sorted(c) == sorted(a)
@@ -51,8 +51,9 @@ def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
 def test_counts_sizes_and_summary(tmp_path):
     cfg = GenerateConfig(tmp_path / "birds", classes=5, per_class=3, size=72, seed=1)
     summary = make_dataset(cfg)
-    assert summary == {"root": str(cfg.out_dir), "images": 15, "classes": 5, "train_classes": 2, "test_classes": 3,
-                       "size": 72, "seed": 1}
+    assert summary.to_json() == {"root": str(cfg.out_dir), "images": 15, "classes": 5, "train_classes": 2,
+                                 "test_classes": 3, "size": 72, "seed": 1}
+    assert summary.root == cfg.out_dir
     folders = sorted(p for p in (cfg.out_dir / "images").iterdir())
     assert len(folders) == 5 and all(len(list(f.glob("*.jpg"))) == 3 for f in folders)
     for jpg in (cfg.out_dir / "images").rglob("*.jpg"):
@@ -169,7 +170,7 @@ def test_reuses_a_matching_set_and_refuses_others(tmp_path):
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert make_dataset(GenerateConfig(empty, classes=2, per_class=1, size=40))["images"] == 2
+    assert make_dataset(GenerateConfig(empty, classes=2, per_class=1, size=40)).images == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["birds", "empty", "photos"]
 
 
@@ -214,7 +215,7 @@ def test_killed_generation_never_leaves_a_partial_set(tmp_path):
         proc.kill()
         proc.wait(timeout=60)
     assert not out.exists()
-    assert make_dataset(GenerateConfig(out, classes=2, per_class=1, size=40))["images"] == 2
+    assert make_dataset(GenerateConfig(out, classes=2, per_class=1, size=40)).images == 2
 
 
 def test_default_dataset_dir_and_ensure(tmp_path, monkeypatch):

@@ -53,8 +53,8 @@ def _assert_consistent(db: Path) -> None:
 def _assert_search_matches_snapshot(db: Path) -> int:
     """Search results equal exact search over the LMDB snapshot, whatever state FAISS is in."""
     with SearchIndex.open(db) as index:
-        ids = index.snapshot.ids()
-        vectors = index.snapshot.vectors(ids)
+        ids = index.ids()
+        vectors = index.vectors(ids)
         queries = np.random.default_rng(0).standard_normal((5, vectors.shape[1])).astype(np.float32)
         _, found = index.search(queries, 3)
         np.testing.assert_array_equal(found, ids[np.argsort(-(queries @ vectors.T), axis=1)[:, :3]])
@@ -97,7 +97,7 @@ def test_killed_incremental_run_is_searchable_then_resumes(tmp_path, tiny_run_di
         assert index.lagging  # ann.faiss is from the first run
     assert _assert_search_matches_snapshot(db) >= 130
     summary = run_index(IndexConfig(folder=folder, db_dir=db, model=str(tiny_run_dir), batch_size=2, workers=0))
-    assert (summary["total"], summary["removed"], summary["ann"]["action"]) == (150, 10, "synced")
+    assert (summary.total, summary.removed, summary.ann.action) == (150, 10, "synced")
     assert_same_state(db_state(db), _reference(folder, tmp_path / "reference", tiny_run_dir))
     assert_ann_matches_lmdb(db)
 

@@ -45,11 +45,11 @@ def test_incremental_add_change_delete(tmp_path, tiny_run_dir):
     rels = make_folder(folder, classes=3, per_class=5)
     first = run_index(_cfg(folder, db, tiny_run_dir))
     counts = ("indexed", "encoded", "unchanged", "removed", "total")
-    assert [first[k] for k in counts] == [15, 15, 0, 0, 15]
+    assert [getattr(first, k) for k in counts] == [15, 15, 0, 0, 15]
     assert_ann_matches_lmdb(db)
 
     again = run_index(_cfg(folder, db, tiny_run_dir))
-    assert (again["indexed"], again["unchanged"], again["total"], again["ann"]["action"]) == (0, 15, 15, "unchanged")
+    assert (again.indexed, again.unchanged, again.total, again.ann.action) == (0, 15, 15, "unchanged")
 
     write_image(folder / "class0/new1.jpg", 501)
     write_image(folder / "class3/new2.png", 502)  # a new class folder
@@ -57,7 +57,7 @@ def test_incremental_add_change_delete(tmp_path, tiny_run_dir):
     os.utime(folder / rels[1], ns=(1, 1))         # even with an old mtime: the size differs
     (folder / rels[2]).unlink()
     third = run_index(_cfg(folder, db, tiny_run_dir, checkpoint_seconds=0))
-    assert [third[k] for k in counts] == [3, 3, 13, 1, 16]
+    assert [getattr(third, k) for k in counts] == [3, 3, 13, 1, 16]
     state = db_state(db)
     assert state["class3/new2.png"][0][0] == "class3" and rels[2] not in state
     assert_same_state(state, _fresh_state(folder, tmp_path, tiny_run_dir))
@@ -73,7 +73,7 @@ def test_identical_content_at_new_path_reuses_embedding(tmp_path, tiny_run_dir):
     (folder / "moved").mkdir()
     os.rename(folder / rels[5], folder / "moved/renamed.jpg")
     summary = run_index(_cfg(folder, db, tiny_run_dir))
-    assert (summary["reused"], summary["encoded"], summary["removed"], summary["total"]) == (2, 0, 1, 9)
+    assert (summary.reused, summary.encoded, summary.removed, summary.total) == (2, 0, 1, 9)
     after = db_state(db)
     np.testing.assert_array_equal(after["class1/copy.jpg"][1], before[rels[0]][1])
     np.testing.assert_array_equal(after["moved/renamed.jpg"][1], before[rels[5]][1])
@@ -106,15 +106,15 @@ def test_bad_files_are_skipped_recorded_and_indexed_once_fixed(tmp_path, tiny_ru
     make_folder(folder, classes=2, per_class=3)
     expected = _make_bad_files(folder)
     summary = run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000))
-    reasons = {f["path"]: f["reason"] for f in summary["failures"]}
+    reasons = {f.path: f.reason for f in summary.failures}
     assert sorted(reasons) == sorted(expected)
     for path, fragment in expected.items():
         assert fragment in reasons[path], (path, reasons[path])
-    assert (summary["total"], summary["failed"]) == (6, len(expected))
+    assert (summary.total, summary.failed) == (6, len(expected))
     assert_ann_matches_lmdb(db)
 
     again = run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000))
-    assert (again["encoded"], again["failed"], again["total"]) == (0, len(expected), 6)  # unchanged: not retried
+    assert (again.encoded, again.failed, again.total) == (0, len(expected), 6)  # unchanged: not retried
     with pytest.raises(DecodeError, match="--strict"):
         run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000, strict=True))
 
@@ -124,9 +124,9 @@ def test_bad_files_are_skipped_recorded_and_indexed_once_fixed(tmp_path, tiny_ru
     os.symlink(folder / "bad/missing.jpg", folder / "bad/broken.jpg")
     (folder / "bad/notes.jpg").unlink()
     fixed = run_index(_cfg(folder, db, tiny_run_dir, max_pixels=5000))
-    assert fixed["encoded"] == 3  # truncated.jpg, missing.jpg and the link to it
+    assert fixed.encoded == 3  # truncated.jpg, missing.jpg and the link to it
     still_bad = set(expected) - {"bad/truncated.jpg", "bad/broken.jpg", "bad/notes.jpg"}
-    assert {f["path"] for f in fixed["failures"]} == still_bad
+    assert {f.path for f in fixed.failures} == still_bad
     assert set(db_state(db)) >= {"bad/truncated.jpg", "bad/broken.jpg", "bad/missing.jpg"}
 
 
@@ -143,7 +143,8 @@ def test_unreadable_file_is_skipped(tmp_path, tiny_run_dir):
         path.chmod(0o000)
         if os.geteuid() != 0:
             summary = run_index(_cfg(base, tmp_path / "db", tiny_run_dir))
-            assert summary["failures"] == [{"path": "cls/locked.jpg", "reason": "cannot read file: Permission denied"}]
+            assert summary.to_json()["failures"] == [{"path": "cls/locked.jpg",
+                                                    "reason": "cannot read file: Permission denied"}]
             return
         from indexer.scan import scan_folder
 
@@ -171,7 +172,7 @@ def test_db_is_bound_to_its_encoder(tmp_path, tiny_run_dir, tiny_model_spec):
     assert "class0/more.jpg" not in db_state(db)  # nothing written with the wrong encoder
 
     summary = run_index(_cfg(folder, db, other, reembed=True))
-    assert (summary["encoded"], summary["total"]) == (5, 5)
+    assert (summary.encoded, summary.total) == (5, 5)
     assert_same_state(db_state(db), _fresh_state(folder, tmp_path, other))
     assert_ann_matches_lmdb(db)
     with SearchIndex.open(db) as index:
@@ -189,9 +190,9 @@ def test_faiss_rebuilt_from_lmdb_equals_incremental(tmp_path, tiny_run_dir):
     for step in range(3):  # grow and shrink the collection; FAISS follows by sync, not rebuild
         write_image(folder / f"class{step}/extra.jpg", 600 + step)
         (folder / rels[step * 5]).unlink()
-        assert run_index(_cfg(folder, db, tiny_run_dir))["ann"]["action"] == "synced"
+        assert run_index(_cfg(folder, db, tiny_run_dir)).ann.action == "synced"
     incremental = ann.load_ann(db, mmap=False)
-    assert run_index(_cfg(folder, db, tiny_run_dir, rebuild_ann=True))["ann"]["action"] == "rebuilt"
+    assert run_index(_cfg(folder, db, tiny_run_dir, rebuild_ann=True)).ann.action == "rebuilt"
     rebuilt = ann.load_ann(db, mmap=False)
     with Store.open(db) as store, store.snapshot() as snap:
         queries = snap.vectors(snap.ids())
@@ -207,10 +208,10 @@ def test_other_ann_kinds_stay_in_step_with_lmdb(tmp_path, tiny_run_dir, kind):
     folder, db = tmp_path / "images", tmp_path / "db"
     rels = make_folder(folder, classes=2, per_class=20)
     first = run_index(_cfg(folder, db, tiny_run_dir, ann=kind, batch_size=16))
-    assert first["ann"]["factory"] == ann.choose_factory(kind, 40, 8)
+    assert first.ann.factory == ann.choose_factory(kind, 40, 8)
     (folder / rels[0]).unlink()
     second = run_index(_cfg(folder, db, tiny_run_dir, ann=kind, batch_size=16))
-    assert second["ann"]["action"] == ("rebuilt" if kind == "hnsw" else "synced")  # HNSW cannot remove
+    assert second.ann.action == ("rebuilt" if kind == "hnsw" else "synced")  # HNSW cannot remove
     assert_ann_matches_lmdb(db)
 
 
@@ -228,8 +229,8 @@ def test_search_matches_snapshot_while_faiss_lags(tmp_path, tiny_run_dir):
         store.commit_batch(new_items, [])
     with SearchIndex.open(db) as index:
         assert index.lagging and len(index) == 17
-        ids = index.snapshot.ids()
-        vectors = index.snapshot.vectors(ids)
+        ids = index.ids()
+        vectors = index.vectors(ids)
         queries = rng.standard_normal((6, 8)).astype(np.float32)
         scores, found = index.search(queries, 5)
         exact = queries @ vectors.T
@@ -263,8 +264,8 @@ def test_an_empty_folder_does_not_wipe_a_db_unless_allowed(tmp_path, tiny_run_di
     assert_same_state(db_state(db), before)
     assert_ann_matches_lmdb(db)
     emptied = run_index(_cfg(folder, db, tiny_run_dir, allow_empty=True))
-    assert (emptied["removed"], emptied["total"]) == (4, 0)
-    assert run_index(_cfg(folder, db, tiny_run_dir))["total"] == 0   # an empty DB: nothing left to protect
+    assert (emptied.removed, emptied.total) == (4, 0)
+    assert run_index(_cfg(folder, db, tiny_run_dir)).total == 0   # an empty DB: nothing left to protect
 
 
 def test_reduced_precision_is_kept_only_when_close_to_fp32(tiny_run_dir):

@@ -11,7 +11,13 @@ import math
 import numpy as np
 import pytest
 
-from retrieval.metrics import knn_search, metrics_from_neighbours, retrieval_metrics
+from retrieval.metrics import knn_search, neighbour_width, rank_leave_one_out, ranking_metrics
+
+
+def _leave_one_out(embeddings, labels, ks=(1, 2, 4, 8), **kw) -> dict:
+    """The path finetune and eval share: rank, then score the ranking."""
+    queries, _, neighbours = rank_leave_one_out(embeddings, labels, ks, **kw)
+    return ranking_metrics(labels, queries, neighbours, ks)
 
 
 def _integer_embeddings(n: int, dim: int, seed: int) -> np.ndarray:
@@ -35,10 +41,13 @@ def _brute_ranking(queries, database, exclude_self: bool) -> list[list[tuple[flo
 
 
 def _brute_metrics(embeddings, labels, ks) -> dict:
+    """Every labelled item (label >= 0) queries all the others; unlabelled ones are distractors only."""
     rankings = _brute_ranking(embeddings, embeddings, exclude_self=True)
     recalls = {k: 0 for k in ks}
     average_precisions, r_precisions = [], []
     for i, ranking in enumerate(rankings):
+        if labels[i] < 0:
+            continue
         same = [labels[j] == labels[i] for _, j in ranking]
         for k in ks:
             recalls[k] += any(same[:k])
@@ -52,12 +61,12 @@ def _brute_metrics(embeddings, labels, ks) -> dict:
                 precision_sum += hits / rank
         average_precisions.append(precision_sum / r)
         r_precisions.append(hits / r)
-    n = len(labels)
+    n = int((labels >= 0).sum())
     out = {f"recall@{k}": recalls[k] / n for k in ks}
     out["map@r"] = sum(average_precisions) / len(average_precisions)
     out["r_precision"] = sum(r_precisions) / len(r_precisions)
     out["n_queries"] = n
-    out["n_classes"] = len(set(labels.tolist()))
+    out["n_classes"] = len(set(labels[labels >= 0].tolist()))
     out["n_queries_without_positives"] = n - len(average_precisions)
     return out
 
@@ -92,10 +101,10 @@ def test_symmetric_shortcut_equals_the_general_path():
 
 
 @pytest.mark.parametrize("block", [5, 4096])
-def test_retrieval_metrics_match_brute_force(block):
+def test_leave_one_out_metrics_match_brute_force(block):
     x = _integer_embeddings(48, 3, seed=5)
     labels = _labels_with_singletons(48, seed=6)
-    got = retrieval_metrics(x, labels, ks=(1, 2, 4, 8), block=block)
+    got = _leave_one_out(x, labels, ks=(1, 2, 4, 8), block=block)
     expected = _brute_metrics(x, labels, (1, 2, 4, 8))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
@@ -103,12 +112,38 @@ def test_retrieval_metrics_match_brute_force(block):
     assert got["n_queries_without_positives"] >= 3
 
 
+def test_unlabelled_items_are_distractors_never_queries():
+    x = _integer_embeddings(40, 3, seed=9)
+    labels = _labels_with_singletons(40, seed=10)
+    labels[5:15] = -1
+    queries, scores, neighbours = rank_leave_one_out(x, labels, (1, 4), top=7, block=6)
+    assert queries.tolist() == [i for i in range(40) if labels[i] >= 0]
+    assert neighbours.shape == scores.shape == (30, neighbour_width(labels, (1, 4), top=7))
+    assert (neighbours >= 0).all() and any(labels[j] < 0 for j in neighbours.ravel())  # distractors are ranked
+    got = ranking_metrics(labels, queries, neighbours, (1, 4))
+    expected = _brute_metrics(x, labels, (1, 4))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_a_wider_ranking_gives_the_same_figures():
+    """finetune ranks only as wide as the metrics need, eval adds the report's sample columns: same numbers."""
+    x = np.random.default_rng(11).normal(size=(60, 8)).astype(np.float32)
+    labels = np.random.default_rng(12).integers(0, 9, size=60)
+    narrow = _leave_one_out(x, labels, ks=(1, 2))
+    wide = _leave_one_out(x, labels, ks=(1, 2), top=50)
+    assert narrow == wide
+
+
 def test_metrics_by_hand():
-    """Query 0 (class 7, R = 2): hits at ranks 1 and 3 -> MAP@R = (1/1 + 0) / 2, R-Precision 1/2.
+    """Items 0-2 query; items 3-7 are the rest of the database (item 7 unlabelled: a distractor).
+    Query 0 (class 7, R = 2): hits at ranks 1 and 3 -> MAP@R = (1/1 + 0) / 2, R-Precision 1/2.
     Query 1 (class 8, R = 1): first hit at rank 2 -> MAP@R 0, R-Precision 0, Recall@1 0, Recall@2 1.
-    Query 2 (class 9, R = 0): a miss for Recall@K, left out of MAP@R and R-Precision."""
-    neighbours = np.array([[7, 5, 7], [5, 8, 5], [7, 8, 5]])
-    got = metrics_from_neighbours(np.array([7, 8, 9]), neighbours, np.array([2, 1, 0]), ks=(1, 2))
+    Query 2 (class 9, R = 0): a miss for Recall@K (the distractor and padding never hit), left out of MAP@R."""
+    labels = np.array([7, 8, 9, 7, 5, 8, 7, -1])
+    #                      ranks 1, 2, 3 (row numbers into labels; -1: no result)
+    neighbours = np.array([[3, 4, 6], [4, 5, 7], [7, 4, -1]])
+    got = ranking_metrics(labels, np.array([0, 1, 2]), neighbours, ks=(1, 2))
     assert got["recall@1"] == pytest.approx(1 / 3) and got["recall@2"] == pytest.approx(2 / 3)
     assert got["map@r"] == pytest.approx(0.25) and got["r_precision"] == pytest.approx(0.25)
     assert (got["n_queries"], got["n_classes"], got["n_queries_without_positives"]) == (3, 3, 1)
@@ -116,7 +151,7 @@ def test_metrics_by_hand():
 
 def test_only_singletons_gives_zero_recall_and_undefined_map():
     x = _integer_embeddings(5, 3, seed=7)
-    got = retrieval_metrics(x, np.arange(5))
+    got = _leave_one_out(x, np.arange(5))
     assert got["recall@1"] == got["recall@8"] == 0.0
     assert math.isnan(got["map@r"]) and math.isnan(got["r_precision"])
 
@@ -124,7 +159,7 @@ def test_only_singletons_gives_zero_recall_and_undefined_map():
 def test_a_perfect_embedding_scores_one():
     labels = np.repeat(np.arange(6), 4)
     x = np.eye(6, dtype=np.float32)[labels]   # same class: score 1, other class: 0
-    got = retrieval_metrics(x, labels)
+    got = _leave_one_out(x, labels)
     assert all(got[key] == 1.0 for key in ("recall@1", "recall@8", "map@r", "r_precision"))
 
 
@@ -135,4 +170,4 @@ def test_invalid_inputs():
     with pytest.raises(ValueError, match="NaN"):
         knn_search(np.full((2, 3), np.nan, dtype=np.float32), x, 2)
     with pytest.raises(ValueError, match="do not cover"):
-        metrics_from_neighbours(np.array([0, 0]), np.array([[0], [0]]), np.array([1, 1]), ks=(1, 2))
+        ranking_metrics(np.array([0, 0]), np.array([0, 1]), np.array([[1], [0]]), ks=(1, 2))

@@ -13,13 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
+from indexer.pipeline import IndexSummary
 from tests.index_support import make_folder, save_run, write_image
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (1, 2, 4)
 
 
-def _index(folder: Path, db: Path, model: Path, ann: str = "auto") -> dict:
+def _index(folder: Path, db: Path, model: Path, ann: str = "auto") -> IndexSummary:
     from indexer.pipeline import IndexConfig, run_index
 
     return run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), workers=0, ann=ann))
@@ -209,7 +210,7 @@ def test_eval_db_with_an_approximate_index_reports_exact_search_and_the_gap(tiny
     folder = tmp_path / "images"
     make_folder(folder, classes=4, per_class=8)
     db = tmp_path / "db"
-    assert _index(folder, db, tiny_run, ann="IVF2,SQ4")["ann"]["factory"] == "IVF2,SQ4"
+    assert _index(folder, db, tiny_run, ann="IVF2,SQ4").ann.factory == "IVF2,SQ4"
     got = json.loads(_invoke("eval", "--db", str(db), "--k", "1,2,4", "--json").output)
 
     emb, labels = _stored(db)
@@ -231,7 +232,7 @@ def test_eval_dataset_shares_finetunes_numbers_and_writes_a_compared_report(tiny
     from retrieval.encoder import load_encoder
     from retrieval.embed import evaluate_records
 
-    data = Path(make_dataset(GenerateConfig(tmp_path / "birds", classes=4, per_class=4, size=32))["root"])
+    data = Path(make_dataset(GenerateConfig(tmp_path / "birds", classes=4, per_class=4, size=32)).root)
     other = tmp_path / "run"
     other.mkdir()
     row = {"epoch": 1, "loss": 0.5, "recall@1": 0.125, "recall@2": 0.25, "recall@4": 0.5, "map@r": 0.1}
@@ -242,7 +243,8 @@ def test_eval_dataset_shares_finetunes_numbers_and_writes_a_compared_report(tiny
     assert result.exit_code == 0, result.output
     got = json.loads(result.output)
 
-    expected = evaluate_records(load_encoder(str(tiny_run)), split_records(load_records("cub", data), "test"), ks=KS)
+    expected = evaluate_records(load_encoder(str(tiny_run)), split_records(load_records("cub", data), "test"),
+                                ks=KS).metrics
     for key in ("recall@1", "recall@2", "recall@4", "map@r", "r_precision", "n_queries", "n_classes"):
         assert got[key] == pytest.approx(expected[key]), key
     assert got["compare"] == {"name": "run", "metrics": {k: v for k, v in row.items() if k not in ("epoch", "loss")}}

@@ -326,17 +326,27 @@ def _marker(cfg: GenerateConfig) -> dict:
     return {"generator": "circle-retrieval birds", "version": GENERATOR_VERSION, "config": params}
 
 
-def _summary(cfg: GenerateConfig) -> dict:
+@dataclass(frozen=True)
+class GeneratedSet:
+    """What `make_dataset` wrote (or found already there): a CUB-format set at `root`."""
+
+    root: Path
+    images: int
+    classes: int
+    train_classes: int
+    test_classes: int
+    size: int
+    seed: int
+
+    def to_json(self) -> dict:
+        """The `make-dataset --json` object."""
+        return {**asdict(self), "root": str(self.root)}
+
+
+def _summary(cfg: GenerateConfig) -> GeneratedSet:
     train = cfg.classes // 2
-    return {
-        "root": str(cfg.out_dir),
-        "images": cfg.classes * cfg.per_class,
-        "classes": cfg.classes,
-        "train_classes": train,
-        "test_classes": cfg.classes - train,
-        "size": cfg.size,
-        "seed": cfg.seed,
-    }
+    return GeneratedSet(root=Path(cfg.out_dir), images=cfg.classes * cfg.per_class, classes=cfg.classes,
+                        train_classes=train, test_classes=cfg.classes - train, size=cfg.size, seed=cfg.seed)
 
 
 def _is_generated_with(out_dir: Path, cfg: GenerateConfig) -> bool:
@@ -383,7 +393,7 @@ def _write_set(cfg: GenerateConfig, root: Path) -> None:
     (root / MARKER).write_text(json.dumps({**_marker(cfg), "class_attributes": attributes}, indent=1) + "\n")
 
 
-def make_dataset(cfg: GenerateConfig) -> dict:
+def make_dataset(cfg: GenerateConfig) -> GeneratedSet:
     """Generate the bird set into `cfg.out_dir` atomically and return its summary.
 
     The set is built in a temporary folder beside `out_dir`, flushed to disk and renamed into place
