@@ -1,4 +1,6 @@
-"""Data layer: one reader per on-disk format, all returning `Record`s with a class-disjoint split."""
+"""Data layer, the "files" and "decode" end of files -> decode -> encode -> LMDB -> FAISS -> search -> query /
+eval / serve: one reader per on-disk format, all returning `Record`s with a class-disjoint split; safe decoding
+(`decode`), the P x K sampler and the generated bird set."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Image encoders: an open_clip image tower + a linear head to `embed_dim` + L2 normalisation, returned
-together with their preprocessing, saved with their config and a fingerprint.
+"""Image encoders, the "encode" stage of files -> decode -> encode -> LMDB -> FAISS -> search -> query / eval /
+serve: an open_clip image tower + a linear head to `embed_dim` + L2 normalisation, returned together with their
+preprocessing, saved with their config and a fingerprint.
 
     encoder = load_encoder("lite0")              # offline ImageNet EfficientNet-Lite0 (the default)
     emb = encoder(encoder.eval_transform()(img).unsqueeze(0))   # (1, 512) float32, unit norm
