@@ -106,21 +106,31 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--allow-empty", is_flag=True,
               help="Let a FOLDER with no image files remove every item of a non-empty DB (without it that is "
                    "refused, as a sign of an unmounted drive or a wrong path).")
+@click.option("--max-remove", type=click.IntRange(min=0), default=None,
+              help="Most items a run may remove (files gone since the last run); a run that would remove more stops "
+                   "before removing any [default: half of the DB].")
+@click.option("--root-changed", is_flag=True,
+              help="Let a DB built from another folder index FOLDER (the collection moved; paths are relative).")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=None,
               help="Skip images larger than this many pixels [default: 89,478,485].")
+@click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=256, show_default=True,
+              help="Skip files larger than this (each file is read whole into memory).")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: int | None, device: str,
               precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
-              max_pixels: int | None, progress: bool | None, as_json: bool) -> None:
+              max_remove: int | None, root_changed: bool, max_pixels: int | None, max_file_mb: float,
+              progress: bool | None, as_json: bool) -> None:
     """Index the images under FOLDER into DB_DIR: embeddings in LMDB (the source of truth), search in FAISS.
 
     \b
     Incremental: unchanged files (same size and mtime) are skipped, changed ones re-encoded, deleted ones
     removed; a file with the content of one already indexed reuses its embedding. Safe to kill at any
     moment and run again. Bad files (truncated, empty, not an image, too large, unreadable, broken links,
-    undecodable names) are skipped and listed. The label of an image is its first folder below FOLDER.
+    a decoder crash) are skipped and listed; I/O errors are retried on the next run. Items under a folder
+    that cannot be reached (unlistable, a dangling link) are kept. The label of an image is its first
+    folder below FOLDER.
     """
     from indexer.pipeline import IndexConfig, prefer_passive_openmp, run_index
 
@@ -129,7 +139,8 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
 
     cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size, workers=workers,
                       device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
-                      strict=strict, allow_empty=allow_empty, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+                      strict=strict, allow_empty=allow_empty, max_remove=max_remove, root_changed=root_changed,
+                      max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb)
     summary = run_index(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if as_json:
         _print_json(summary.to_json())
@@ -139,7 +150,12 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
                f"{summary.failed} failed: {summary.total} images in {db_dir} "
                f"(FAISS {summary.ann.factory}, {summary.ann.action}) in {summary.seconds:.1f} s")
     for failure in summary.failures:
-        click.echo(f"  failed: {failure.path}: {failure.reason}")
+        retry = " (retried next run)" if failure.transient else ""
+        click.echo(f"  failed: {failure.path}: {failure.reason}{retry}")
+    if summary.unreachable:
+        more = " ..." if len(summary.unreachable) > 5 else ""
+        folders = ", ".join(summary.unreachable[:5])
+        click.echo(f"  unreachable: {summary.unreachable_kept} items kept under {folders}{more}")
 
 
 def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
@@ -181,12 +197,12 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     if as_json:
         _print_json([r.to_json() for r in results])
         return
-    for result in results:
-        width = max([5, *(len(hit.label) for hit in result.hits)])
-        click.echo(f"query: {result.query}")
+    for result in (r.to_json() for r in results):  # printable paths and labels
+        width = max([5, *(len(hit["label"]) for hit in result["results"])])
+        click.echo(f"query: {result['query']}")
         click.echo(f"  {'rank':>4}  {'similarity':>10}  {'label':<{width}}  path")
-        for hit in result.hits:
-            click.echo(f"  {hit.rank:>4}  {hit.score:>10.4f}  {hit.label:<{width}}  {hit.path}")
+        for hit in result["results"]:
+            click.echo(f"  {hit['rank']:>4}  {hit['score']:>10.4f}  {hit['label']:<{width}}  {hit['path']}")
     if html_file is not None:
         click.echo(f"page: {html_file}")
 
@@ -201,7 +217,9 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
               help="Split to evaluate (with --dataset); test holds the classes unseen in training.")
 @click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
-@click.option("--train-fraction", default=0.5, show_default=True, help="folder: share of the sorted classes in train.")
+@click.option("--train-fraction", default=0.5, show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="folder: share of the sorted classes in train.")
 @click.option("--k", "ks", default=",".join(map(str, DEFAULT_KS)), show_default=True, callback=_parse_ks,
               help="K values for Recall@K (1,10,100,1000 suits SOP).")
 @click.option("--batch-size", default=64, show_default=True, help="Images per encoder batch (with --dataset).")
@@ -332,6 +350,7 @@ def _parse_loss_params(ctx, param, values: tuple[str, ...]) -> dict:
               help="Data set folder [default: the embedded generated bird set, created on first use].")
 @click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
 @click.option("--train-fraction", default=_ft("train_fraction"), show_default=True,
+              type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="folder: share of the sorted classes used for training (the rest is the test split).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/finetune"),
               show_default=True, help="Run directory: weights, encoder.json, metrics.json, train.log, curves.png.")

@@ -3,7 +3,9 @@
 Files: `ann.faiss` (the chosen index, keyed by LMDB ids) and `ann.json` (AnnMeta: what it was built from).
 Both are written atomically and durably (retrieval.files: temporary file, fsync, rename), the index first, so
 a reader never sees a half-written file and a crash leaves at worst a stale (older) index; `ids_digest` tells
-stale from current.
+stale from current. ann.json also names the LMDB it was built from (the DB's random uuid, and its
+generation): an index whose uuid is not the DB's (data.mdb deleted and built again, ids restarting at 0) is
+never used, only rebuilt.
 
 Index choice (`--ann`): `flat` exact search; `hnsw` (HNSW32: fast, no removal, so deletions rebuild it);
 `ivf-flat` / `ivf-pq` (inverted lists trained on a sample; PQ compresses each vector to dim/8 bytes);
@@ -58,6 +60,8 @@ class AnnMeta:
     trained_on: int  # items in the DB when the index was (re)built
     file_size: int = 0  # stat of ann.faiss as written, to tell whether this meta describes the file
     file_mtime_ns: int = 0
+    db_uuid: str = ""  # Header.uuid of the LMDB it was built from
+    generation: int = 0  # Header.generation it was last brought level with
 
     def matches_file(self, path: Path) -> bool:
         try:
@@ -175,7 +179,8 @@ def refresh(db_dir: Path, snapshot: Snapshot, kind: str, *, rebuild: bool = Fals
     dim, fingerprint = header.encoder.dim, header.encoder.fingerprint
     factory = choose_factory(kind, n, dim) if n else "Flat"  # an empty DB cannot train anything
     meta = read_meta(db_dir)
-    reason = _rebuild_reason(meta, kind, factory, n, dim, fingerprint) or ("asked (--rebuild-ann)" if rebuild else None)
+    reason = (_rebuild_reason(meta, kind, factory, n, dim, fingerprint, header.uuid)
+              or ("asked (--rebuild-ann)" if rebuild else None))
     index, added, removed = None, 0, 0
     if meta is not None and reason is None:
         if meta.ids_digest == header.ids_digest and meta.ntotal == n:
@@ -194,14 +199,17 @@ def refresh(db_dir: Path, snapshot: Snapshot, kind: str, *, rebuild: bool = Fals
         meta = AnnMeta(kind, factory, dim, fingerprint, 0, 0, trained_on=n)
     if ids_digest(index_ids(index)) != header.ids_digest:
         raise IndexStoreError(f"{db_dir}: FAISS ids do not match LMDB after the update (please report this)")
-    meta = write_ann(db_dir, index, AnnMeta(**{**asdict(meta), "ntotal": index.ntotal,
-                                               "ids_digest": header.ids_digest}))
+    meta = write_ann(db_dir, index, AnnMeta(**{**asdict(meta), "ntotal": index.ntotal, "ids_digest": header.ids_digest,
+                                               "db_uuid": header.uuid, "generation": header.generation}))
     return Refresh("rebuilt" if reason else "synced", meta.factory, meta.ntotal, reason, added, removed)
 
 
-def _rebuild_reason(meta: AnnMeta | None, kind: str, factory: str, n: int, dim: int, fingerprint: str) -> str | None:
+def _rebuild_reason(meta: AnnMeta | None, kind: str, factory: str, n: int, dim: int, fingerprint: str,
+                    db_uuid: str) -> str | None:
     if meta is None:
         return "no index yet"
+    if meta.db_uuid != db_uuid:
+        return "built from another DB (its uuid differs)"
     if meta.fingerprint != fingerprint or meta.dim != dim:
         return "encoder changed"
     if meta.kind != kind:
@@ -272,6 +280,24 @@ def read_meta(db_dir: Path) -> AnnMeta | None:
     except (FileNotFoundError, json.JSONDecodeError, TypeError):
         return None
     return meta if meta.matches_file(db_dir / ANN_FILE) else None
+
+
+def load_bound(db_dir: str | Path, header, *, mmap: bool = True) -> faiss.Index | None:
+    """ann.faiss if the last ann.json written names this DB (`header`: its layout.Header), else None.
+
+    ann.faiss is always renamed into place before its ann.json, so once an ann.json names this DB's uuid the
+    file holds this DB's index, current or lagging (which the ids digest tells); one named by another DB
+    (data.mdb deleted and created again, a backup restored beside another DB) is never searched."""
+    try:
+        named = json.loads((Path(db_dir) / ANN_META).read_text()).get("db_uuid")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    if named != header.uuid:
+        if (Path(db_dir) / ANN_FILE).is_file():
+            log.info("%s: ann.faiss was not built from this DB; searching LMDB exactly until `index` rebuilds it",
+                     db_dir)
+        return None
+    return load_ann(db_dir, mmap=mmap)
 
 
 def load_ann(db_dir: str | Path, *, mmap: bool = True) -> faiss.Index | None:

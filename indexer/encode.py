@@ -11,13 +11,19 @@ encoded. Only this module imports torch, so a run with nothing to encode never p
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import hashlib
 import logging
+import math
+import multiprocessing
 import os
+import pickle
 import queue
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +35,14 @@ from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 
-from .layout import Failure, NewItem
-from .scan import FileEntry
+from .layout import Failure, NewItem, limits_key
+from .scan import TRANSIENT_ERRNOS, FileEntry
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MAX_FILE_MB = 256  # --max-file-mb: a file is read whole into memory, so larger ones are refused
 MIN_COSINE = 0.999  # reduced precision is kept only if every first-batch embedding is this close to fp32
 
 
@@ -58,40 +65,81 @@ class _Loaded:
     width: int = 0
     height: int = 0
     error: str | None = None
+    transient: bool = False  # the error is not the file's (I/O error, out of memory): retry it next run
+    capped: bool = False  # the error is a cap's (pixels, file size): retry it when the caps change
+
+
+CRASHED = "decoder crashed"  # the reason recorded for a file whose decode worker died on it
 
 
 class _Files(torch.utils.data.Dataset):
-    """Reads, hashes and decodes the files to index; a bad file becomes an error string, never an exception."""
+    """Reads, hashes and decodes the files to index; a bad file becomes an error string, never an exception.
+
+    Every per-file step (read, decode, EXIF, convert, resize, crop, to-tensor) runs inside one guard, so no
+    single file can stop a run; the files a decoder crashes on are found by encode_files instead.
+    """
 
     def __init__(self, root: Path, entries: Sequence[FileEntry], transform: Callable, draft_size: int,
-                 max_pixels: int):
+                 max_pixels: int, max_file_bytes: int = DEFAULT_MAX_FILE_MB << 20):
         self.root = root
         self.relpaths = [e.relpath for e in entries]
         self.transform = transform
         self.draft_size = draft_size
         self.max_pixels = max_pixels
+        self.max_file_bytes = max_file_bytes
+        self.limits = limits_key(max_pixels, max_file_bytes)
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
     def __getitem__(self, i: int) -> _Loaded:
+        try:
+            return self._load(i)
+        except MemoryError:
+            return _Loaded(i, error="out of memory while decoding", transient=True)
+        except Exception as exc:  # noqa: BLE001 - the per-file guard: any failure is this file's failure
+            return _Loaded(i, error=f"cannot preprocess: {type(exc).__name__}: {exc}")
+
+    def _load(self, i: int) -> _Loaded:
         rel = self.relpaths[i]
         try:
-            with open(self.root / rel, "rb") as f:
-                st = os.fstat(f.fileno())  # the stat of the bytes actually read
-                data = f.read()
+            data, st = read_file(self.root / rel, self.max_file_bytes)
         except OSError as exc:
-            return _Loaded(i, error=f"cannot read file: {exc.strerror or exc}")
+            return _Loaded(i, error=f"cannot read file: {exc.strerror or exc}", transient=exc.errno in TRANSIENT_ERRNOS)
+        if data is None:
+            return _Loaded(i, size=st.st_size, mtime_ns=st.st_mtime_ns, capped=True,
+                           error=f"file too large ({max(st.st_size, self.max_file_bytes + 1) / 2**20:,.1f} MiB; "
+                                 f"the cap is --max-file-mb {self.max_file_bytes / 2**20:.3g})")
         out = _Loaded(i, content_hash=hashlib.blake2b(data, digest_size=16).digest(), size=st.st_size,
                       mtime_ns=st.st_mtime_ns)
         try:
             decoded = decode_image(data, name=rel, draft_size=self.draft_size, max_pixels=self.max_pixels)
         except DecodeError as exc:
             out.error = exc.reason
+            out.transient = isinstance(exc.__cause__, MemoryError)
+            out.capped = exc.reason.startswith("too many pixels")
+            return out
+        del data
+        short, long = sorted(decoded.image.size)
+        resized = self.draft_size * math.ceil(long * self.draft_size / max(short, 1))
+        if resized > self.max_pixels:  # a 1 x 80,000,000 strip would become a gigantic tensor
+            out.capped = True
+            out.error = (f"extreme aspect ratio ({decoded.width}x{decoded.height}): resized to {self.draft_size} "
+                         f"px on its short side it would have {resized:,} pixels (cap max_pixels={self.max_pixels:,})")
             return out
         out.tensor = self.transform(decoded.image)
         out.width, out.height = decoded.width, decoded.height
         return out
+
+
+def read_file(path: Path, max_bytes: int) -> tuple[bytes | None, os.stat_result]:
+    """(the file's bytes, or None if it holds more than max_bytes; the stat of what was read)."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())  # the stat of the bytes actually read
+        if st.st_size > max_bytes:
+            return None, st
+        data = f.read(max_bytes + 1)
+    return (None if len(data) > max_bytes else data), st
 
 
 def split_transform(transform: Callable) -> tuple[Callable, Callable[[torch.Tensor], torch.Tensor]]:
@@ -210,71 +258,171 @@ class Embedder:
 
 def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embedder, *, batch_size: int,
                  workers: int, max_pixels: int, checkpoint: Callable[[], object], checkpoint_seconds: float,
-                 progress: bool) -> EncodeCounts:
+                 progress: bool, max_file_bytes: int = DEFAULT_MAX_FILE_MB << 20) -> EncodeCounts:
     """Read, decode, encode and commit every file of `todo`; `checkpoint()` runs every checkpoint_seconds
-    with everything so far committed."""
+    with everything so far committed.
+
+    When a decode worker dies (a decoder crash, the OOM killer), the files that were in flight are decoded
+    again one by one in fresh worker processes: a file that kills its worker again is recorded as
+    "decoder crashed" (not retried while unchanged), the others are indexed, and the run goes on. Only
+    several files crashing in a row (the machine, not the files) stop the run. With workers=0 the files are
+    decoded in this process, which no decoder crash survives.
+    """
     from tqdm import tqdm
 
     counts = EncodeCounts()
-    dataset = _Files(root, todo, embedder.transform, embedder.draft_size, max_pixels)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-        prefetch_factor=2 if workers else None, pin_memory=embedder.device.type == "cuda")
-    batches = iter(loader)  # workers fork here, before the writer thread exists
-    writer = _Writer(store)
+    dataset = _Files(root, todo, embedder.transform, embedder.draft_size, max_pixels, max_file_bytes)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    writer: _Writer | None = None
     last_checkpoint = time.monotonic()
+
+    def take(loaded: list[_Loaded], stacked: torch.Tensor | None) -> None:
+        nonlocal last_checkpoint
+        assert writer is not None
+        writer.put(*_embed_batch(store, todo, loaded, stacked, embedder, counts, dataset.limits))
+        bar.set_postfix(encoded=counts.encoded, reused=counts.reused, failed=len(counts.failures), refresh=False)
+        bar.update(len(loaded))
+        if time.monotonic() - last_checkpoint > checkpoint_seconds:
+            writer.flush()
+            checkpoint()
+            last_checkpoint = time.monotonic()
+
+    start = 0  # todo[:start] is handed to the writer
     try:
-        for loaded, stacked in batches:
-            writer.put(*_embed_batch(store, todo, loaded, stacked, embedder, counts))
-            bar.set_postfix(encoded=counts.encoded, reused=counts.reused, failed=len(counts.failures), refresh=False)
-            bar.update(len(loaded))
-            if time.monotonic() - last_checkpoint > checkpoint_seconds:
-                writer.flush()
-                checkpoint()
-                last_checkpoint = time.monotonic()
-    except (RuntimeError, OSError, EOFError) as exc:
-        _raise_if_a_worker_died(getattr(batches, "_workers", []), counts, exc)
-        raise
+        while start < len(todo):
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, range(start, len(todo))), batch_size=batch_size,
+                num_workers=workers, collate_fn=_collate, prefetch_factor=_PREFETCH if workers else None,
+                pin_memory=embedder.device.type == "cuda",
+                worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
+            if writer is not None:
+                writer.flush()  # fork while the writer thread is idle (it holds no lock then)
+            batches = iter(loader)  # workers fork here (the first time, before the writer thread exists)
+            writer = writer or _Writer(store)
+            try:
+                for loaded, stacked in batches:
+                    take(loaded, stacked)
+                    start += len(loaded)
+            except (RuntimeError, OSError, EOFError) as exc:
+                dead = _dead_workers(getattr(batches, "_workers", []))
+                if not dead:
+                    raise
+                _shutdown(batches)
+                log.warning("a decode worker died (%s); decoding the files in flight one by one",
+                            ", ".join(f"pid {w.pid} exit code {w.exitcode}" for w in dead))
+                suspects = range(start, min(len(todo), start + batch_size * workers * (_PREFETCH + 1)))
+                writer.flush()  # fork while the writer thread is idle
+                for loaded, stacked in _isolated_batches(dataset, suspects, batch_size, counts, exc):
+                    take(loaded, stacked)
+                start = suspects.stop
     finally:
         bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
     return counts
 
 
-def _raise_if_a_worker_died(workers: list, counts: EncodeCounts, exc: BaseException) -> None:
-    """Turn a dead decode worker (killed for memory, say) into a one-line error that says what is kept and
-    what to do; the batches committed so far stay, and a re-run continues from them.
-
-    A dead worker surfaces as whatever the main process was doing (torch's SIGCHLD handler raising anywhere,
-    a reset connection or EOF while receiving a batch), so the workers' exit codes decide."""
-    dead = _dead_workers(workers)
-    if dead:
-        how = ", ".join(f"pid {w.pid} exit code {w.exitcode}" for w in dead)
-        done = counts.encoded + counts.reused
-        raise IndexStoreError(f"a decode worker died ({how}); the {done} images encoded so far are kept: run the "
-                              "same command again to continue (if it was killed for memory: fewer --workers or a "
-                              "smaller --batch-size)") from exc
+_PREFETCH = 2  # batches each decode worker prepares ahead
+_MAX_CRASHES_IN_A_ROW = 3  # more files than this crashing their worker in a row: the machine, not the files
 
 
-def _dead_workers(workers: list) -> list:
+def _isolated_batches(dataset: _Files, indices: range, batch_size: int, counts: EncodeCounts,
+                      cause: BaseException) -> Iterator[tuple[list[_Loaded], torch.Tensor | None]]:
+    """Decode `indices` in fresh worker processes, one file after another, and yield them in batches; a file
+    whose worker dies while decoding it comes back as a CRASHED failure."""
+    pending = list(indices)
+    batch: list[_Loaded] = []
+    in_a_row = 0
+    while pending:
+        got, died = _decode_in_fresh_worker(dataset, pending)
+        batch += got
+        pending = pending[len(got):]
+        in_a_row = 0 if got else in_a_row
+        if died is not None:
+            in_a_row += 1
+            if in_a_row > _MAX_CRASHES_IN_A_ROW:
+                done = counts.encoded + counts.reused
+                raise IndexStoreError(
+                    f"decode workers keep dying ({died}) on different files; the {done} images encoded so far "
+                    "are kept: run the same command again to continue (if they are killed for memory: fewer "
+                    "--workers or a smaller --batch-size)") from cause
+            log.warning("%s: %s (%s); recorded, not retried until the file changes",
+                        dataset.relpaths[pending[0]], CRASHED, died)
+            batch.append(_Loaded(pending.pop(0), error=f"{CRASHED} ({died})"))
+        while len(batch) >= batch_size or (batch and not pending):
+            yield _collate(batch[:batch_size])
+            batch = batch[batch_size:]
+
+
+def _decode_in_fresh_worker(dataset: _Files, indices: list[int]) -> tuple[list[_Loaded], str | None]:
+    """Decode `indices` in order in one new process until done or it dies: (what it sent, how it died or None).
+
+    Results travel through a pipe in order, so everything before the file it died on has arrived."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_decode_worker, args=(dataset, indices, send, os.getpid()), daemon=True)
+    proc.start()
+    send.close()
+    got: list[_Loaded] = []
+    try:
+        while len(got) < len(indices):
+            got.append(pickle.loads(receive.recv_bytes()))
+    except EOFError:
+        pass
+    finally:
+        receive.close()
+        proc.join()
+    if len(got) == len(indices):
+        return got, None
+    code = proc.exitcode or 0
+    return got, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+
+
+def _decode_worker(dataset: _Files, indices: list[int], send, parent: int) -> None:
+    _die_with_parent(parent)
+    for i in indices:
+        send.send_bytes(pickle.dumps(dataset[i]))
+    send.close()
+
+
+def _die_with_parent(parent: int, _worker_id: int = 0) -> None:
+    """In a decode worker: be killed when the indexing process dies (Linux PR_SET_PDEATHSIG), so that a
+    killed run leaves no orphan decoding on; exit at once if it is already gone."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: torch's own watchdog ends orphans within seconds
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+def _shutdown(batches) -> None:
+    """Stop a DataLoader iterator's remaining workers (and unregister them from torch's SIGCHLD check)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _dead_workers(workers: list, wait: float = 2.0) -> list:
     """The worker processes that have exited with an error, waiting a moment for one killed just now."""
-    for w in workers:
-        for _ in range(2):
-            try:
-                w.join(timeout=2)
-                break
-            except RuntimeError:   # torch's SIGCHLD handler reports the death inside the wait as well
-                continue
-    return [w for w in workers if w.exitcode not in (None, 0)]
+    deadline = time.monotonic() + wait
+    while True:
+        dead = [w for w in workers if w.exitcode not in (None, 0)]
+        if dead or time.monotonic() > deadline:
+            return dead
+        try:
+            time.sleep(0.05)
+        except RuntimeError:  # torch's SIGCHLD handler reports the death here as well
+            continue
 
 
 def _embed_batch(store: Store, todo: list[FileEntry], loaded: list[_Loaded], stacked: torch.Tensor | None,
-                 embedder: Embedder, counts: EncodeCounts) -> tuple[list[NewItem], list[Failure]]:
+                 embedder: Embedder, counts: EncodeCounts, limits: str) -> tuple[list[NewItem], list[Failure]]:
     """Items for one batch: the embedding reused by content hash where the DB has it, else encoded."""
     good = [x for x in loaded if x.error is None]
     failures = [Failure(todo[x.index].relpath, x.error, todo[x.index].size, todo[x.index].mtime_ns,
-                        todo[x.index].ctime_ns)  # the scan's stat: an unchanged bad file is not retried
+                        todo[x.index].ctime_ns, x.transient,  # the scan's stat: an unchanged bad file is not retried
+                        limits if x.capped else "")
                 for x in loaded if x.error is not None]
     counts.failures.extend(failures)
     with store.snapshot() as snap:

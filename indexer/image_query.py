@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
 STDIN = "-"
@@ -46,9 +47,10 @@ class QueryResult:
 
     def to_json(self) -> dict:
         """The documented `query --json` element: {"query": PATH, "results": [{rank, path, score, label}]}."""
-        return {
-            "query": self.query,
-            "results": [{"rank": h.rank, "path": h.path, "score": h.score, "label": h.label} for h in self.hits],
+        return {  # paths and labels printable: bytes that are not UTF-8 as backslash escapes (walk.printable)
+            "query": printable(self.query),
+            "results": [{"rank": h.rank, "path": printable(h.path), "score": h.score, "label": printable(h.label)}
+                        for h in self.hits],
         }
 
 

@@ -6,16 +6,19 @@ content (and so its embedding) never changes either: a changed file gets a new i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
+import uuid
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from retrieval.hashing import splitmix64
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: long paths keyed by prefix + digest, raw file-name bytes, DB uuid, transient failures
+KEY_PREFIX = 480  # LMDB keys hold at most 511 bytes: longer paths are keyed by 480 bytes + NUL + 16-byte digest
 METRIC = "inner_product"  # on L2-normalised embeddings this is cosine similarity
 
 _ITEM = struct.Struct("<qqII16sH")  # size, mtime_ns, width, height, content hash, label length
@@ -46,6 +49,7 @@ class Header:
 
     encoder: EncoderInfo
     root: str  # absolute path of the folder last indexed; item paths are relative to it
+    uuid: str = ""  # random at creation: what ann.json names to say which DB its index was built from
     schema: int = SCHEMA_VERSION
     metric: str = METRIC
     next_id: int = 0
@@ -103,14 +107,24 @@ class Failure:
     size: int = -1
     mtime_ns: int = -1
     ctime_ns: int = -1
+    transient: bool = False  # not the file's fault (I/O error, too many open files, memory): retried every run
+    limits: str = ""  # for a failure due to a cap (pixels, file size): the caps then (limits_key); retried when raised
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"reason": self.reason, "size": self.size, "mtime_ns": self.mtime_ns,
-                           "ctime_ns": self.ctime_ns}).encode()
+        fields: dict[str, object] = {"reason": self.reason, "size": self.size, "mtime_ns": self.mtime_ns,
+                                     "ctime_ns": self.ctime_ns, "transient": self.transient}
+        if self.limits:
+            fields["limits"] = self.limits
+        raw = os.fsencode(self.relpath)
+        if len(raw) > KEY_PREFIX:  # the key holds only a prefix: keep the whole path in the value
+            fields["path"] = raw.hex()
+        return json.dumps(fields).encode()
 
     @classmethod
-    def from_bytes(cls, relpath: str, data: Raw) -> Failure:
-        return cls(relpath=relpath, **json.loads(bytes(data)))
+    def from_bytes(cls, key: Raw, data: Raw) -> Failure:
+        fields = json.loads(bytes(data))
+        raw = bytes.fromhex(fields.pop("path")) if "path" in fields else bytes(key)
+        return cls(relpath=os.fsdecode(raw), **fields)
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class PathState:
     id: int
     size: int
     mtime_ns: int
+    path: bytes = b""  # the whole path, stored only when the key is a prefix + digest (see path_key)
 
 
 def id_key(item_id: int) -> bytes:
@@ -131,24 +146,25 @@ def key_id(key: Raw) -> int:
 
 
 def pack_item(item: NewItem) -> bytes:
-    label = item.label.encode()
+    label = os.fsencode(item.label)
     head = _ITEM.pack(item.size, item.mtime_ns, item.width, item.height, item.content_hash, len(label))
-    return head + label + item.relpath.encode()
+    return head + label + os.fsencode(item.relpath)
 
 
 def unpack_item(item_id: int, data: Raw) -> Item:
     size, mtime_ns, width, height, content_hash, label_len = _ITEM.unpack_from(data)
     rest = bytes(data[_ITEM.size:])
-    return Item(item_id, rest[label_len:].decode(), rest[:label_len].decode(), size, mtime_ns, width, height,
-                content_hash)
+    return Item(item_id, os.fsdecode(rest[label_len:]), os.fsdecode(rest[:label_len]), size, mtime_ns, width,
+                height, content_hash)
 
 
 def pack_path(state: PathState) -> bytes:
-    return _PATH.pack(state.id, state.size, state.mtime_ns)
+    return _PATH.pack(state.id, state.size, state.mtime_ns) + state.path
 
 
 def unpack_path(data: Raw) -> PathState:
-    return PathState(*_PATH.unpack(data))
+    item_id, size, mtime_ns = _PATH.unpack_from(data)
+    return PathState(item_id, size, mtime_ns, bytes(data[_PATH.size:]))
 
 
 def ids_digest(ids: np.ndarray) -> int:
@@ -164,11 +180,23 @@ def digest_update(digest: int, added: np.ndarray, removed: np.ndarray) -> int:
     return (digest + ids_digest(added) - ids_digest(removed)) & _MASK
 
 
-def path_key(relpath: str) -> bytes:
-    """The bytes a relative path is stored under (the file system's own bytes, also for odd names)."""
-    return os.fsencode(relpath)
+def path_key(relpath: str | bytes) -> bytes:
+    """The key a relative path is stored under: its file-system bytes (odd names included) when they fit,
+    else their first KEY_PREFIX bytes, a NUL (no path holds one) and a blake2b-128 digest of the whole path.
+
+    Key order is path order, except among long paths sharing their first KEY_PREFIX bytes (which are
+    neighbours in path order): a sorted walk stays mergeable with LMDB's key order by sorting each such run.
+    """
+    raw = os.fsencode(relpath)
+    if len(raw) <= KEY_PREFIX:
+        return raw
+    return raw[:KEY_PREFIX] + b"\0" + hashlib.blake2b(raw, digest_size=16).digest()
 
 
-def display_path(key: bytes) -> str:
-    """A printable form of a stored path key (invalid UTF-8 shown as backslash escapes)."""
-    return key.decode("utf-8", "backslashreplace")
+def limits_key(max_pixels: int, max_file_bytes: int) -> str:
+    """The caps a file was judged under, recorded with a failure they caused (so that changing them retries it)."""
+    return f"max_pixels={max_pixels} max_file_bytes={max_file_bytes}"
+
+
+def new_uuid() -> str:
+    return uuid.uuid4().hex

@@ -17,15 +17,16 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retrieval.data.decode import DEFAULT_MAX_PIXELS, default_workers
+from retrieval.data.walk import printable
 from retrieval.errors import DecodeError, IndexStoreError
 
 from . import ann
-from .layout import EncoderInfo, Failure, Header, display_path, path_key
+from .layout import EncoderInfo, Failure, Header, limits_key
 from .plan import Plan, make_plan
 from .scan import FileEntry, ScanResult, scan_folder
 from .store import Store
@@ -61,7 +62,10 @@ class IndexConfig:
     rebuild_ann: bool = False
     strict: bool = False  # raise after the run if any file could not be indexed
     allow_empty: bool = False  # let a folder with no files at all empty a DB that holds items
+    max_remove: int | None = None  # most items a run may remove; None: half of the DB (all with allow_empty)
+    root_changed: bool = False  # let a DB built from another folder take this one (the collection moved)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_mb: float = 256.0  # files larger than this are recorded as failures, never read into memory
     checkpoint_seconds: float = 600.0  # also write FAISS this often during a long run
 
 
@@ -71,6 +75,7 @@ class FailedFile:
 
     path: str
     reason: str
+    transient: bool = False  # an I/O error or the like: retried on the next run
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,8 @@ class IndexSummary:
     timings: dict[str, float]
     failures: list[FailedFile]
     precision_min_cosine: float | None = None  # reduced precision: its first batch's min cosine to fp32
+    unreachable: list[str] = field(default_factory=list)  # folders (or dangling links) the scan could not reach
+    unreachable_kept: int = 0  # items kept because they lie below one of them
 
     def to_json(self) -> dict:
         """The `index --json` object (precision_min_cosine only when a reduced precision was checked)."""
@@ -112,18 +119,19 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
 
     With cfg.strict, raises DecodeError if any file failed.
     """
-    if cfg.batch_size < 1 or (cfg.workers or 0) < 0:
-        raise ValueError("batch_size must be >= 1 and workers >= 0")
+    if cfg.batch_size < 1 or (cfg.workers or 0) < 0 or cfg.max_file_mb <= 0 or (cfg.max_remove or 0) < 0:
+        raise ValueError("batch_size must be >= 1, workers >= 0, max_file_mb > 0 and max_remove >= 0")
     started = time.perf_counter()
     folder = Path(cfg.folder).expanduser().resolve()
     with Store.open(cfg.db_dir, readonly=False) as store:
+        _require_same_root(store, folder, cfg.root_changed)
         scan = scan_folder(folder)
         timings = {"scan_s": time.perf_counter() - started}
         if not cfg.allow_empty:
             _refuse_to_empty(store, folder, scan)
         header, encoder, plan = _bind_and_plan(store, cfg, folder, scan)
         ann.check_kind(cfg.ann, header.encoder.dim)
-        store.put_failures([Failure(f.relpath, f.reason) for f in scan.failures])
+        store.put_failures([Failure(f.relpath, f.reason, transient=f.transient) for f in scan.failures])
         t = time.perf_counter()
         counts: EncodeCounts | None = None
         embedder: Embedder | None = None
@@ -151,8 +159,9 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
         seconds=round(time.perf_counter() - started, 3),
         images_per_s=round(len(plan.todo) / timings["encode_s"], 2) if plan.todo else None,
         timings={k: round(v, 3) for k, v in timings.items()},
-        failures=[FailedFile(display_path(path_key(f.relpath)), f.reason) for f in failures],
-        precision_min_cosine=round(min_cosine, 6) if min_cosine is not None else None)
+        failures=[FailedFile(printable(f.relpath), f.reason, f.transient) for f in failures],
+        precision_min_cosine=round(min_cosine, 6) if min_cosine is not None else None,
+        unreachable=[printable(p) for p in scan.unreachable], unreachable_kept=plan.unreachable_kept)
     if cfg.strict and failures:
         first = summary.failures[0]
         raise DecodeError(first.path, f"{first.reason} ({len(failures)} file(s) could not be indexed; --strict)")
@@ -171,6 +180,40 @@ def _refuse_to_empty(store: Store, folder: Path, scan: ScanResult) -> None:
                               f"them all (an unmounted drive or a wrong path?); pass --allow-empty to empty the DB")
 
 
+def _require_same_root(store: Store, folder: Path, root_changed: bool) -> None:
+    """A DB is bound to the folder it indexes: pointed at another one, every item would look deleted."""
+    header = store.header()
+    if header is None or header.root == str(folder) or root_changed:
+        return
+    raise IndexStoreError(f"{store.db_dir} indexes {header.root}, not {folder}: pass --root-changed if the "
+                          f"collection moved there (stored paths are relative, so nothing is re-encoded), or use "
+                          f"another --db")
+
+
+def _limit_removals(store: Store, cfg: IndexConfig, plan: Plan) -> None:
+    """Stop before removing anything when a run would remove more items than allowed: more than
+    cfg.max_remove, or by default more than half the DB (a vanished sub-tree, a wrong mount, a bad sync)."""
+    n = plan.removed_items
+    with store.snapshot() as snap:
+        held = snap.count()
+    if cfg.max_remove is not None:
+        if n <= cfg.max_remove:
+            return
+        limit = f"more than --max-remove {cfg.max_remove}"
+    elif cfg.allow_empty or 2 * n <= held:
+        return
+    else:
+        limit = "more than half of it"
+    folders: dict[str, int] = {}
+    for key in plan.removed[:n]:
+        top = printable(os.fsdecode(key)).split("/")[0] if b"/" in key else "."
+        folders[top] = folders.get(top, 0) + 1
+    where = ", ".join(f"{name}/ ({count})" for name, count in sorted(folders.items(), key=lambda x: -x[1])[:5])
+    raise IndexStoreError(f"this run would remove {n} of the {held} items in {store.db_dir} ({limit}; gone from: "
+                          f"{where}); nothing was changed. If those files were deleted on purpose, pass "
+                          f"--max-remove {n}; if a drive or share is not mounted, mount it and run again")
+
+
 def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path,
                    scan: ScanResult) -> tuple[Header, Encoder | None, Plan]:
     """Bind the DB to the encoder (loading it only if needed) and plan the work: (header, encoder or None, plan).
@@ -181,16 +224,22 @@ def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path,
     header = store.header()
     if header is None or cfg.reembed:
         encoder = _load_encoder(cfg)
-        return store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed), encoder, _plan(store, scan)
-    plan = _plan(store, scan)
+        header = store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed)
+        return header, encoder, _plan(store, scan, cfg)
+    plan = _plan(store, scan, cfg)
+    _limit_removals(store, cfg, plan)
     loaded = _load_encoder(cfg) if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder) else None
     header = store.begin_run(EncoderInfo.of(loaded) if loaded else header.encoder, str(folder), reembed=False)
     return header, loaded, plan
 
 
-def _plan(store: Store, scan: ScanResult) -> Plan:
+def _plan(store: Store, scan: ScanResult, cfg: IndexConfig) -> Plan:
     with store.snapshot() as snap:
-        return make_plan(scan, snap.paths(), snap.failures())
+        return make_plan(scan, snap.paths(), snap.failures(), limits_key(cfg.max_pixels, _max_file_bytes(cfg)))
+
+
+def _max_file_bytes(cfg: IndexConfig) -> int:
+    return int(cfg.max_file_mb * 2**20)
 
 
 def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry], encoder: Encoder,
@@ -201,7 +250,8 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry],
     counts = encode_files(
         store, folder, todo, embedder, batch_size=cfg.batch_size,
         workers=default_workers(cfg.device, minimum=1) if cfg.workers is None else cfg.workers,
-        max_pixels=cfg.max_pixels, checkpoint=lambda: _refresh_ann(store, cfg.ann, rebuild=False),
+        max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg),
+        checkpoint=lambda: _refresh_ann(store, cfg.ann, rebuild=False),
         checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
     return counts, embedder
 

@@ -51,16 +51,17 @@ class SearchIndex:
         store = stack.enter_context(Store.open(db_dir, readonly=True))
         try:
             snapshot = stack.enter_context(store.snapshot())
-            dim = snapshot.require_header().encoder.dim
+            header = snapshot.require_header()
+            dim = header.encoder.dim
             meta = ann.read_meta(Path(db_dir))  # read first: a writer replaces the index before its meta
-            main = ann.load_ann(db_dir, mmap=mmap)
+            main = ann.load_bound(db_dir, header, mmap=mmap)
             if main is not None and main.d != dim:  # left from before a --reembed
                 main = None
             factory = meta.factory if main is not None and meta is not None else "Flat"
             exclude, missing = _lag(main, snapshot)
             delta = None
             if len(missing):
-                delta = ann.new_index("Flat", dim)
+                delta = ann.new_index("Flat", header.encoder.dim)
                 delta.add_with_ids(snapshot.vectors(missing), missing)
             if main is not None and gpu:
                 main = ann.to_gpu(main)

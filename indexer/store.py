@@ -12,15 +12,23 @@ Embeddings live in chunks rather than in each item's value: a 2-5 KB value would
 page(s) and waste up to half of them, while a chunk of 64 rows wastes about 3% (measured with 512-d
 embeddings: 2.4 KB of LMDB per image in all, of which 2 KB is the embedding itself).
 
-Writers hold an exclusive `flock` on DB_DIR/index.lock (a second writer gets a "locked" IndexStoreError; the
-kernel drops the lock when the process dies, even on kill -9). Each batch is one LMDB transaction, so a
-crash leaves the DB as of its last commit. Readers take a snapshot (one read transaction) and see the last
-committed state while a writer goes on. The map grows by doubling when full.
+Writers hold an exclusive POSIX record lock (fcntl/lockf) on DB_DIR/index.lock: a second writer gets a
+"locked" IndexStoreError. Unlike a `flock`, a record lock belongs to the process alone: decode workers forked
+by the writer do not inherit it, so the kernel drops it the moment the writer dies (even on kill -9), and
+a run restarted at once is never told that a dead process holds the DB. Each batch is one LMDB transaction,
+so a crash leaves the DB as of its last commit. Readers take a snapshot (one read transaction) and see the
+last committed state while a writer goes on. The map grows by doubling when full.
+
+Keys of `paths` and `failures` are layout.path_key(relpath): the path's bytes, or for paths over KEY_PREFIX
+bytes a prefix + digest, with the whole path kept in the value. An embedding chunk is either dense (rows
+for offsets 0..n-1, schema 1) or masked: an 8-byte bitmask of the offsets present, then their rows in order;
+a chunk whose live rows fall under half of its stored rows is rewritten with only the live ones.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -34,9 +42,11 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
+from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError
 
 from .layout import (
+    KEY_PREFIX,
     SCHEMA_VERSION,
     EncoderInfo,
     Failure,
@@ -44,10 +54,11 @@ from .layout import (
     Item,
     NewItem,
     PathState,
+    Raw,
     digest_update,
-    display_path,
     id_key,
     key_id,
+    new_uuid,
     pack_item,
     pack_path,
     path_key,
@@ -63,6 +74,7 @@ _HEADER = b"header"
 LOCK_FILE = "index.lock"
 DEFAULT_MAP_SIZE = 1 << 30
 T = TypeVar("T")
+_HELD_LOCKS: set[str] = set()  # lock files this process holds: POSIX locks do not exclude their own process
 
 
 class Snapshot:
@@ -114,11 +126,11 @@ class Snapshot:
         chunks = wanted[order] // rows
         for where in np.split(order, np.flatnonzero(np.diff(chunks)) + 1) if len(wanted) else []:
             chunk = int(wanted[where[0]] // rows)
-            chunk_vectors = self._chunk(chunk, dim)
+            present, chunk_vectors = read_chunk(self._txn.get(id_key(chunk), db=self._dbs["vectors"]), dim, rows)
             offsets = wanted[where] - chunk * rows
-            if offsets.max() >= len(chunk_vectors):
-                raise IndexStoreError(f"embedding of item {int(wanted[where][offsets.argmax()])} is missing")
-            out[where] = chunk_vectors[offsets]
+            if not present[offsets].all():
+                raise IndexStoreError(f"embedding of item {int(wanted[where][np.argmin(present[offsets])])} is missing")
+            out[where] = chunk_vectors[np.cumsum(present)[offsets] - 1]
         return out
 
     def iter_vectors(self, batch: int = 16384) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -129,7 +141,8 @@ class Snapshot:
             yield part, self.vectors(part)
 
     def paths(self) -> Iterator[tuple[bytes, PathState]]:
-        """(path key, state) of every item, in key order (the scan's order)."""
+        """(path key, state) of every item, in key order (the scan's order); state.path holds the whole path
+        where the key is a prefix + digest."""
         with self._txn.cursor(self._dbs["paths"]) as cur:
             for key, raw in cur:
                 yield bytes(key), unpack_path(raw)
@@ -139,10 +152,10 @@ class Snapshot:
         return unpack_path(raw) if raw is not None else None
 
     def failures(self) -> Iterator[Failure]:
-        """Every recorded failure, in path order (relpath as os.fsdecode gives it; see layout.display_path)."""
+        """Every recorded failure, in key order (relpath as os.fsdecode gives it; see walk.printable)."""
         with self._txn.cursor(self._dbs["failures"]) as cur:
             for key, raw in cur:
-                yield Failure.from_bytes(os.fsdecode(bytes(key)), raw)
+                yield Failure.from_bytes(bytes(key), raw)
 
     def find_hashes(self, hashes: Iterable[bytes]) -> dict[bytes, int]:
         """For each content hash already in the DB, the id of an item with that content."""
@@ -152,12 +165,6 @@ class Snapshot:
                 if cur.set_key(digest):
                     found[digest] = key_id(cur.value())
         return found
-
-    def _chunk(self, chunk: int, dim: int) -> np.ndarray:
-        raw = self._txn.get(id_key(chunk), db=self._dbs["vectors"])
-        if raw is None:
-            return np.empty((0, dim), dtype=np.float32)
-        return np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
 
     def require_header(self) -> Header:
         if self.header is None:
@@ -191,15 +198,22 @@ class Store:
                                      dupfixed=name in _DUPSORT) for name in _DBS}
         except lmdb.Error as exc:
             if lock_fd is not None:
-                os.close(lock_fd)
+                _release_writer_lock(db_dir, lock_fd)
             detail = "sub-databases missing" if isinstance(exc, lmdb.NotFoundError) else str(exc)
             raise IndexStoreError(f"{db_dir} cannot be opened as an index DB: {detail}") from None
-        return cls(db_dir, env, dbs, readonly, lock_fd)
+        store = cls(db_dir, env, dbs, readonly, lock_fd)
+        if not readonly:
+            try:
+                store._migrate()
+            except BaseException:
+                store.close()
+                raise
+        return store
 
     def close(self) -> None:
         self._env.close()
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
+            _release_writer_lock(self.db_dir, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> Store:
@@ -240,7 +254,7 @@ class Store:
             header = _read_header(txn, self._dbs)
             now = _now()
             if header is None:
-                header = Header(encoder=encoder, root=root, created=now)
+                header = Header(encoder=encoder, root=root, uuid=new_uuid(), created=now)
             elif header.schema != SCHEMA_VERSION:
                 raise IndexStoreError(f"{self.db_dir} has index schema {header.schema}, this version reads "
                                       f"{SCHEMA_VERSION}; rebuild it into a new --db")
@@ -263,20 +277,22 @@ class Store:
         return self._write(lambda txn: self._update_header(txn, [], [], reembed_pending=False))
 
     def commit_batch(self, items: Sequence[NewItem], failures: Sequence[Failure]) -> list[int]:
-        """Store `items` under new ids and record `failures`, replacing whatever their paths held before.
-
-        One transaction: after a crash either the whole batch is in the DB or none of it.
+        """Store `items` under new ids and record `failures`, replacing whatever their paths held before
+        (except that a transient failure keeps the path's item: its old embedding stays until a new one is
+        committed). One transaction: after a crash either the whole batch is in the DB or none of it.
         """
 
         def run(txn: lmdb.Transaction) -> list[int]:
             header = _current_header(txn, self._dbs)
-            keys = [path_key(x.relpath) for x in items] + [path_key(x.relpath) for x in failures]
-            removed = self._drop_paths(txn, keys, header)
+            replaced = [path_key(x.relpath) for x in items] + [path_key(f.relpath) for f in failures
+                                                               if not f.transient]
+            removed = self._drop_paths(txn, replaced, header)
             ids = list(range(header.next_id, header.next_id + len(items)))
             for item_id, item in zip(ids, items, strict=True):
                 key = path_key(item.relpath)
+                whole = os.fsencode(item.relpath) if len(key) > KEY_PREFIX else b""
                 txn.put(id_key(item_id), pack_item(item), db=self._dbs["items"])
-                txn.put(key, pack_path(PathState(item_id, item.size, item.mtime_ns)), db=self._dbs["paths"])
+                txn.put(key, pack_path(PathState(item_id, item.size, item.mtime_ns, whole)), db=self._dbs["paths"])
                 txn.put(item.content_hash, id_key(item_id), db=self._dbs["hashes"])
                 txn.delete(key, db=self._dbs["failures"])
             if items:
@@ -330,7 +346,7 @@ class Store:
                     return result
                 except lmdb.MapFullError:
                     size = self._env.info()["map_size"] * 2
-                    log.info("LMDB map full: growing it to %d MiB", size >> 20)
+                    log.info("LMDB map full: growing it to %.2f MiB", size / 2**20)
                     self._env.set_mapsize(size)
 
     def _drop_paths(self, txn: lmdb.Transaction, keys: Iterable[bytes], header: Header) -> list[int]:
@@ -343,17 +359,29 @@ class Store:
             item_id = unpack_path(raw).id
             raw_item = txn.pop(id_key(item_id), db=self._dbs["items"])
             if raw_item is None:
-                raise IndexStoreError(f"{self.db_dir} is damaged: path {display_path(key)} holds item {item_id}, "
-                                      f"which is missing")
+                raise IndexStoreError(f"{self.db_dir} is damaged: path {printable(os.fsdecode(key))} holds item "
+                                      f"{item_id}, which is missing")
             item = unpack_item(item_id, raw_item)
             txn.delete(item.content_hash, id_key(item_id), db=self._dbs["hashes"])
             removed.append(item_id)
-        rows = header.chunk_rows
+        rows, dim = header.chunk_rows, header.encoder.dim
         with txn.cursor(self._dbs["items"]) as cur:
-            for chunk in {i // rows for i in removed}:
-                found = cur.set_range(id_key(chunk * rows))
-                if not found or key_id(cur.key()) >= (chunk + 1) * rows:
+            for chunk in sorted({i // rows for i in removed}):
+                live = []
+                if cur.set_range(id_key(chunk * rows)):
+                    for item_key in cur.iternext(keys=True, values=False):
+                        if key_id(item_key) >= (chunk + 1) * rows:
+                            break
+                        live.append(key_id(item_key) - chunk * rows)
+                if not live:
                     txn.delete(id_key(chunk), db=self._dbs["vectors"])
+                    continue
+                present, vectors = read_chunk(txn.get(id_key(chunk), db=self._dbs["vectors"]), dim, rows)
+                if 2 * len(live) < len(vectors):  # mostly deleted rows: keep only the live ones
+                    keep = np.zeros(rows, dtype=bool)
+                    keep[live] = True
+                    txn.put(id_key(chunk), write_chunk(keep, vectors[np.cumsum(present)[keep] - 1]),
+                            db=self._dbs["vectors"])
         return removed
 
     def _put_vectors(self, txn: lmdb.Transaction, header: Header, ids: list[int], vectors: np.ndarray) -> None:
@@ -363,14 +391,36 @@ class Store:
         ids_arr = np.asarray(ids)
         for chunk in np.unique(ids_arr // rows):
             where = np.flatnonzero(ids_arr // rows == chunk)
-            offsets = ids_arr[where] - chunk * rows
-            old = txn.get(id_key(int(chunk)), db=self._dbs["vectors"])
-            block = np.zeros((max(int(offsets.max()) + 1, 0 if old is None else len(old) // (4 * dim)), dim),
-                             dtype="<f4")
-            if old is not None:
-                block[: len(old) // (4 * dim)] = np.frombuffer(old, dtype="<f4").reshape(-1, dim)
-            block[offsets] = vectors[where]
-            txn.put(id_key(int(chunk)), block.tobytes(), db=self._dbs["vectors"])
+            present, old = read_chunk(txn.get(id_key(int(chunk)), db=self._dbs["vectors"]), dim, rows)
+            block = np.zeros((rows, dim), dtype="<f4")
+            block[present] = old
+            block[ids_arr[where] - chunk * rows] = vectors[where]
+            present[ids_arr[where] - chunk * rows] = True
+            txn.put(id_key(int(chunk)), write_chunk(present, block[present]), db=self._dbs["vectors"])
+
+    def _migrate(self) -> None:
+        """Bring a schema-1 DB to this schema in one transaction: re-key paths longer than KEY_PREFIX bytes
+        (schema 1 stored them whole, up to LMDB's 511) and give the DB its uuid. Chunks are read either way."""
+
+        def run(txn: lmdb.Transaction) -> None:
+            header = _read_header(txn, self._dbs)
+            if header is None or header.schema != 1:
+                return
+            for name in ("paths", "failures"):
+                with txn.cursor(self._dbs[name]) as cur:
+                    long = [(bytes(k), bytes(v)) for k, v in cur if len(k) > KEY_PREFIX]
+                for key, value in long:
+                    txn.delete(key, db=self._dbs[name])
+                    if name == "paths":
+                        value = pack_path(replace(unpack_path(value), path=key))
+                    else:
+                        value = Failure.from_bytes(key, value).to_bytes()
+                    txn.put(path_key(key), value, db=self._dbs[name])
+            log.info("%s: index schema 1 migrated to %d", self.db_dir, SCHEMA_VERSION)
+            _write_header(txn, self._dbs, replace(header, schema=SCHEMA_VERSION, uuid=header.uuid or new_uuid(),
+                                                  generation=header.generation + 1, updated=_now()))
+
+        self._write(run)
 
     def _update_header(self, txn: lmdb.Transaction, added: Sequence[int], removed: Sequence[int], **changes) -> Header:
         header = _current_header(txn, self._dbs)
@@ -414,16 +464,57 @@ def _mismatch_message(db_dir: Path, stored: EncoderInfo, given: EncoderInfo) -> 
             f"or --reembed to re-encode every image with the new encoder, or use another --db")
 
 
+def read_chunk(raw: Raw | None, dim: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(which offsets of the chunk are present: bool (rows,), their embeddings in offset order) of a stored
+    chunk, dense (schema 1: offsets 0..n-1) or masked (8-byte bitmask, then the rows present)."""
+    present = np.zeros(rows, dtype=bool)
+    if raw is None:
+        return present, np.empty((0, dim), dtype=np.float32)
+    if len(raw) % (4 * dim) == 0:  # dense: a masked value is 8 bytes longer, and 4 * dim > 8
+        vectors = np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
+    else:
+        bits = int.from_bytes(bytes(raw[:8]), "little")
+        present[:] = (np.uint64(bits) >> np.arange(rows, dtype=np.uint64)) & np.uint64(1)
+        vectors = np.frombuffer(raw, dtype="<f4", offset=8).reshape(-1, dim)
+        return present, vectors
+    present[: len(vectors)] = True
+    return present, vectors
+
+
+def write_chunk(present: np.ndarray, vectors: np.ndarray) -> bytes:
+    """A masked chunk value: bitmask of the present offsets, then their rows (float32, offset order)."""
+    bits = sum(1 << int(i) for i in np.flatnonzero(present))
+    return bits.to_bytes(8, "little") + np.ascontiguousarray(vectors, dtype="<f4").tobytes()
+
+
 def _acquire_writer_lock(db_dir: Path) -> int:
+    """A POSIX record lock on DB_DIR/index.lock: held by this process only (a fork does not inherit it),
+    released by the kernel when the process ends however it ends."""
     db_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(db_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    path = str((db_dir / LOCK_FILE).resolve())
+    if path in _HELD_LOCKS:  # closing a second descriptor would drop this process's lock: never open one
+        raise _locked(db_dir, str(os.getpid()))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            os.close(fd)
+            raise IndexStoreError(f"cannot lock {path}: {exc.strerror or exc}") from None
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise IndexStoreError(f"{db_dir} is locked: another index run (pid {holder}) is writing to it; "
-                              f"wait for it to finish or use another --db") from None
+        raise _locked(db_dir, holder) from None
+    _HELD_LOCKS.add(path)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _release_writer_lock(db_dir: Path, fd: int) -> None:
+    _HELD_LOCKS.discard(str((db_dir / LOCK_FILE).resolve()))
+    os.close(fd)  # drops the record lock
+
+
+def _locked(db_dir: Path, holder: str) -> IndexStoreError:
+    return IndexStoreError(f"{db_dir} is locked: another index run (pid {holder}) is writing to it; "
+                           f"wait for it to finish or use another --db")

@@ -9,12 +9,15 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
+from retrieval.data.walk import printable
 from retrieval.errors import DecodeError, RetrievalError
 
 log = logging.getLogger(__name__)
@@ -391,7 +394,9 @@ def _html_metrics(report: Report, compare: Comparison | None) -> str:
 
 
 def _grid(rows: Sequence[Row], thumbs: _Thumbnailer) -> str:
-    e = html.escape
+    def e(text: str) -> str:
+        return html.escape(printable(text))
+
     out = ['<table class="grid">']
     for row in rows:
         label = f"<br>{e(row.label)}" if row.label is not None else ""
@@ -412,7 +417,8 @@ def _md_cell(text: str) -> str:
 
 
 def _caption(path: str) -> str:
-    return f'<br><span class="name" title="{html.escape(path)}">{html.escape(Path(path).name)}</span>'
+    shown = printable(path)  # a name that is not UTF-8 is shown escaped; the file itself is opened by `path`
+    return f'<br><span class="name" title="{html.escape(shown)}">{html.escape(shown.rpartition("/")[2])}</span>'
 
 
 def _page(title: str, body: str) -> str:
@@ -440,7 +446,8 @@ class _Thumbnailer:
         name = self._thumb(source)
         if name is None:
             return '<div class="missing">(image unavailable)</div>'
-        return f'<img src="{self.folder}/{name}" alt="" width="{self.size}" loading="lazy">'
+        src = html.escape(f"{quote(os.fsencode(self.folder))}/{name}")  # the folder comes from the --html file's name
+        return f'<img src="{src}" alt="" width="{self.size}" loading="lazy">'
 
     def _thumb(self, source: str) -> str | None:
         if source not in self.names:

@@ -65,6 +65,28 @@ def db_state(db_dir: Path) -> dict[str, tuple]:
         return out
 
 
+def full_state(db_dir: Path) -> tuple[dict, dict]:
+    """(db_state, relpath -> (reason, transient) of every failure), after checking that the DB holds no
+    leftover: every path, hash and embedding chunk belongs to a live item, and the ids digest is right."""
+    from indexer.layout import id_key, ids_digest
+    from indexer.store import Store
+
+    with Store.open(db_dir) as store, store.snapshot() as snap:
+        ids = snap.ids()
+        assert snap.header.ids_digest == ids_digest(ids)
+        items = [item for item in snap.items(ids) if item is not None]
+        assert sorted(state.id for _, state in snap.paths()) == ids.tolist()
+        txn, dbs = snap._txn, snap._dbs
+        with txn.cursor(dbs["hashes"]) as cur:
+            hashes = sorted((bytes(k), bytes(v)) for k, v in cur)
+        assert hashes == sorted((it.content_hash, id_key(it.id)) for it in items)
+        with txn.cursor(dbs["vectors"]) as cur:
+            chunks = {bytes(k) for k in cur.iternext(keys=True, values=False)}
+        assert chunks == {id_key(i // snap.header.chunk_rows) for i in ids.tolist()}
+        failures = {f.relpath: (f.reason, f.transient) for f in snap.failures()}
+    return db_state(db_dir), failures
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b)
     for rel in a:
@@ -89,10 +111,12 @@ def assert_ann_matches_lmdb(db_dir: Path) -> None:
         np.testing.assert_array_equal(index.reconstruct_batch(ids), snap.vectors(ids))
 
 
-def cli_index(folder: Path, db: Path, model: Path, *extra: str,
-              wait: bool = True) -> subprocess.Popen | subprocess.CompletedProcess:
-    """`python cli.py index` in a subprocess (run to the end, or started and returned)."""
-    cmd = [sys.executable, "cli.py", "index", str(folder), "--db", str(db), "--model", str(model), "--json", *extra]
+def cli_index(folder: Path, db: Path, model: Path, *extra: str, wait: bool = True,
+              kill_point: str | None = None) -> subprocess.Popen | subprocess.CompletedProcess:
+    """`python cli.py index` in a subprocess (run to the end, or started and returned); kill_point: a moment
+    at which it kills itself with SIGKILL (see tests/kill_point.py)."""
+    start = ["tests/kill_point.py", kill_point] if kill_point else ["cli.py"]
+    cmd = [sys.executable, *start, "index", str(folder), "--db", str(db), "--model", str(model), "--json", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model only loses from threads on a busy machine
     if wait:
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -59,3 +59,10 @@ def test_bad_path_is_one_line_error(tmp_path):
     lines = [line for line in out.stderr.strip().splitlines() if line]
     assert len(lines) == 1, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_out_of_range_train_fraction_is_a_usage_error():
+    for command in (["finetune", "--dataset", "folder"], ["eval", "--dataset", "folder"]):
+        result = CliRunner().invoke(cli, [*command, "--train-fraction", "1.5"])
+        assert result.exit_code == 2 and "--train-fraction" in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)

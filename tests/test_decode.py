@@ -197,3 +197,13 @@ def test_plain_jpeg_round_trip():
 def test_default_workers_leave_the_cpu_to_the_model_and_feed_a_gpu(monkeypatch, cpus, device, minimum, expected):
     monkeypatch.setattr(decode.os, "cpu_count", lambda: cpus)
     assert decode.default_workers(device, minimum=minimum) == expected
+
+
+def test_max_pixels_above_pillows_own_cap_takes_effect(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow refuses above 2x its cap: 2,000 here
+    data = _encode(Image.new("RGB", (100, 60), RED), "PNG")  # 6,000 pixels
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(data))
+    assert decode_image(data, name="big.png", max_pixels=10_000).image.size == (100, 60)
+    with pytest.raises(DecodeError, match="max_pixels=5,000"):
+        decode_image(data, name="big.png", max_pixels=5_000)

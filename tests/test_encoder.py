@@ -327,3 +327,13 @@ def test_eval_transform_crops_the_centre_or_squashes():
     assert squashed[:, :, 0].max() < -1.9                                 # the stripe survives a squash
     assert train_transform(_config())(image).shape == (3, 32, 32)
     assert _config(crop_pct=0.875).resize_size == 37
+
+
+def test_weights_outside_the_run_directory_are_refused(tmp_path, tiny_model_spec):
+    run = tmp_path / "run"
+    save_encoder(load_encoder(tiny_model_spec), run)
+    (tmp_path / "elsewhere.safetensors").write_bytes((run / "model.safetensors").read_bytes())
+    meta = json.loads((run / "encoder.json").read_text())
+    (run / "encoder.json").write_text(json.dumps({**meta, "weights": "../elsewhere.safetensors"}))
+    with pytest.raises(EncoderError, match="inside the run directory"):
+        load_encoder(str(run))

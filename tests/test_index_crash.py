@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from indexer.pipeline import IndexConfig, run_index
 from indexer.layout import ids_digest
+from indexer.pipeline import IndexConfig, run_index
 from indexer.search import SearchIndex
 from indexer.store import Store
 from tests.index_support import (
@@ -21,6 +22,7 @@ from tests.index_support import (
     assert_same_state,
     cli_index,
     db_state,
+    full_state,
     kill_at,
     make_folder,
     wait_for_items,
@@ -133,7 +135,9 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def test_a_killed_decode_worker_is_one_line_and_a_rerun_completes(tmp_path, tiny_run_dir):
+def test_a_killed_decode_worker_costs_nothing(tmp_path, tiny_run_dir):
+    """A worker killed from outside (as the OOM killer would): its batch is decoded again in a fresh worker,
+    one file at a time; every file decodes there, so the run ends complete."""
     folder, db = tmp_path / "images", tmp_path / "db"
     make_folder(folder, classes=4, per_class=40)
     proc = cli_index(folder, db, tiny_run_dir, *ARGS, "--workers", "1", wait=False)
@@ -141,14 +145,88 @@ def test_a_killed_decode_worker_is_one_line_and_a_rerun_completes(tmp_path, tiny
     workers = _children(proc.pid)
     assert workers, "no decode worker process found"
     for pid in workers:
-        os.kill(pid, signal.SIGKILL)   # as the kernel's OOM killer would
-    _, stderr = proc.communicate(timeout=120)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert proc.returncode == 1 and len(lines) == 1, stderr
-    assert "decode worker died" in lines[0] and "run the same command again" in lines[0]
-    _assert_consistent(db)
-    done = cli_index(folder, db, tiny_run_dir, *ARGS)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["total"] == 160
+        os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "a decode worker died" in err and "decoding the files in flight one by one" in err
+    summary = json.loads(out)
+    assert (summary["total"], summary["failed"]) == (160, 0)
     assert_same_state(db_state(db), _reference(folder, tmp_path / "reference", tiny_run_dir))
     assert_ann_matches_lmdb(db)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killed_with_busy_workers_restarts_at_once(tmp_path, tiny_run_dir):
+    """SIGKILL of `index` while its decode workers are busy, and the same command again with no pause: the
+    writer lock died with the writer (the workers never held it), and the orphaned workers are gone."""
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=4, per_class=60)
+    for attempt in range(2):
+        proc = cli_index(folder, db, tiny_run_dir, "--batch-size", "4", "--workers", "2", wait=False)
+        wait_for_items(db, proc, 8 + 40 * attempt)
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, "decode workers not running"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)  # not communicate(): that would wait for orphans holding the pipes
+        again = cli_index(folder, db, tiny_run_dir, "--batch-size", "4", "--workers", "2", wait=False)
+        try:
+            wait_for_items(db, again, 1 + max(0, 8 + 40 * attempt), timeout=120)
+            assert again.poll() is None or again.returncode == 0
+        finally:
+            os.kill(again.pid, signal.SIGKILL)
+            again.wait(timeout=30)
+            proc.communicate(timeout=30)
+        assert "locked" not in again.communicate(timeout=30)[1]
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers), "orphaned decode workers still running"
+    done = cli_index(folder, db, tiny_run_dir, "--batch-size", "4", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert_same_state(db_state(db), _reference(folder, tmp_path / "reference", tiny_run_dir))
+
+
+def _mutate(folder: Path, rels: list[str]) -> None:
+    """The changes of a second run: 10 files deleted, 5 changed, 10 new, one more bad file."""
+    for rel in rels[:10]:
+        (folder / rel).unlink()
+    for i, rel in enumerate(rels[10:15]):
+        write_image(folder / rel, 7000 + i)
+    for i in range(10):
+        write_image(folder / f"class{i % 4}/new{i:02d}.jpg", 8000 + i)
+    (folder / "class2/also_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+
+
+@pytest.mark.parametrize("point", ["begin_run", "removals", "ann_renames", "map_resize"])
+def test_killed_outside_the_encode_phase_then_resumed_equals_a_clean_run(tmp_path, tiny_run_dir, point):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=4, per_class=15)
+    (folder / "class0/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    if point != "map_resize":  # map_resize: the killed run is the first, into a fresh DB with a tiny map
+        assert cli_index(folder, db, tiny_run_dir, *ARGS).returncode == 0
+    _mutate(folder, rels)
+    killed = cli_index(folder, db, tiny_run_dir, *ARGS, kill_point=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    done = cli_index(folder, db, tiny_run_dir, *ARGS)
+    assert done.returncode == 0, done.stderr
+    state, failures = full_state(db)
+    clean_state, clean_failures = full_state(_clean(folder, tmp_path, tiny_run_dir))
+    assert_same_state(state, clean_state)
+    assert failures == clean_failures == {"class0/broken.jpg": (failures["class0/broken.jpg"][0], False),
+                                          "class2/also_broken.png": (failures["class2/also_broken.png"][0], False)}
+    assert_ann_matches_lmdb(db)
+    assert _assert_search_matches_snapshot(db) == 60  # 60 - 10 deleted + 10 new
+    with SearchIndex.open(db) as index:
+        assert not index.lagging
+
+
+def _clean(folder: Path, tmp_path: Path, model: Path) -> Path:
+    db = tmp_path / "clean"
+    run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), batch_size=4, workers=0))
+    return db

@@ -39,26 +39,26 @@ def test_scan_follows_symlinks_without_looping(tmp_path):
     root = tmp_path / "root"
     (root / "cls").mkdir(parents=True)
     _touch(root / "cls/own.jpg")
-    os.symlink(tmp_path / "real", root / "linked")       # a linked folder is walked
+    os.symlink(tmp_path / "real", root / "cls/again")      # a linked folder is walked
     os.symlink(root, root / "cls/loop")                    # a loop back to the root is not walked again
-    os.symlink(tmp_path / "real", root / "cls/again")      # nor is a second link to the same folder
+    os.symlink(tmp_path / "real", root / "linked")         # nor a folder already walked (first in path order wins)
     os.symlink(tmp_path / "outside/o.jpg", root / "cls/file_link.jpg")  # a linked file is taken
     os.symlink(tmp_path / "missing.jpg", root / "cls/broken.jpg")
     result = scan_folder(root)
-    assert [f.relpath for f in result.files] == ["cls/file_link.jpg", "cls/own.jpg", "linked/a.jpg"]
+    assert [f.relpath for f in result.files] == ["cls/again/a.jpg", "cls/file_link.jpg", "cls/own.jpg"]
     assert [(f.relpath, f.reason) for f in result.failures] == [("cls/broken.jpg", "broken symbolic link")]
 
 
-def test_scan_reports_undecodable_names(tmp_path):
+def test_scan_takes_names_that_are_not_utf8(tmp_path):
     try:
         (tmp_path / os.fsdecode(b"bad\xff.jpg")).write_bytes(b"x")
     except OSError:
         pytest.skip("this file system refuses non-UTF-8 names")
     _touch(tmp_path / "good.jpg")
     result = scan_folder(tmp_path)
-    assert [f.relpath for f in result.files] == ["good.jpg"]
-    assert len(result.failures) == 1 and "not valid UTF-8" in result.failures[0].reason
-    assert path_key(result.failures[0].relpath) == b"bad\xff.jpg"
+    assert [path_key(f.relpath) for f in result.files] == [b"bad\xff.jpg", b"good.jpg"]
+    assert result.failures == []
+    assert (tmp_path / result.files[0].relpath).read_bytes() == b"x"  # the name opens the same file again
 
 
 def _entry(rel, size=1, mtime=1, ctime=1):
@@ -88,7 +88,15 @@ def test_plan_does_not_remove_what_the_scan_reports_as_bad():
 
 def test_plan_keeps_items_under_a_folder_that_cannot_be_listed():
     scan = ScanResult(files=[], failures=[ScanFailure("locked", "cannot list folder: Permission denied")],
-                      unlisted=["locked"])
+                      unreachable=["locked"])
     stored = [(b"locked/a.jpg", PathState(0, 1, 1)), (b"lockedness/b.jpg", PathState(1, 1, 1))]
     plan = make_plan(scan, stored, [Failure("locked/bad.jpg", "empty file (0 bytes)", 1, 1, 1)])
     assert (plan.unchanged, plan.removed) == (1, [b"lockedness/b.jpg"])
+
+
+def test_plan_retries_transient_failures_even_when_unchanged():
+    scan = ScanResult(files=[_entry("bad.jpg"), _entry("eio.jpg")], failures=[])
+    failures = [Failure("eio.jpg", "cannot read file: Input/output error", 1, 1, 1, transient=True),
+                Failure("bad.jpg", "cannot decode", 1, 1, 1)]
+    plan = make_plan(scan, [], failures)
+    assert [f.relpath for f in plan.todo] == ["eio.jpg"] and plan.known_failures == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -97,6 +100,30 @@ def test_second_writer_gets_locked_error(tmp_path):
     Store.open(tmp_path, readonly=False).close()  # released with the first writer
 
 
+def test_a_forked_child_does_not_hold_the_writer_lock(tmp_path):
+    """Decode workers are forked by the writer: the lock must not live on in them once the writer is gone."""
+    import signal
+    import subprocess
+    import sys
+
+    store = _writer(tmp_path)
+    child = os.fork()
+    if child == 0:  # as a decode worker would: alive, holding every inherited descriptor
+        signal.pause()
+        os._exit(0)
+    try:
+        probe = [sys.executable, "-c", "import sys; from indexer.store import Store; "
+                 "Store.open(sys.argv[1], readonly=False).close()", str(tmp_path)]
+        held = subprocess.run(probe, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert held.returncode != 0 and f"locked: another index run (pid {os.getpid()})" in held.stderr
+        store.close()  # the writer is done (or dead); its forked child lives on
+        free = subprocess.run(probe, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert free.returncode == 0, free.stderr
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
 def test_reader_on_missing_db_says_how_to_create_it(tmp_path):
     with pytest.raises(IndexStoreError, match="python cli.py index"):
         Store.open(tmp_path / "nope")
@@ -119,3 +146,13 @@ def test_encoder_binding_and_resumable_reembed(tmp_path):
             assert snap.count() == 1
         assert not store.finish_run().reembed_pending
         assert store.header().next_id == 2
+
+
+def test_a_transient_failure_keeps_the_item_a_permanent_one_replaces_it(tmp_path):
+    with _writer(tmp_path) as store:
+        store.commit_batch([_item("a/1.jpg", 1), _item("a/2.jpg", 2)], [])
+        store.commit_batch([], [Failure("a/1.jpg", "cannot read file: Input/output error", 1, 1, 1, transient=True),
+                                Failure("a/2.jpg", "cannot decode: truncated", 1, 1, 1)])
+        with store.snapshot() as snap:
+            assert [it.relpath for it in snap.items(snap.ids())] == ["a/1.jpg"]  # the old embedding stays
+            assert {(f.relpath, f.transient) for f in snap.failures()} == {("a/1.jpg", True), ("a/2.jpg", False)}

@@ -176,3 +176,16 @@ def test_compare_without_metrics_is_an_error(tmp_path):
         load_comparison(tmp_path / "empty")
     with pytest.raises(RetrievalError, match="cannot read"):
         load_comparison(tmp_path / "missing.json")
+
+
+def test_query_page_thumbnail_folder_is_quoted_in_src(tmp_path):
+    """The thumbnail folder is named after the --html file: a '"', '#' or '%' in it must neither break the
+    attribute nor change the URL."""
+    from urllib.parse import unquote
+
+    paths, labels = _images(tmp_path, classes=2, per_class=2)
+    page = write_query_page(sample_rows(_ranking(paths, labels, k=3), n=4, top=3), tmp_path / 'a"b#c%d.html')
+    parser = _Links()
+    parser.feed(page.read_text())
+    assert parser.links and all(link.startswith("a%22b%23c%25d_thumbs/") for link in parser.links)
+    assert all((tmp_path / unquote(link)).is_file() for link in parser.links)

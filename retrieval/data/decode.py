@@ -57,7 +57,8 @@ def decode_image(
 
     draft_size: smallest side wanted (of the bbox region when cropping); JPEGs decode at a reduced scale whose
     shorter side is still >= draft_size. max_pixels: cap on width * height, checked from the header before
-    any pixel is decoded. bbox: (x, y, w, h) in pixels of the EXIF-oriented original image.
+    any pixel is decoded (it replaces Pillow's MAX_IMAGE_PIXELS, which is raised to it when lower).
+    bbox: (x, y, w, h) in pixels of the EXIF-oriented original image.
     """
     if max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
@@ -65,6 +66,8 @@ def decode_image(
         raise ValueError(f"draft_size must be positive, got {draft_size}")
     if not data:
         raise DecodeError(name, "empty file (0 bytes)")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own cap must not undercut ours (raised, never lowered)
     try:
         with warnings.catch_warnings():  # our own cap replaces Pillow's warning below 2x its limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -49,6 +49,8 @@ def load_run_dir(run_dir: Path, *, embed_dim: int | None = None) -> Encoder:
         expected = meta["fingerprint"]
     except (ValueError, KeyError, TypeError) as exc:
         raise EncoderError(f"{meta_path}: malformed ({exc})") from exc
+    if not weights.resolve().is_relative_to(run_dir.resolve()):
+        raise EncoderError(f"{meta_path}: 'weights' must name a file inside the run directory, not {meta['weights']!r}")
     if embed_dim is not None and embed_dim != config.embed_dim:
         raise EncoderError(f"{run_dir} holds a {config.embed_dim}-d encoder, not {embed_dim}-d; drop --embed-dim")
     encoder = Encoder(config, build_visual(config.model_cfg), init_head(config.feature_dim, config.embed_dim),

@@ -1,0 +1,93 @@
+"""Run `cli.py ARGS...` with SIGKILL armed at one named moment of an index run (used by test_index_crash.py).
+
+    python tests/kill_point.py POINT index FOLDER --db DB ...
+
+POINT:
+  begin_run    inside begin_run's transaction, after the header is written, before the commit
+  removals     inside remove_paths' transaction, after the items are deleted, before the commit
+  ann_renames  after ann.faiss is renamed into place, before ann.json is
+  map_resize   at the 2nd "LMDB map full" (the DB starts with a 48 KiB map), before the map grows
+The process kills itself with SIGKILL, as `kill -9` would: no cleanup runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def arm(point: str) -> None:
+    from indexer import store
+
+    if point == "begin_run":
+        real_begin = store.Store.begin_run
+
+        def begin_run(self, *args, **kwargs):
+            real_write = store._write_header
+
+            def write_then_die(txn, dbs, header):
+                real_write(txn, dbs, header)
+                _die()
+
+            store._write_header = write_then_die
+            return real_begin(self, *args, **kwargs)
+
+        store.Store.begin_run = begin_run
+    elif point == "removals":
+        real_remove, real_update = store.Store.remove_paths, store.Store._update_header
+
+        def remove_paths(self, keys):
+            self._dying = True
+            return real_remove(self, keys)
+
+        def update_header(self, txn, added, removed, **changes):
+            header = real_update(self, txn, added, removed, **changes)
+            if getattr(self, "_dying", False):
+                assert len(removed) > 0
+                _die()
+            return header
+
+        store.Store.remove_paths, store.Store._update_header = remove_paths, update_header
+    elif point == "ann_renames":
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            real_replace(src, dst, *args, **kwargs)
+            if str(dst).endswith("ann.faiss"):
+                _die()
+
+        os.replace = replace
+    elif point == "map_resize":
+        real_open = store.Store.open.__func__
+        store.Store.open = classmethod(lambda cls, db_dir, **kw: real_open(cls, db_dir, **{**kw, "map_size": 48 << 10}))
+        real_log, seen = store.log, []
+
+        class DyingLog:
+            def __getattr__(self, name):
+                return getattr(real_log, name)
+
+            def info(self, msg, *args):
+                if msg.startswith("LMDB map full"):
+                    seen.append(1)
+                    if len(seen) == 2:
+                        _die()
+                real_log.info(msg, *args)
+
+        store.log = DyingLog()
+    else:
+        raise SystemExit(f"unknown kill point {point!r}")
+
+
+if __name__ == "__main__":
+    arm(sys.argv[1])
+    import cli
+
+    cli.cli(sys.argv[2:], prog_name="cli.py")
