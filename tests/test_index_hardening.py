@@ -174,9 +174,9 @@ def test_paths_longer_than_an_lmdb_key(tmp_path, tiny_run_dir):
     assert (third["removed"], third["total"]) == (1, 4)  # one gone, one now failing
     assert _failures(third) == {rels[0]: "not a recognised image format"}
     with SearchIndex.open(db) as index:
-        vectors = index.snapshot.vectors(index.snapshot.ids())
+        vectors = index.vectors(index.ids())
         _, ids = index.search(vectors, 1)
-        assert (ids[:, 0] == index.snapshot.ids()).all()
+        assert (ids[:, 0] == index.ids()).all()
 
 
 def test_a_schema_1_db_is_migrated_in_place(tmp_path, tiny_run_dir):
@@ -311,8 +311,8 @@ def test_a_reader_ignores_an_ann_faiss_from_another_db(tmp_path, tiny_run_dir):
     meta = json.loads(stale["ann.json"])
     os.utime(db / "ann.faiss", ns=(meta["file_mtime_ns"], meta["file_mtime_ns"]))
     with SearchIndex.open(db) as index:
-        ids = index.snapshot.ids()
-        vectors = index.snapshot.vectors(ids)
+        ids = index.ids()
+        vectors = index.vectors(ids)
         _, found = index.search(vectors, 1)
         np.testing.assert_array_equal(found[:, 0], ids)  # each image finds itself, not the old DB's image
 
