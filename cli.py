@@ -25,14 +25,14 @@ DEFAULT_MODEL = "lite0"
 class _Group(click.Group):
     """A group whose commands turn library errors into one line on stderr and exit 1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except RetrievalError as exc:
             raise click.ClickException(str(exc)) from None
 
 
-def _print_json(obj) -> None:
+def _print_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
@@ -158,7 +158,7 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
         click.echo(f"  unreachable: {summary.unreachable_kept} items kept under {folders}{more}")
 
 
-def _parse_ks(ctx, param, value: str) -> tuple[int, ...]:
+def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     """--k 1,2,4,8 -> (1, 2, 4, 8): positive, ascending, no repeats."""
     try:
         ks = sorted({int(part) for part in value.split(",") if part.strip()})
@@ -330,7 +330,7 @@ class _FinetuneCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
-def _parse_loss_params(ctx, param, values: tuple[str, ...]) -> dict:
+def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, float | str]:
     """--loss-param NAME=VALUE (repeatable) -> {NAME: float or str}."""
     params: dict[str, float | str] = {}
     for item in values:

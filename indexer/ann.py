@@ -35,6 +35,7 @@ from retrieval.files import atomic_path, remove_stale_temporaries, write_text_at
 from .layout import ids_digest
 
 if TYPE_CHECKING:
+    from .layout import Header
     from .store import Snapshot
 
 log = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def read_meta(db_dir: Path) -> AnnMeta | None:
     return meta if meta.matches_file(db_dir / ANN_FILE) else None
 
 
-def load_bound(db_dir: str | Path, header, *, mmap: bool = True) -> faiss.Index | None:
+def load_bound(db_dir: str | Path, header: Header, *, mmap: bool = True) -> faiss.Index | None:
     """ann.faiss if the last ann.json written names this DB (`header`: its layout.Header), else None.
 
     ann.faiss is always renamed into place before its ann.json, so once an ann.json names this DB's uuid the

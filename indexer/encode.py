@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -378,7 +379,7 @@ def _decode_in_fresh_worker(dataset: _Files, indices: list[int]) -> tuple[list[_
     return got, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
 
 
-def _decode_worker(dataset: _Files, indices: list[int], send, parent: int) -> None:
+def _decode_worker(dataset: _Files, indices: list[int], send: Connection, parent: int) -> None:
     _die_with_parent(parent)
     for i in indices:
         send.send_bytes(pickle.dumps(dataset[i]))
@@ -396,7 +397,7 @@ def _die_with_parent(parent: int, _worker_id: int = 0) -> None:
         os._exit(0)
 
 
-def _shutdown(batches) -> None:
+def _shutdown(batches: Iterator[object]) -> None:
     """Stop a DataLoader iterator's remaining workers (and unregister them from torch's SIGCHLD check)."""
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:

@@ -9,11 +9,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
+
+if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usable
+    from PIL import Image
+
+    from retrieval.encoder import Encoder
+
+    from .search import SearchIndex
 
 STDIN = "-"
 
@@ -99,7 +107,7 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
         return results
 
 
-def load_db_encoder(index, *, model: str | None = None, device: str = "cpu"):
+def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "cpu") -> Encoder:
     """The encoder the DB records (its spec), or `model`; IndexStoreError unless its fingerprint is the DB's."""
     from retrieval.encoder import load_encoder
 
@@ -109,7 +117,7 @@ def load_db_encoder(index, *, model: str | None = None, device: str = "cpu"):
     return encoder
 
 
-def embed_images(encoder, images: Sequence) -> np.ndarray:
+def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:
     """(N, dim) float32 embeddings of PIL images with the encoder's eval preprocessing."""
     import torch
 
@@ -119,14 +127,12 @@ def embed_images(encoder, images: Sequence) -> np.ndarray:
         return encoder(torch.stack([transform(im) for im in images]).to(device)).float().cpu().numpy()
 
 
-def hits_of(index, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:
-    """Ranked hits of one query row; padding (-1) is dropped."""
+def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:
+    """Ranked hits of one query row; padding (-1) is dropped (SearchIndex returns only ids of its snapshot)."""
     keep = ids >= 0
-    items = index.items(ids[keep])
-    return tuple(
-        Hit(rank, str(index.root / item.relpath), float(score), item.label)
-        for rank, (item, score) in enumerate(zip(items, scores[keep], strict=True), start=1)
-    )
+    found = [(item, score) for item, score in zip(index.items(ids[keep]), scores[keep], strict=True) if item]
+    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label)
+                 for rank, (item, score) in enumerate(found, start=1))
 
 
 def write_query_html(results: Sequence[QueryResult], html_file: Path) -> Path:

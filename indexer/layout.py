@@ -12,10 +12,14 @@ import os
 import struct
 import uuid
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from retrieval.hashing import splitmix64
+
+if TYPE_CHECKING:
+    from retrieval.encoder import Encoder
 
 SCHEMA_VERSION = 2  # 2: long paths keyed by prefix + digest, raw file-name bytes, DB uuid, transient failures
 KEY_PREFIX = 480  # LMDB keys hold at most 511 bytes: longer paths are keyed by 480 bytes + NUL + 16-byte digest
@@ -38,7 +42,7 @@ class EncoderInfo:
     image_size: int
 
     @classmethod
-    def of(cls, encoder) -> EncoderInfo:
+    def of(cls, encoder: Encoder) -> EncoderInfo:
         """The binding facts of a retrieval.encoder.Encoder."""
         return cls(encoder.spec, encoder.fingerprint(), encoder.embed_dim, encoder.image_size)
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -219,7 +219,7 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     @contextlib.contextmanager
@@ -422,7 +422,8 @@ class Store:
 
         self._write(run)
 
-    def _update_header(self, txn: lmdb.Transaction, added: Sequence[int], removed: Sequence[int], **changes) -> Header:
+    def _update_header(self, txn: lmdb.Transaction, added: Sequence[int], removed: Sequence[int],
+                       **changes: Any) -> Header:
         header = _current_header(txn, self._dbs)
         header = replace(header, generation=header.generation + 1, updated=_now(),
                          ids_digest=digest_update(header.ids_digest, np.asarray(added, dtype=np.int64),

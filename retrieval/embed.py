@@ -11,7 +11,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -46,7 +46,8 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
-def make_loader(dataset: ImageDataset, *, workers: int, device: torch.device, **kw) -> torch.utils.data.DataLoader:
+def make_loader(dataset: ImageDataset, *, workers: int, device: torch.device,
+                **kw: Any) -> torch.utils.data.DataLoader:
     """DataLoader with the settings training and evaluation share (prefetching workers, pinned memory on CUDA)."""
     return torch.utils.data.DataLoader(
         dataset,

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -189,7 +189,7 @@ def train_mode(module: nn.Module, *, freeze_bn: bool) -> None:
                 child.eval()
 
 
-def train_loader(encoder: Encoder, records: list[Record], batch_sampler, *, workers: int,
+def train_loader(encoder: Encoder, records: list[Record], batch_sampler: Iterable[list[int]], *, workers: int,
                  device: torch.device) -> torch.utils.data.DataLoader:
     """Training batches: the encoder's train transform, JPEG draft() decoding to its resize size."""
     dataset = ImageDataset(records, encoder.train_transform(), draft_size=encoder.config.resize_size)
@@ -197,7 +197,7 @@ def train_loader(encoder: Encoder, records: list[Record], batch_sampler, *, work
 
 
 def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
-               scheduler, *, device: torch.device, amp: bool) -> float:
+               scheduler: torch.optim.lr_scheduler.LRScheduler, *, device: torch.device, amp: bool) -> float:
     """One optimiser step on one batch (`model(images, labels)` returns the loss); returns the loss value."""
     with autocast(device, amp):
         loss = model(images.to(device, non_blocking=True), labels.to(device, non_blocking=True))
@@ -326,7 +326,7 @@ class _Run:
             groups.append({"params": proxies, "lr": lr, "weight_decay": 0.0, "name": "proxies"})
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
-    def _lr_lambda(self):
+    def _lr_lambda(self) -> Callable[[int], float]:
         total = self.cfg.epochs * self.steps
         warmup = round(self.cfg.warmup_epochs * self.steps)
         schedule = self.cfg.schedule

@@ -43,7 +43,7 @@ class FinetuneConfig:
     eval_batch_size: int = 64
 
 
-def default(name: str):
+def default(name: str) -> object:
     """The default of one FinetuneConfig field (the CLI shows these, so they are written only once)."""
     value = FinetuneConfig.__dataclass_fields__[name].default
     if value is MISSING:

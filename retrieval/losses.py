@@ -16,6 +16,7 @@ back-propagates (zero gradients, no NaN).
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +216,7 @@ LOSS_DEFAULTS: dict[str, dict[str, object]] = {
 LOSS_HELP: dict[str, str] = {name: (inspect.getdoc(cls) or name).splitlines()[0] for name, cls in _LOSS_CLASSES.items()}
 
 
-def make_loss(name: str, *, num_classes: int | None = None, dim: int | None = None, **params) -> MetricLoss:
+def make_loss(name: str, *, num_classes: int | None = None, dim: int | None = None, **params: Any) -> MetricLoss:
     """Build loss ``name`` (one of :data:`LOSSES`) with hyper-parameters ``params`` (see :data:`LOSS_DEFAULTS`).
 
     ``num_classes`` and ``dim`` size the proxies of ``class-circle`` (required there, ignored elsewhere).

@@ -305,7 +305,7 @@ def _row(ranking: Ranking, i: int, top: int) -> Row:
     return Row(str(ranking.paths[q]), ranking.class_names[q_label], tuple(cells))
 
 
-def _metrics_in(data) -> dict[str, float] | None:
+def _metrics_in(data: object) -> dict[str, float] | None:
     """Find a flat {"recall@1": ...} dict in a report.json or a fine-tune metrics.json (best epoch)."""
     if isinstance(data, dict):
         if any(str(k).startswith("recall@") for k in data):
@@ -321,11 +321,11 @@ def _metrics_in(data) -> dict[str, float] | None:
     return None
 
 
-def _number(value) -> bool:
+def _number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _fmt(value) -> str:
+def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
     if isinstance(value, int) or (float(value).is_integer() and value > 1):
@@ -333,7 +333,7 @@ def _fmt(value) -> str:
     return f"{float(value):.4f}"
 
 
-def _delta(a, b, key: str) -> str:
+def _delta(a: float | None, b: float | None, key: str) -> str:
     if a is None or b is None or key in COUNT_KEYS:
         return ""
     return f"{float(a) - float(b):+.4f}"

@@ -13,6 +13,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -96,7 +97,7 @@ def decode_image(
         raise DecodeError(name, f"cannot decode: {type(exc).__name__}: {exc}") from exc
 
 
-def load_image(path: str | Path, **kwargs) -> DecodedImage:
+def load_image(path: str | Path, **kwargs: Any) -> DecodedImage:
     """Read `path` and decode it with `decode_image` (same keyword arguments); unreadable -> DecodeError."""
     try:
         data = Path(path).read_bytes()

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, astuple, dataclass, fields
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def _bird_parts(bird: BirdClass, scene: Scene) -> tuple[list[tuple[np.ndarray, t
     return parts, legs
 
 
-def _to_pixels(scene: Scene, side: int):
+def _to_pixels(scene: Scene, side: int) -> Callable[[np.ndarray], list[tuple[float, float]]]:
     """The affine map bird units -> pixel coordinates on a canvas of `side` pixels."""
     a = math.radians(scene.angle)
     k = scene.scale * side
