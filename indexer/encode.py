@@ -273,13 +273,13 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
 
     counts = EncodeCounts()
     dataset = _Files(root, todo, embedder.transform, embedder.draft_size, max_pixels, max_file_bytes)
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+    bar: tqdm | None = None  # created after the first fork (tqdm may start a monitor thread)
     writer: _Writer | None = None
     last_checkpoint = time.monotonic()
 
     def take(loaded: list[_Loaded], stacked: torch.Tensor | None) -> None:
         nonlocal last_checkpoint
-        assert writer is not None
+        assert writer is not None and bar is not None
         writer.put(*_embed_batch(store, todo, loaded, stacked, embedder, counts, dataset.limits))
         bar.set_postfix(encoded=counts.encoded, reused=counts.reused, failed=len(counts.failures), refresh=False)
         bar.update(len(loaded))
@@ -300,6 +300,7 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
                 writer.flush()  # fork while the writer thread is idle (it holds no lock then)
             batches = iter(loader)  # workers fork here (the first time, before the writer thread exists)
             writer = writer or _Writer(store)
+            bar = bar or tqdm(total=len(todo), unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
             try:
                 for loaded, stacked in batches:
                     take(loaded, stacked)
@@ -317,7 +318,8 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
                     take(loaded, stacked)
                 start = suspects.stop
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if writer is not None:
             writer.close()
     return counts
