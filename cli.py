@@ -92,7 +92,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decode worker processes, 0 to decode in the main process [default: CPUs / 4 when encoding "
                    "on the CPU, CPUs (max 8) on a GPU].")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder (cpu, cuda, cuda:1).")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16: encoder weights in bfloat16, for CPUs with AVX512-BF16 or AMX (refused elsewhere); "
                    "fp16: for CUDA. Every run compares its first batch with fp32 and falls back to fp32 if any "
@@ -175,7 +176,8 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @click.option("-k", "k", default=10, show_default=True, help="Results per query image.")
 @click.option("--model", default=None,
               help="Encoder spec; optional, as the DB records its own (one that disagrees with it is an error).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--json", "as_json", is_flag=True,

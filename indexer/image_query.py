@@ -34,7 +34,7 @@ class QueryConfig:
     images: tuple[Path, ...]
     k: int = 10
     model: str | None = None
-    device: str = "cpu"
+    device: str = "auto"  # see retrieval.device.resolve_device
     batch_size: int = 32
 
 
@@ -46,6 +46,7 @@ class Hit:
     path: str
     score: float
     label: str
+    id: int  # the item's LMDB id (not in `query --json`; serve adds it)
 
 
 @dataclass(frozen=True)
@@ -107,12 +108,14 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
         return results
 
 
-def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "cpu") -> Encoder:
+def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto") -> Encoder:
     """The encoder the DB records (its spec), or `model`; IndexStoreError unless its fingerprint is the DB's."""
+    from retrieval.device import resolve_device
     from retrieval.encoder import load_encoder
 
     stored = index.header.encoder
-    encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim, device=device)
+    encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim,
+                           device=resolve_device(device))
     index.check_encoder(encoder)
     return encoder
 
@@ -131,7 +134,7 @@ def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hi
     """Ranked hits of one query row; padding (-1) is dropped (SearchIndex returns only ids of its snapshot)."""
     keep = ids >= 0
     found = [(item, score) for item, score in zip(index.items(ids[keep]), scores[keep], strict=True) if item]
-    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label)
+    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label, item.id)
                  for rank, (item, score) in enumerate(found, start=1))
 
 

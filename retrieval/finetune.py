@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import load_records, split_records
+from .device import resolve_device
 from .data.dataset import ImageDataset
 from .data.decode import default_workers
 from .data.records import Record
@@ -95,16 +96,6 @@ class _State:
     partial_loss: float = 0.0      # sum of those batches' losses
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; an explicit cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RetrievalError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
