@@ -221,7 +221,8 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
               help="Results when a request does not give ?k= (1-1000).")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Larger uploads get 413.")
-@click.option("--cors", "cors", metavar="ORIGIN", default=None, help="Allow this origin cross-site [default: CORS off].")
+@click.option("--cors", "cors", metavar="ORIGIN", default=None,
+              help="Allow this origin cross-site [default: CORS off].")
 @click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
               help="Uploads embedded in one encoder batch (1: no micro-batching).")
 @click.option("--batch-window-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),

@@ -111,7 +111,7 @@ class MicroBatcher:
             for j in batch:
                 j.future.set_exception(exc)
             return
-        for j, result in zip(batch, results):
+        for j, result in zip(batch, results, strict=True):
             j.future.set_result(result)
 
     def _tick(self) -> None:

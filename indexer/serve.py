@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -34,7 +34,8 @@ from retrieval.errors import DecodeError
 
 from .batcher import Busy
 from .image_query import Hit
-from .serve_engine import LOOPBACK, MAX_K, Answer, Engine, Query as ImageQuery, ServeConfig, thumbnail_jpeg
+from .serve_engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
+from .serve_engine import Query as ImageQuery
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     if length.isdigit() and int(length) > limit + _FORM_SLACK:
         raise too_large
 
-    async def capped() -> AsyncIterator[bytes]:
+    async def capped() -> AsyncGenerator[bytes, None]:
         seen = 0
         async for chunk in request.stream():
             seen += len(chunk)

@@ -16,6 +16,7 @@ import io
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class Engine:
         """JPEG draft size of the indexer's decoding (so an indexed image uploaded finds itself)."""
         return self.encoder.config.resize_size
 
-    def run_batch(self, queries: list[Query]) -> list[Answer]:
+    def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
         """Embed the uploads in one forward and search them in one call."""
         start = time.perf_counter()
         embeddings = embed_images(self.encoder, [q.image for q in queries])
@@ -97,7 +98,7 @@ class Engine:
         done = time.perf_counter()
         embed_ms, search_ms = 1000 * (embedded - start), 1000 * (done - embedded)
         return [Answer(hits_of(self.index, s[: q.k], i[: q.k]), embed_ms, search_ms, len(queries))
-                for q, s, i in zip(queries, scores, ids)]
+                for q, s, i in zip(queries, scores, ids, strict=True)]
 
     def item(self, item_id: int) -> Item | None:
         return self.index.items([item_id])[0]

@@ -6,6 +6,7 @@ import torch
 
 from .errors import RetrievalError
 
+
 def resolve_device(name: str | torch.device) -> torch.device:
     """'auto' -> cuda when available else cpu; an explicit cuda without a GPU is an error."""
     if str(name) == "auto":

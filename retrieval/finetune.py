@@ -38,11 +38,11 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import load_records, split_records
-from .device import resolve_device
 from .data.dataset import ImageDataset
 from .data.decode import default_workers
 from .data.records import Record
 from .data.sampler import PKSampler
+from .device import resolve_device
 from .embed import autocast, evaluate_records, make_loader
 from .encoder import Encoder, load_encoder, save_encoder
 from .errors import RetrievalError

@@ -153,7 +153,7 @@ def main() -> None:
         return
     print(f"DB: {args.items:,} items ({args.model}); {os.cpu_count()} CPUs; OMP_NUM_THREADS="
           f"{result['omp_num_threads']}; load average {os.getloadavg()[0]:.2f}")
-    print("| concurrency | requests | p50 ms | p95 ms | req/s | server median: decode / embed / search ms | mean batch |")
+    print("| concurrency | requests | p50 ms | p95 ms | req/s | server decode / embed / search ms | mean batch |")
     print("|---|---|---|---|---|---|---|")
     for r in latency:
         s = r["server_median_ms"]

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from indexer.search import SearchIndex
@@ -69,7 +68,7 @@ def test_a_refreshing_resident_reader_sees_new_runs_and_keeps_the_file_from_grow
     runs = 6
     held = _runs_with_a_resident_reader(tmp_path / "held", runs, refresh=False)
     fresh = _runs_with_a_resident_reader(tmp_path / "fresh", runs, refresh=True)
-    held_growth = [b - a for a, b in zip(held, held[1:])]
+    held_growth = [b - a for a, b in zip(held, held[1:], strict=False)]
     assert min(held_growth) > 0, held  # a held snapshot: every run needs new pages
     assert fresh[-1] == fresh[-2] == fresh[-3], fresh  # refreshed: freed pages are reused, the file stops growing
     assert held[-1] > 2 * fresh[-1], (held, fresh)

@@ -58,9 +58,10 @@ def server(tiny_run_dir, tmp_path_factory):
         stored = {"ids": ids, "vectors": snap.vectors(ids), "paths": [str(images / i.relpath) for i in items],
                   "labels": [i.label for i in items]}
     port = _free_port()
-    log = open(root / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "cli.py", "serve", "--db", str(db), "--port", str(port), "--device", "cpu"],
-                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    log = open(root / "serve.log", "w")  # closed below
+    cmd = [sys.executable, "cli.py", "serve", "--db", str(db), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                            stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
