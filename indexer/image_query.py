@@ -122,12 +122,17 @@ def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str
 
 def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:
     """(N, dim) float32 embeddings of PIL images with the encoder's eval preprocessing."""
+    transform = encoder.eval_transform()
+    return embed_tensors(encoder, [transform(im) for im in images])
+
+
+def embed_tensors(encoder, tensors: Sequence) -> np.ndarray:
+    """(N, dim) float32 embeddings of images already preprocessed by `encoder.eval_transform()`."""
     import torch
 
-    transform = encoder.eval_transform()
     device = next(encoder.parameters()).device
     with torch.inference_mode():
-        return encoder(torch.stack([transform(im) for im in images]).to(device)).float().cpu().numpy()
+        return encoder(torch.stack(list(tensors)).to(device)).float().cpu().numpy()
 
 
 def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:

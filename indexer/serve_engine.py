@@ -24,7 +24,7 @@ from typing import Any
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
 from .batcher import MicroBatcher
-from .image_query import Hit, embed_images, hits_of, load_db_encoder
+from .image_query import Hit, embed_tensors, hits_of, load_db_encoder
 from .layout import Item
 from .search import SearchIndex
 
@@ -54,7 +54,7 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class Query:
-    image: Any  # a decoded PIL image
+    pixels: Any  # the decoded upload after the encoder's eval transform (a CHW tensor), made off the worker
     k: int
 
 
@@ -78,6 +78,7 @@ class Engine:
             self.index.close()
             raise
         self.fingerprint = self.index.header.encoder.fingerprint  # checked by load_db_encoder
+        self.transform = self.encoder.eval_transform()
         self.device = str(next(self.encoder.parameters()).device)
         self._stats: dict | None = None
         self.batcher = MicroBatcher(self.run_batch, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000,
@@ -92,7 +93,7 @@ class Engine:
     def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
         """Embed the uploads in one forward and search them in one call."""
         start = time.perf_counter()
-        embeddings = embed_images(self.encoder, [q.image for q in queries])
+        embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
         embedded = time.perf_counter()
         scores, ids = self.index.search(embeddings, max(q.k for q in queries))
         done = time.perf_counter()
@@ -146,6 +147,7 @@ class Engine:
         if self.index.header.encoder.fingerprint != self.fingerprint:
             log.warning("the DB was re-embedded with %s: loading it", self.index.header.encoder.spec)
             self.encoder = load_db_encoder(self.index, device=self.device)
+            self.transform = self.encoder.eval_transform()
             self.fingerprint = self.index.header.encoder.fingerprint
 
     def close(self) -> None:
