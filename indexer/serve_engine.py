@@ -114,7 +114,7 @@ class Engine:
         if item is None:
             return None
         start = time.perf_counter()
-        scores, ids = self.index.search(self.index.snapshot.vectors([item_id]), k + 1)
+        scores, ids = self.index.search(self.index.vectors([item_id]), k + 1)
         keep = ids[0] != item_id
         hits = hits_of(self.index, scores[0][keep][:k], ids[0][keep][:k])
         return item, hits, 1000 * (time.perf_counter() - start)
@@ -125,7 +125,7 @@ class Engine:
             from . import ann
 
             header = self.index.header
-            labels = Counter(item.label for item in self.index.snapshot.iter_items())
+            labels = Counter(item.label for item in self.index.iter_items())
             meta = ann.read_meta(self.index.store.db_dir)
             self._stats = {
                 "items": len(self.index),

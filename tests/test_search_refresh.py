@@ -53,13 +53,13 @@ def _runs_with_a_resident_reader(db, runs: int, *, refresh: bool) -> list[int]:
                 generation = index.generation
                 assert index.refresh() is True and index.generation > generation
                 assert index.refresh() is False  # nothing changed since: only the transaction is renewed
-                items = list(index.snapshot.iter_items())
+                items = list(index.iter_items())
                 assert len(items) == N_ITEMS and {item.mtime_ns for item in items} == {run}  # this run's items
-                ids = index.snapshot.ids()[[0, -1]]
-                _, found = index.search(index.snapshot.vectors(ids), 1)
+                ids = index.ids()[[0, -1]]
+                _, found = index.search(index.vectors(ids), 1)
                 assert found[:, 0].tolist() == ids.tolist()
             else:
-                assert {item.mtime_ns for item in index.snapshot.iter_items()} == {0}  # still the first state
+                assert {item.mtime_ns for item in index.iter_items()} == {0}  # still the first state
     return sizes
 
 
