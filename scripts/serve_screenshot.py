@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="serve-shot-"))
-    images = Path(make_dataset(GenerateConfig(work / "birds", classes=12, per_class=10, size=160))["root"]) / "images"
-    fresh = Path(make_dataset(GenerateConfig(work / "new", classes=12, per_class=1, size=160, seed=1))["root"])
+    images = make_dataset(GenerateConfig(work / "birds", classes=12, per_class=10, size=160)).root / "images"
+    fresh = make_dataset(GenerateConfig(work / "new", classes=12, per_class=1, size=160, seed=1)).root
     query = sorted((fresh / "images").glob("*/*.jpg"))[3]  # a picture the index has never seen
     db = work / "db"
     run_index(IndexConfig(folder=images, db_dir=db, model="lite0"))

@@ -30,7 +30,7 @@ from tests.index_support import cli_index  # noqa: E402
 N_CLASSES, PER_CLASS = 4, 5
 
 
-def _index(folder: Path, db: Path, model: Path) -> dict:
+def _index(folder: Path, db: Path, model: Path):
     from indexer.pipeline import IndexConfig, run_index
 
     return run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), workers=0))
@@ -39,8 +39,7 @@ def _index(folder: Path, db: Path, model: Path) -> dict:
 def _generated(out: Path, classes: int = N_CLASSES, per_class: int = PER_CLASS, seed: int = 0) -> Path:
     from retrieval.data.generate import GenerateConfig, make_dataset
 
-    summary = make_dataset(GenerateConfig(out, classes=classes, per_class=per_class, size=64, seed=seed))
-    return Path(summary["root"]) / "images"
+    return make_dataset(GenerateConfig(out, classes=classes, per_class=per_class, size=64, seed=seed)).root / "images"
 
 
 def _db_contents(db: Path) -> dict:
