@@ -17,6 +17,7 @@ from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
 if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usable
+    import torch
     from PIL import Image
 
     from retrieval.encoder import Encoder
@@ -126,7 +127,7 @@ def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:
     return embed_tensors(encoder, [transform(im) for im in images])
 
 
-def embed_tensors(encoder, tensors: Sequence) -> np.ndarray:
+def embed_tensors(encoder: Encoder, tensors: Sequence[torch.Tensor]) -> np.ndarray:
     """(N, dim) float32 embeddings of images already preprocessed by `encoder.eval_transform()`."""
     import torch
 

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -36,6 +36,9 @@ from .batcher import Busy
 from .image_query import Hit
 from .serve_engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
 from .serve_engine import Query as ImageQuery
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +224,7 @@ def _parse_id(text: str) -> int:
     return int(text)
 
 
-def _preprocess(data: bytes, name: str, eng: Engine, max_pixels: int):
+def _preprocess(data: bytes, name: str, eng: Engine, max_pixels: int) -> torch.Tensor:
     """Decode an upload as the indexer does and apply the encoder's eval transform (in the thread pool, so the
     worker thread only runs the forward and the search)."""
     from retrieval.data.decode import decode_image

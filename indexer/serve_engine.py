@@ -2,7 +2,7 @@
 micro-batching worker thread (indexer.batcher), so neither is ever used from two threads at once.
 
     engine = Engine(ServeConfig(db=Path("db")))
-    answer = engine.batcher.submit(Query(image, k=10)).result()     # uploads: embedded together in batches
+    answer = engine.batcher.submit(Query(engine.transform(image), k=10)).result()  # uploads, batched
     found = engine.batcher.call(lambda: engine.similar(item_id, 10)).result()
     engine.close()
 
@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
@@ -27,6 +27,9 @@ from .batcher import MicroBatcher
 from .image_query import Hit, embed_tensors, hits_of, load_db_encoder
 from .layout import Item
 from .search import SearchIndex
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class Query:
-    pixels: Any  # the decoded upload after the encoder's eval transform (a CHW tensor), made off the worker
+    pixels: torch.Tensor  # the decoded upload after the encoder's eval transform (a CHW tensor), made off the worker
     k: int
 
 
