@@ -50,6 +50,7 @@ def cli(verbose: int) -> None:
       python cli.py index data/birds/images --model runs/birds --db db/birds
       python cli.py query some.jpg --db db/birds
       python cli.py eval --db db/birds
+      python cli.py serve --db db/birds          # then open http://127.0.0.1:8000
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -92,7 +93,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decode worker processes, 0 to decode in the main process [default: CPUs / 4 when encoding "
                    "on the CPU, CPUs (max 8) on a GPU].")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder (cpu, cuda, cuda:1).")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16: encoder weights in bfloat16, for CPUs with AVX512-BF16 or AMX (refused elsewhere); "
                    "fp16: for CUDA. Every run compares its first batch with fp32 and falls back to fp32 if any "
@@ -175,7 +177,8 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @click.option("-k", "k", default=10, show_default=True, help="Results per query image.")
 @click.option("--model", default=None,
               help="Encoder spec; optional, as the DB records its own (one that disagrees with it is an error).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--json", "as_json", is_flag=True,
@@ -205,6 +208,49 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
             click.echo(f"  {hit['rank']:>4}  {hit['score']:>10.4f}  {hit['label']:<{width}}  {hit['path']}")
     if html_file is not None:
         click.echo(f"page: {html_file}")
+
+
+@cli.command("serve")
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to serve.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback exposes the index and its images (logged as a warning).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000),
+              help="Results when a request does not give ?k= (1-1000).")
+@click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Larger uploads get 413.")
+@click.option("--cors", "cors", metavar="ORIGIN", default=None,
+              help="Allow this origin cross-site [default: CORS off].")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Uploads embedded in one encoder batch (1: no micro-batching).")
+@click.option("--batch-window-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long an upload waits for others to share its batch.")
+@click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Requests that may wait; beyond it the answer is 503 with Retry-After.")
+def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
+              max_batch: int, batch_window_ms: float, queue_size: int) -> None:
+    """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
+
+    \b
+    POST /api/search?k=10            multipart upload (field "image"): the query --json element + ids, timings
+    GET  /api/items/ID/similar?k=10  more like an indexed item (its stored embedding, no encoder pass)
+    GET  /api/items/ID/thumbnail     small JPEG of an indexed item
+    GET  /api/stats, /healthz        counts, labels, encoder, FAISS; liveness
+
+    The DB's own encoder is loaded once. Uploads arriving together are embedded in one batch. When an
+    `index` run commits, answers follow the new state within about a second, without restart.
+    """
+    try:
+        from indexer.serve import ServeConfig, run_server
+    except ImportError as exc:
+        raise click.ClickException(f"serve needs FastAPI, uvicorn and python-multipart: "
+                                   f"pip install -e \".[cpu,serve]\" ({exc})") from None
+
+    run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k,
+                           max_upload_bytes=int(max_upload_mb * (1 << 20)), cors=cors, max_batch=max_batch,
+                           batch_window_ms=batch_window_ms, queue_size=queue_size))
 
 
 @cli.command("eval")

@@ -301,6 +301,19 @@ def load_bound(db_dir: str | Path, header: Header, *, mmap: bool = True) -> fais
     return load_ann(db_dir, mmap=mmap)
 
 
+def file_stamp(db_dir: str | Path) -> tuple[tuple[int, int] | None, ...]:
+    """(size, mtime_ns) of ann.faiss and of ann.json (None for a missing one): a reader reloads the index when
+    this changes (both are replaced by rename)."""
+    out: list[tuple[int, int] | None] = []
+    for name in (ANN_FILE, ANN_META):
+        try:
+            st = (Path(db_dir) / name).stat()
+            out.append((st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 def load_ann(db_dir: str | Path, *, mmap: bool = True) -> faiss.Index | None:
     """ann.faiss, or None if there is none yet. mmap: map the vectors read-only (fast start, no edits)."""
     path = Path(db_dir) / ANN_FILE

@@ -17,6 +17,7 @@ from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
 if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usable
+    import torch
     from PIL import Image
 
     from retrieval.encoder import Encoder
@@ -34,7 +35,7 @@ class QueryConfig:
     images: tuple[Path, ...]
     k: int = 10
     model: str | None = None
-    device: str = "cpu"
+    device: str = "auto"  # see retrieval.device.resolve_device
     batch_size: int = 32
 
 
@@ -46,6 +47,7 @@ class Hit:
     path: str
     score: float
     label: str
+    id: int  # the item's LMDB id (not in `query --json`; serve adds it)
 
 
 @dataclass(frozen=True)
@@ -107,31 +109,38 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
         return results
 
 
-def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "cpu") -> Encoder:
+def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto") -> Encoder:
     """The encoder the DB records (its spec), or `model`; IndexStoreError unless its fingerprint is the DB's."""
+    from retrieval.device import resolve_device
     from retrieval.encoder import load_encoder
 
     stored = index.header.encoder
-    encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim, device=device)
+    encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim,
+                           device=resolve_device(device))
     index.check_encoder(encoder)
     return encoder
 
 
 def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:
     """(N, dim) float32 embeddings of PIL images with the encoder's eval preprocessing."""
+    transform = encoder.eval_transform()
+    return embed_tensors(encoder, [transform(im) for im in images])
+
+
+def embed_tensors(encoder: Encoder, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """(N, dim) float32 embeddings of images already preprocessed by `encoder.eval_transform()`."""
     import torch
 
-    transform = encoder.eval_transform()
     device = next(encoder.parameters()).device
     with torch.inference_mode():
-        return encoder(torch.stack([transform(im) for im in images]).to(device)).float().cpu().numpy()
+        return encoder(torch.stack(list(tensors)).to(device)).float().cpu().numpy()
 
 
 def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:
     """Ranked hits of one query row; padding (-1) is dropped (SearchIndex returns only ids of its snapshot)."""
     keep = ids >= 0
     found = [(item, score) for item, score in zip(index.items(ids[keep]), scores[keep], strict=True) if item]
-    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label)
+    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label, item.id)
                  for rank, (item, score) in enumerate(found, start=1))
 
 

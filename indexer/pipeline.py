@@ -55,7 +55,7 @@ class IndexConfig:
     model: str = "lite0"
     batch_size: int = 64
     workers: int | None = None  # decode worker processes; None: default_workers(device, minimum=1), 0: in this process
-    device: str = "cpu"
+    device: str = "auto"  # see retrieval.device.resolve_device
     precision: str = "fp32"  # fp32 | bf16 (CPU with AVX512-BF16/AMX) | fp16 (CUDA)
     ann: str = "auto"  # see indexer.ann.choose_factory
     reembed: bool = False
@@ -244,12 +244,15 @@ def _max_file_bytes(cfg: IndexConfig) -> int:
 
 def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry], encoder: Encoder,
             progress: bool) -> tuple[EncodeCounts, Embedder]:
+    from retrieval.device import resolve_device
+
     from .encode import Embedder, encode_files
 
-    embedder = Embedder(encoder, cfg.device, cfg.precision)
+    device = resolve_device(cfg.device)
+    embedder = Embedder(encoder, device, cfg.precision)
     counts = encode_files(
         store, folder, todo, embedder, batch_size=cfg.batch_size,
-        workers=default_workers(cfg.device, minimum=1) if cfg.workers is None else cfg.workers,
+        workers=default_workers(str(device), minimum=1) if cfg.workers is None else cfg.workers,
         max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg),
         checkpoint=lambda: _refresh_ann(store, cfg.ann, rebuild=False),
         checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
@@ -257,9 +260,10 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry],
 
 
 def _load_encoder(cfg: IndexConfig) -> Encoder:
+    from retrieval.device import resolve_device
     from retrieval.encoder import load_encoder
 
-    return load_encoder(cfg.model, device=cfg.device)
+    return load_encoder(cfg.model, device=resolve_device(cfg.device))
 
 
 def _same_encoder_cheap(spec: str, stored: EncoderInfo) -> bool:

@@ -32,43 +32,83 @@ if TYPE_CHECKING:
 
 
 class SearchIndex:
-    """Search an index DB; holds one LMDB read snapshot until `close()` (use it as a context manager)."""
+    """Search an index DB as of one LMDB read snapshot; `refresh()` renews it, `close()` ends it.
 
-    def __init__(self, store: Store, stack: contextlib.ExitStack, snapshot: Snapshot, main: faiss.Index | None,
-                 factory: str, exclude: np.ndarray, delta: faiss.Index | None):
+    What a reader may hold: the snapshot is one LMDB read transaction, and while it is open LMDB cannot reuse
+    any page a writer freed after it began, so every commit of an `index` run makes `data.mdb` grow. A short
+    reader (`query`, `eval`) opens, searches and closes. A resident reader (`serve`) must call `refresh()`
+    every few seconds: it ends the old transaction and starts a new one, and reloads FAISS and the lag
+    bookkeeping only when the DB's generation or the FAISS file changed. Readers of a process killed with -9
+    leave a stale slot in LMDB's reader table; writers clear those at the start of a run (Store.begin_run).
+    Not thread-safe: use one SearchIndex from one thread at a time.
+    """
+
+    def __init__(self, store: Store, *, mmap: bool = True, gpu: bool = True):
         self.store = store
-        self._snapshot = snapshot
-        self._stack = stack
-        self._main = main
-        self._factory = factory
-        self._exclude = exclude
-        self._delta = delta
+        self._mmap, self._gpu = mmap, gpu
+        self._snapshot_cm: contextlib.AbstractContextManager[Snapshot] | None = None
+        self._snapshot: Snapshot
+        self._ann_stamp: tuple[tuple[int, int] | None, ...] | None = None
+        self._main: faiss.Index | None = None
+        self._factory = "Flat"
+        self._exclude = np.empty(0, np.int64)
+        self._delta: faiss.Index | None = None
+        try:
+            self._renew(reload=True)
+        except BaseException:
+            self._end_snapshot()
+            raise
 
     @classmethod
     def open(cls, db_dir: str | Path, *, mmap: bool = True, gpu: bool = True) -> SearchIndex:
         """Open DB_DIR read-only (IndexStoreError if it is not an index DB); mmap the FAISS file by default."""
-        stack = contextlib.ExitStack()
-        store = stack.enter_context(Store.open(db_dir, readonly=True))
+        store = Store.open(db_dir, readonly=True)
         try:
-            snapshot = stack.enter_context(store.snapshot())
-            header = snapshot.require_header()
-            dim = header.encoder.dim
-            meta = ann.read_meta(Path(db_dir))  # read first: a writer replaces the index before its meta
-            main = ann.load_bound(db_dir, header, mmap=mmap)
-            if main is not None and main.d != dim:  # left from before a --reembed
-                main = None
-            factory = meta.factory if main is not None and meta is not None else "Flat"
-            exclude, missing = _lag(main, snapshot)
-            delta = None
-            if len(missing):
-                delta = ann.new_index("Flat", header.encoder.dim)
-                delta.add_with_ids(snapshot.vectors(missing), missing)
-            if main is not None and gpu:
-                main = ann.to_gpu(main)
+            return cls(store, mmap=mmap, gpu=gpu)
         except BaseException:
-            stack.close()
+            store.close()
             raise
-        return cls(store, stack, snapshot, main, factory, exclude, delta)
+
+    def refresh(self) -> bool:
+        """Renew the snapshot (a new read transaction); True when the DB or its FAISS file changed since the last
+        one, and the index now answers from the new state."""
+        return self._renew(reload=False)
+
+    @property
+    def generation(self) -> int:
+        """The snapshot's DB generation (+1 per committed write transaction)."""
+        return self.header.generation
+
+    def _renew(self, *, reload: bool) -> bool:
+        before = None if reload else self.header.generation
+        self._end_snapshot()
+        self._snapshot_cm = self.store.snapshot()
+        self._snapshot = self._snapshot_cm.__enter__()
+        header = self._snapshot.require_header()
+        dim = header.encoder.dim
+        stamp = ann.file_stamp(self.store.db_dir)
+        if before == header.generation and stamp == self._ann_stamp:
+            return False
+        meta = ann.read_meta(self.store.db_dir)  # read first: a writer replaces the index before its meta
+        main = ann.load_bound(self.store.db_dir, header, mmap=self._mmap)
+        if main is not None and main.d != dim:  # left from before a --reembed
+            main = None
+        factory = meta.factory if main is not None and meta is not None else "Flat"
+        exclude, missing = _lag(main, self._snapshot)
+        delta = None
+        if len(missing):
+            delta = ann.new_index("Flat", dim)
+            delta.add_with_ids(self._snapshot.vectors(missing), missing)
+        if main is not None and self._gpu:
+            main = ann.to_gpu(main)
+        self._main, self._factory, self._exclude, self._delta = main, factory, exclude, delta
+        self._ann_stamp = stamp
+        return True
+
+    def _end_snapshot(self) -> None:
+        if self._snapshot_cm is not None:
+            cm, self._snapshot_cm = self._snapshot_cm, None
+            cm.__exit__(None, None, None)
 
     @property
     def header(self) -> Header:
@@ -135,7 +175,10 @@ class SearchIndex:
         return self._snapshot.vectors(ids)
 
     def close(self) -> None:
-        self._stack.close()
+        try:
+            self._end_snapshot()
+        finally:
+            self.store.close()
 
     def __enter__(self) -> SearchIndex:
         return self

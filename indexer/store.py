@@ -17,7 +17,8 @@ Writers hold an exclusive POSIX record lock (fcntl/lockf) on DB_DIR/index.lock: 
 by the writer do not inherit it, so the kernel drops it the moment the writer dies (even on kill -9), and
 a run restarted at once is never told that a dead process holds the DB. Each batch is one LMDB transaction,
 so a crash leaves the DB as of its last commit. Readers take a snapshot (one read transaction) and see the
-last committed state while a writer goes on. The map grows by doubling when full.
+last committed state while a writer goes on; while a snapshot is open its pages cannot be reused, so a
+long-lived reader must renew it (see search.SearchIndex). The map grows by doubling when full.
 
 Keys of `paths` and `failures` are layout.path_key(relpath): the path's bytes, or for paths over KEY_PREFIX
 bytes a prefix + digest, with the whole path kept in the value. An embedding chunk is either dense (rows
@@ -249,6 +250,7 @@ class Store:
         reembed empties the DB of items in this one transaction (ids are not reused) and marks the header, so
         that a --reembed run killed half way and started again goes on instead of starting over.
         """
+        self._env.reader_check()  # free the reader slots of dead processes, which would pin old pages forever
 
         def run(txn: lmdb.Transaction) -> Header:
             header = _read_header(txn, self._dbs)

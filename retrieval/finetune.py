@@ -42,6 +42,7 @@ from .data.dataset import ImageDataset
 from .data.decode import default_workers
 from .data.records import Record
 from .data.sampler import PKSampler
+from .device import resolve_device
 from .embed import autocast, evaluate_records, make_loader
 from .encoder import Encoder, load_encoder, save_encoder
 from .errors import RetrievalError
@@ -95,16 +96,6 @@ class _State:
     partial_loss: float = 0.0      # sum of those batches' losses
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available else cpu; an explicit cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RetrievalError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:

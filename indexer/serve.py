@@ -1,0 +1,272 @@
+"""`serve`: a resident search service over an index DB, an HTTP API and one offline web page.
+
+    app = create_app(ServeConfig(db=Path("db")))   # FastAPI; tests drive it with TestClient
+    run_server(cfg)                                 # uvicorn on cfg.host:cfg.port (127.0.0.1 by default)
+
+Endpoints: POST /api/search (multipart field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail,
+GET /api/stats, GET /healthz, GET / (indexer/static/index.html). The lifespan loads the DB's encoder once and
+opens the index (serve_engine.Engine); handlers only parse, decode uploads in the thread pool and await the
+engine's worker thread. Nothing a client sends is used as a file-system path: items are found by integer id
+and their files by the path the DB stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from retrieval.errors import DecodeError
+
+from .batcher import Busy
+from .image_query import Hit
+from .serve_engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
+from .serve_engine import Query as ImageQuery
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"[0-9]{1,18}")
+_FORM_SLACK = 64 << 10  # multipart headers and boundaries around the file
+RETRY_AFTER_S = 1
+
+
+class HitModel(BaseModel):
+    """One `query --json` result, plus the item's id (for thumbnails and "more like this")."""
+
+    rank: int
+    path: str
+    score: float
+    label: str
+    id: int
+
+
+class Timings(BaseModel):
+    decode_ms: float | None = None  # uploads only: decode + the encoder's preprocessing
+    embed_ms: float | None = None  # uploads only: the forward of the whole encoder batch
+    search_ms: float
+    total_ms: float  # in the server, from the request's start to the answer (includes reading and waiting)
+    batch: int = 1  # uploads embedded in the same encoder batch
+
+
+class SearchResponse(BaseModel):
+    """A `query --json` element ({"query", "results"}) plus the query item's id (similar) and the timings."""
+
+    query: str
+    query_id: int | None = None
+    results: list[HitModel]
+    timings: Timings
+
+
+class LabelCount(BaseModel):
+    label: str
+    count: int
+
+
+class EncoderModel(BaseModel):
+    spec: str
+    fingerprint: str
+    dim: int
+    image_size: int
+
+
+class AnnModel(BaseModel):
+    kind: str
+    factory: str
+
+
+class StatsResponse(BaseModel):
+    items: int
+    labels: list[LabelCount]
+    encoder: EncoderModel
+    ann: AnnModel | None  # None until the first FAISS build
+    generation: int
+    faiss_lags: bool  # FAISS is behind LMDB (an index run is going on): the rest is searched exactly
+    device: str
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(cfg: ServeConfig) -> FastAPI:
+    """The service as a FastAPI app; the encoder and index load when the app starts (its lifespan)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = await run_in_threadpool(Engine, cfg)
+        app.state.thumbs = OrderedDict()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.engine.close)
+
+    app = FastAPI(title="circle-retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)
+    page = resources.files("indexer").joinpath("static/index.html").read_text(encoding="utf-8")
+    if cfg.cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=[cfg.cors], allow_methods=["GET", "POST"])
+
+    def engine(request: Request) -> Engine:
+        return request.app.state.engine
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.post("/api/search", response_model=SearchResponse)
+    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
+        """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does."""
+        started = time.perf_counter()
+        data, name = await _read_upload(request, cfg.max_upload_bytes)
+        eng = engine(request)
+        decoding = time.perf_counter()
+        try:
+            pixels = await run_in_threadpool(_preprocess, data, name, eng, cfg.max_pixels)
+        except DecodeError as exc:
+            raise HTTPException(400, str(exc)) from None
+        decode_ms = 1000 * (time.perf_counter() - decoding)
+        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k)), eng)
+        timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
+                          total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
+        return SearchResponse(query=name, results=_hits(answer.hits), timings=timings)
+
+    @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
+    async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
+        """"More like this": the nearest other items to a stored item's embedding (no encoder pass)."""
+        started = time.perf_counter()
+        eng = engine(request)
+        wanted = _parse_id(item_id)
+        found = await _queued(lambda b: b.call(lambda: eng.similar(wanted, k or cfg.k)), eng)
+        if found is None:
+            raise HTTPException(404, "no such item")
+        item, hits, search_ms = found
+        timings = Timings(search_ms=search_ms, total_ms=1000 * (time.perf_counter() - started))
+        return SearchResponse(query=str(eng.file_of(item)), query_id=item.id, results=_hits(hits), timings=timings)
+
+    @app.get("/api/items/{item_id}/thumbnail", response_class=Response)
+    async def thumbnail(request: Request, item_id: str) -> Response:
+        """A small JPEG of an indexed item, by id (cached: an id's content never changes)."""
+        wanted = _parse_id(item_id)
+        thumbs: OrderedDict[int, bytes] = request.app.state.thumbs
+        jpeg = thumbs.get(wanted)
+        if jpeg is None:
+            eng = engine(request)
+            item = await _queued(lambda b: b.call(lambda: eng.item(wanted)), eng)
+            if item is None:
+                raise HTTPException(404, "no such item")
+            try:
+                jpeg = await run_in_threadpool(thumbnail_jpeg, eng.file_of(item), cfg.thumb_px, cfg.max_pixels)
+            except DecodeError as exc:
+                raise HTTPException(404, f"the item's file cannot be read now: {exc.reason}") from None
+            thumbs[wanted] = jpeg
+            while len(thumbs) > cfg.thumb_cache:
+                thumbs.popitem(last=False)
+        thumbs.move_to_end(wanted)
+        return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/api/stats", response_model=StatsResponse)
+    async def stats(request: Request) -> dict:
+        eng = engine(request)
+        return await _queued(lambda b: b.call(eng.stats), eng)
+
+    return app
+
+
+def run_server(cfg: ServeConfig) -> None:
+    """Serve until interrupted. Another host than loopback is the user's explicit choice, logged as a warning."""
+    import uvicorn
+
+    if cfg.host not in LOOPBACK:
+        log.warning("serving on %s: anyone who can reach this machine can search the index and see its images",
+                    cfg.host)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+
+
+async def _queued(put: Any, eng: Engine) -> Any:
+    """Queue work on the engine's worker (put(batcher) -> Future) and await it; 503 + Retry-After when full."""
+    try:
+        future: Future = put(eng.batcher)
+    except Busy as exc:
+        raise HTTPException(503, f"busy: {exc}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    return await asyncio.wrap_future(future)
+
+
+def _hits(hits: tuple[Hit, ...]) -> list[HitModel]:
+    return [HitModel(rank=h.rank, path=h.path, score=h.score, label=h.label, id=h.id) for h in hits]
+
+
+def _parse_id(text: str) -> int:
+    """An item id from the URL: decimal digits only, anything else is simply not an item (404)."""
+    if not _ID.fullmatch(text):
+        raise HTTPException(404, "no such item")
+    return int(text)
+
+
+def _preprocess(data: bytes, name: str, eng: Engine, max_pixels: int) -> torch.Tensor:
+    """Decode an upload as the indexer does and apply the encoder's eval transform (in the thread pool, so the
+    worker thread only runs the forward and the search)."""
+    from retrieval.data.decode import decode_image
+
+    return eng.transform(decode_image(data, name=name, draft_size=eng.draft_size, max_pixels=max_pixels).image)
+
+
+async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
+    """(bytes, client's file name) of the multipart field `image`; 413 as soon as the body passes `limit`
+    (at once from Content-Length, else while it streams), 400 for anything but one image field."""
+    too_large = HTTPException(413, f"upload larger than the limit of {_mb(limit)} (--max-upload-mb)")
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise HTTPException(400, "send the image as multipart/form-data in the field 'image'")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit + _FORM_SLACK:
+        raise too_large
+
+    async def capped() -> AsyncGenerator[bytes, None]:
+        seen = 0
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > limit + _FORM_SLACK:
+                raise _TooLarge
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=8).parse()
+    except _TooLarge:
+        raise too_large from None
+    except MultiPartException as exc:
+        raise HTTPException(400, f"malformed upload: {exc.message}") from None
+    try:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, "no file in the form field 'image'")
+        if upload.size is not None and upload.size > limit:
+            raise too_large
+        data = await upload.read()
+        return data, upload.filename or "upload"
+    finally:
+        await form.close()
+
+
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):g} MB"

@@ -1,0 +1,300 @@
+"""The serve API through FastAPI's TestClient on a DB of the generated bird set (tiny random encoder): uploads
+find themselves with `query --json`'s exact answer, "more like this" equals brute force over the stored
+embeddings, thumbnails only by id, every bad input's status and message, 503 when the queue is full, and an
+`index` run's new images answered without restart."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from cli import cli  # noqa: E402
+from indexer.serve import create_app  # noqa: E402
+from indexer.serve_engine import ServeConfig  # noqa: E402
+from tests.index_support import cli_index  # noqa: E402
+
+N_CLASSES, PER_CLASS = 4, 5
+
+
+def _index(folder: Path, db: Path, model: Path):
+    from indexer.pipeline import IndexConfig, run_index
+
+    return run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), workers=0))
+
+
+def _generated(out: Path, classes: int = N_CLASSES, per_class: int = PER_CLASS, seed: int = 0) -> Path:
+    from retrieval.data.generate import GenerateConfig, make_dataset
+
+    return make_dataset(GenerateConfig(out, classes=classes, per_class=per_class, size=64, seed=seed)).root / "images"
+
+
+def _db_contents(db: Path) -> dict:
+    """What the DB holds, read before any app opens it (one LMDB environment per process at a time)."""
+    from indexer.store import Store
+
+    with Store.open(db) as store, store.snapshot() as snap:
+        ids = snap.ids()
+        items = snap.items(ids)
+        return {"ids": ids, "vectors": snap.vectors(ids), "relpaths": [i.relpath for i in items],
+                "labels": [i.label for i in items], "header": snap.header}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run_dir, tmp_path_factory) -> dict:
+    """The generated set indexed with the tiny encoder, `query --json` of three of its images (one CLI run
+    each, as a client would send them one at a time), and the DB's contents."""
+    root = tmp_path_factory.mktemp("serve")
+    images = _generated(root / "birds")
+    db = root / "db"
+    _index(images, db, tiny_run_dir)
+    queries = sorted(images.glob("*/*.jpg"))[:: PER_CLASS * N_CLASSES // 3][:3]
+    expected = {}
+    for path in queries:
+        result = CliRunner().invoke(cli, ["query", str(path), "--db", str(db), "-k", "6", "--json"])
+        assert result.exit_code == 0, result.output
+        expected[path] = json.loads(result.output)[0]
+    return {"images": images, "db": db, "queries": queries, "expected": expected, **_db_contents(db)}
+
+
+@pytest.fixture(scope="module")
+def client(served, single_thread_torch):
+    with TestClient(create_app(ServeConfig(db=served["db"], device="cpu"))) as c:
+        yield c
+
+
+def _upload(client, data: bytes, name: str = "q.jpg", k: int | str | None = None, field: str = "image"):
+    url = "/api/search" if k is None else f"/api/search?k={k}"
+    return client.post(url, files={field: (name, data, "application/octet-stream")})
+
+
+def _jpeg(size=(64, 64), seed=0) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(
+        out, format="JPEG")
+    return out.getvalue()
+
+
+def test_an_indexed_image_finds_itself_with_the_same_answer_as_query_json(client, served):
+    for path in served["queries"]:
+        resp = _upload(client, path.read_bytes(), name=path.name, k=6)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["results"][0]["path"] == str(path) and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        expected = served["expected"][path]
+        assert body["query"] == path.name
+        assert [{key: h[key] for key in ("rank", "path", "score", "label")} for h in body["results"]] == \
+            expected["results"]
+        by_id = dict(zip(served["ids"].tolist(), served["relpaths"], strict=True))
+        assert [str(served["images"] / by_id[h["id"]]) for h in body["results"]] == [h["path"] for h in body["results"]]
+        t = body["timings"]
+        assert t["decode_ms"] > 0 and t["embed_ms"] > 0 and t["search_ms"] >= 0 and t["batch"] >= 1
+        assert t["total_ms"] >= t["decode_ms"] + t["embed_ms"] + t["search_ms"]
+
+
+def test_k_defaults_to_the_configured_value_and_is_honoured(client, served):
+    data = served["queries"][0].read_bytes()
+    assert len(_upload(client, data).json()["results"]) == 10
+    assert len(_upload(client, data, k=3).json()["results"]) == 3
+    assert len(_upload(client, data, k=1000).json()["results"]) == len(served["ids"])
+
+
+def test_more_like_this_is_brute_force_over_the_stored_embeddings(client, served):
+    ids, vectors = served["ids"], served["vectors"]
+    for row in (0, len(ids) // 2, len(ids) - 1):
+        resp = client.get(f"/api/items/{ids[row]}/similar?k=5")
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        scores = vectors @ vectors[row]
+        scores[row] = -np.inf  # the item itself is the query, not a result
+        top = np.argsort(-scores, kind="stable")[:5]
+        assert [h["id"] for h in body["results"]] == ids[top].tolist()
+        np.testing.assert_allclose([h["score"] for h in body["results"]], scores[top], atol=1e-5)
+        assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
+        assert body["query_id"] == int(ids[row]) and body["query"] == str(served["images"] / served["relpaths"][row])
+        assert [h["label"] for h in body["results"]] == [served["labels"][i] for i in top]
+
+
+def test_thumbnails_by_id_only(client, served):
+    item_id, rel = int(served["ids"][3]), served["relpaths"][3]
+    resp = client.get(f"/api/items/{item_id}/thumbnail")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    thumb = np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB"), dtype=np.float32)
+    original = np.asarray(Image.open(served["images"] / rel).convert("RGB"), dtype=np.float32)
+    assert thumb.shape == original.shape  # 64 px is under the 160 px cap: kept, not enlarged
+    assert np.abs(thumb - original).mean() < 8  # the same picture, re-encoded as JPEG
+    assert client.get(f"/api/items/{item_id}/thumbnail").content == resp.content  # cached
+    unknown = int(served["ids"].max()) + 1
+    for url in (f"/api/items/{unknown}/thumbnail", f"/api/items/{unknown}/similar",
+                "/api/items/..%2F..%2F..%2Fetc%2Fpasswd/thumbnail", "/api/items/%2e%2e/thumbnail",
+                "/api/items/..%252Fcli.py/thumbnail", f"/api/items/{item_id}%00/thumbnail",
+                f"/api/items/{item_id}%2F..%2F..%2Fcli.py/thumbnail", "/api/items/-1/thumbnail",
+                "/api/items/0x1/thumbnail", "/api/items/%EF%BC%91/thumbnail", "/api/items/1e3/similar",
+                "/api/items/99999999999999999999999/thumbnail", f"/api/items/{item_id}/../../cli.py",
+                "/static/index.html", "/static/", "/indexer/static/index.html", "/cli.py", "/..%2Fcli.py"):
+        got = client.get(url)
+        assert got.status_code == 404, (url, got.status_code, got.text)
+        assert got.headers["content-type"] == "application/json"
+    assert client.get(f"/api/items/{item_id}/similar?k=..%2F..%2Fetc").status_code == 422
+
+
+def test_bad_uploads_get_their_status_and_the_decoders_reason(client, served):
+    real = served["queries"][0].read_bytes()
+    cases = [
+        (b"not an image at all", "notes.txt", 400, "notes.txt: not a recognised image format"),
+        (b"", "empty.jpg", 400, "empty.jpg: empty file (0 bytes)"),
+        (real[: len(real) // 2], "half.jpg", 400, "half.jpg: cannot decode: OSError: "),  # "...truncated..."
+        (_png_header(10_000, 10_000), "bomb.png", 400,
+         "bomb.png: too many pixels (10000x10000 = 100,000,000); the cap is max_pixels=89,478,485"),
+    ]
+    for data, name, status, message in cases:
+        resp = _upload(client, data, name=name)
+        assert resp.status_code == status, resp.text
+        assert resp.json()["detail"].startswith(message), resp.json()
+        assert name != "half.jpg" or "runcated" in resp.json()["detail"]
+    for k in (0, 1001, "abc", -5):
+        resp = _upload(client, real, k=k)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["detail"][0]["loc"] == ["query", "k"]
+    assert client.get(f"/api/items/{served['ids'][0]}/similar?k=0").status_code == 422
+    resp = _upload(client, real, field="file")
+    assert resp.status_code == 400 and resp.json()["detail"] == "no file in the form field 'image'"
+    resp = client.post("/api/search", json={"image": "/etc/passwd"})
+    assert resp.status_code == 400 and "multipart/form-data" in resp.json()["detail"]
+    assert client.get("/api/search").status_code == 405
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels (a pixel bomb): signature, IHDR, IEND, valid CRCs."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_stats_health_and_the_page(client, served, tiny_run_dir):
+    stats = client.get("/api/stats").json()
+    assert stats["items"] == len(served["ids"]) == N_CLASSES * PER_CLASS
+    on_disk = {d.name: len(list(d.glob("*.jpg"))) for d in served["images"].iterdir() if d.is_dir()}
+    assert {e["label"]: e["count"] for e in stats["labels"]} == on_disk
+    header = served["header"]
+    assert stats["encoder"]["fingerprint"] == json.loads((tiny_run_dir / "encoder.json").read_text())["fingerprint"]
+    assert stats["encoder"]["spec"] == header.encoder.spec and stats["encoder"]["dim"] == header.encoder.dim
+    assert stats["generation"] == header.generation and stats["faiss_lags"] is False
+    assert stats["ann"] == {"kind": "auto", "factory": "Flat"} and stats["device"] == "cpu"
+    assert client.get("/healthz").json() == {"status": "ok"}
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>circle-retrieval" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
+    assert "innerHTML" not in page.text and "insertAdjacentHTML" not in page.text  # server strings stay text
+    assert "access-control-allow-origin" not in client.get("/api/stats", headers={"Origin": "http://evil.test"}).headers
+
+
+@pytest.fixture(scope="module")
+def strict_client(served, single_thread_torch, tmp_path_factory):
+    """A service with a 50 KB upload limit, room for one waiting request, and CORS for one origin (on a copy of
+    the DB: LMDB opens an environment once per process)."""
+    db = tmp_path_factory.mktemp("strict") / "db"
+    shutil.copytree(served["db"], db)
+    cfg = ServeConfig(db=db, device="cpu", max_upload_bytes=50_000, queue_size=1,
+                      cors="http://allowed.test")
+    with TestClient(create_app(cfg)) as c:
+        yield c
+
+
+def test_too_large_uploads_get_413_with_and_without_content_length(strict_client):
+    big = _jpeg((400, 400))
+    assert len(big) > 50_000
+    resp = _upload(strict_client, big, name="big.jpg")
+    assert resp.status_code == 413 and "limit of 0.0476837 MB" in resp.json()["detail"]
+    boundary = "xxBOUNDARYxx"
+
+    def chunked():  # no Content-Length: the limit is enforced while the body streams
+        yield f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="big.jpg"\r\n\r\n'.encode()
+        for _ in range(40):
+            yield b"\xff" * 10_000
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    resp = strict_client.post("/api/search", content=chunked(),
+                              headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert resp.status_code == 413
+    small = _jpeg((64, 64))
+    assert _upload(strict_client, small).status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after(strict_client):
+    engine = strict_client.app.state.engine
+    release, running = threading.Event(), threading.Event()
+    try:
+        engine.batcher.call(lambda: (running.set(), release.wait(20)))  # the worker is busy...
+        assert running.wait(10)
+        engine.batcher.call(lambda: None)  # ...and the one waiting place is taken
+        resp = _upload(strict_client, _jpeg())
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert resp.json()["detail"].startswith("busy: 1 requests are already waiting")
+        assert strict_client.get("/api/stats").status_code == 503
+    finally:
+        release.set()
+    deadline = time.monotonic() + 20
+    while strict_client.get("/healthz").status_code == 200 and time.monotonic() < deadline:
+        if _upload(strict_client, _jpeg()).status_code == 200:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the service did not recover after the queue drained")
+
+
+def test_cors_only_for_the_configured_origin(strict_client):
+    allowed = strict_client.get("/api/stats", headers={"Origin": "http://allowed.test"})
+    assert allowed.headers["access-control-allow-origin"] == "http://allowed.test"
+    other = strict_client.get("/api/stats", headers={"Origin": "http://evil.test"})
+    assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.slow
+def test_a_second_index_run_is_answered_without_restart(tiny_run_dir, tmp_path, single_thread_torch):
+    images = _generated(tmp_path / "birds", classes=2, per_class=4)
+    db = tmp_path / "db"
+    _index(images, db, tiny_run_dir)
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", refresh_s=0.2))) as client:
+        before = client.get("/api/stats").json()
+        assert before["items"] == 8
+        extra = _generated(tmp_path / "more", classes=2, per_class=3, seed=5)
+        for src in extra.glob("*/*.jpg"):
+            dst = images / ("new-" + src.parent.name) / src.name
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copy(src, dst)
+        gone = sorted(images.glob("*/*.jpg"))[0]
+        gone_id = next(h["id"] for h in _upload(client, gone.read_bytes(), k=1).json()["results"])
+        gone.unlink()
+        run = cli_index(images, db, tiny_run_dir)
+        assert run.returncode == 0, run.stderr
+        deadline = time.monotonic() + 30
+        while (stats := client.get("/api/stats").json())["items"] != 8 + 6 - 1:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.1)
+        assert stats["generation"] > before["generation"]
+        assert {"new-" + d.name for d in extra.iterdir() if d.is_dir()} <= {e["label"] for e in stats["labels"]}
+        for new in sorted((images).glob("new-*/*.jpg"))[:3]:
+            top = _upload(client, new.read_bytes(), k=1).json()["results"][0]
+            assert top["path"] == str(new) and top["score"] == pytest.approx(1.0, abs=1e-5)
+        assert client.get(f"/api/items/{gone_id}/thumbnail").status_code == 404
+        assert client.get(f"/api/items/{gone_id}/similar").status_code == 404

@@ -1,0 +1,187 @@
+"""`python cli.py serve` as a real process on 127.0.0.1, driven by Debian's headless Chromium through Playwright
+(never a downloaded browser): upload an image and see it first in the grid, click a result and see its
+neighbours as brute force over the stored embeddings ranks them, filter by label, change k, an error shown
+as a message, a class named like an HTML tag shown as text; fails on any JavaScript error. Plus a raw socket
+that announces a 1 GB upload and gets 413 without sending it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.index_support import REPO
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+HTML_LABEL = "<img src=x onerror=alert(1)>"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run_dir, tmp_path_factory):
+    """The generated set (one class folder renamed like an HTML tag) indexed with the tiny encoder, its stored
+    embeddings, and `serve` running on it."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from indexer.pipeline import IndexConfig, run_index
+    from indexer.store import Store
+    from retrieval.data.generate import GenerateConfig, make_dataset
+
+    root = tmp_path_factory.mktemp("browser")
+    generated = make_dataset(GenerateConfig(root / "birds", classes=4, per_class=6, size=96)).root / "images"
+    images = root / "images"
+    shutil.copytree(generated, images)
+    odd = sorted(p for p in images.iterdir() if p.is_dir())[-1]
+    odd.rename(images / HTML_LABEL)
+    db = root / "db"
+    run_index(IndexConfig(folder=images, db_dir=db, model=str(tiny_run_dir), workers=0))
+    with Store.open(db) as store, store.snapshot() as snap:
+        ids = snap.ids()
+        items = snap.items(ids)
+        stored = {"ids": ids, "vectors": snap.vectors(ids), "paths": [str(images / i.relpath) for i in items],
+                  "labels": [i.label for i in items]}
+    port = _free_port()
+    log = open(root / "serve.log", "w")  # closed below
+    cmd = [sys.executable, "cli.py", "serve", "--db", str(db), "--port", str(port), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, (root / "serve.log").read_text()
+            assert time.monotonic() < deadline, "serve did not answer /healthz in 120 s"
+            try:
+                if httpx.get(base + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield {"base": base, "port": port, "images": images, **stored}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+        log.close()
+
+
+def test_an_announced_huge_upload_gets_413_without_being_sent(server):
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=20) as conn:
+        conn.sendall(b"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000\r\n\r\n"
+                     + b"x" * 4096)  # 4 KB of the announced 1 GB, then nothing: the answer must come anyway
+        answer = b""
+        while b"}" not in answer:  # the JSON body may come in a later packet; recv times out after 20 s
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    text = answer.decode("latin-1")
+    assert text.startswith("HTTP/1.1 413"), text
+    assert "larger than the limit of 20 MB" in text
+
+
+def _launch(playwright):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install -y chromium; CI installs it)")
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def test_search_click_filter_in_a_real_browser(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+            page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+            page.goto(server["base"] + "/")
+            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            assert page.text_content("#stats").startswith(f"{len(server['ids'])} images")
+
+            # Upload an indexed image: it comes first, with similarity 1.
+            row = 5
+            page.set_input_files("#file", server["paths"][row])
+            page.wait_for_selector(".result")
+            cards = page.locator(".result")
+            assert cards.count() == 10
+            assert cards.nth(0).get_attribute("title") == server["paths"][row]
+            assert cards.nth(0).locator(".score").text_content() == "#1  1.0000"
+            assert "embed" in page.text_content("#summary") and " ms" in page.text_content("#summary")
+            page.wait_for_function("[...document.querySelectorAll('.result img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+
+            # Click the second result: its neighbours, ranked as brute force over the stored embeddings.
+            clicked = int(cards.nth(1).get_attribute("data-id"))
+            cards.nth(1).click()
+            page.wait_for_selector(f"#results[data-query-id='{clicked}'] .result")
+            assert page.text_content("#query-name") == f"more like {server['paths'][_row(server, clicked)]}"
+            shown = [int(x) for x in page.locator(".result").evaluate_all("els => els.map(e => e.dataset.id)")]
+            assert shown == _brute_force(server, clicked, 10)
+            page.screenshot(path=str(tmp_path / "serve-more-like-this.png"), full_page=True)
+
+            # Filter by label: only that label's cards stay.
+            labels = page.locator(".result .label").all_text_contents()
+            wanted = labels[0]
+            page.select_option("#label", value=wanted)
+            assert page.locator(".result .label").all_text_contents() == [x for x in labels if x == wanted]
+            page.select_option("#label", value="")
+
+            # A class folder named like an HTML tag is shown as text, never run.
+            odd_row = server["labels"].index(HTML_LABEL)
+            page.fill("#k", "3")
+            page.set_input_files("#file", server["paths"][odd_row])
+            page.wait_for_function(f"document.querySelector('.result')?.title === {server['paths'][odd_row]!r}")
+            assert page.locator(".result").count() == 3
+            assert page.locator(".result .label").nth(0).text_content() == HTML_LABEL
+            assert page.locator("#results img[src='x']").count() == 0
+            page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+            assert (tmp_path / "serve.png").stat().st_size > 10_000
+            assert errors == []
+
+            # Not an image: a message, and the page still works.
+            bad = tmp_path / "notes.txt"
+            bad.write_text("not an image")
+            page.set_input_files("#file", str(bad))
+            page.wait_for_selector("#error:not([hidden])")
+            assert page.text_content("#error") == "error 400: notes.txt: not a recognised image format"
+            page.set_input_files("#file", server["paths"][row])
+            page.wait_for_function(f"document.querySelector('.result')?.title === {server['paths'][row]!r}")
+            assert page.is_hidden("#error")
+            # The only complaint is the browser's own note of the 400 response itself.
+            assert all("status of 400" in e for e in errors) and len(errors) == 1, errors
+        finally:
+            browser.close()
+
+
+def _row(server: dict, item_id: int) -> int:
+    return int(np.flatnonzero(server["ids"] == item_id)[0])
+
+
+def _brute_force(server: dict, item_id: int, k: int) -> list[int]:
+    ids, vectors = server["ids"], server["vectors"]
+    row = _row(server, item_id)
+    scores = vectors @ vectors[row]
+    scores[row] = -np.inf
+    return ids[np.argsort(-scores, kind="stable")[:k]].tolist()
