@@ -117,12 +117,20 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
               help="Skip images larger than this many pixels [default: 89,478,485].")
 @click.option("--max-file-mb", type=click.FloatRange(min=0, min_open=True), default=256, show_default=True,
               help="Skip files larger than this (each file is read whole into memory).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Encode on Ray Data (pip install -e '.[ray]'): decode in CPU tasks, encode in an actor pool "
+                   "(one GPU per actor when the cluster has GPUs); this process plans and writes the DB. Every "
+                   "node must see FOLDER at the same path.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="Ray cluster to join (implies --ray): 'auto' for the one `ray start` runs here, or HOST:PORT "
+                   "[default: start a local Ray].")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: int | None, device: str,
               precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
               max_remove: int | None, root_changed: bool, max_pixels: int | None, max_file_mb: float,
+              use_ray: bool, ray_address: str | None,
               progress: bool | None, as_json: bool) -> None:
     """Index the images under FOLDER into DB_DIR: embeddings in LMDB (the source of truth), search in FAISS.
 
@@ -142,7 +150,8 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
     cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size, workers=workers,
                       device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
                       strict=strict, allow_empty=allow_empty, max_remove=max_remove, root_changed=root_changed,
-                      max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb)
+                      max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb,
+                      ray=use_ray or ray_address is not None, ray_address=ray_address)
     summary = run_index(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if as_json:
         _print_json(summary.to_json())

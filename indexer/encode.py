@@ -420,8 +420,10 @@ def _dead_workers(workers: list, wait: float = 2.0) -> list:
 
 
 def _embed_batch(store: Store, todo: list[FileEntry], loaded: list[_Loaded], stacked: torch.Tensor | None,
-                 embedder: Embedder, counts: EncodeCounts, limits: str) -> tuple[list[NewItem], list[Failure]]:
-    """Items for one batch: the embedding reused by content hash where the DB has it, else encoded."""
+                 embedder: Callable[[torch.Tensor], np.ndarray], counts: EncodeCounts,
+                 limits: str) -> tuple[list[NewItem], list[Failure]]:
+    """Items for one batch: the embedding reused by content hash where the DB has it, else encoded (the Ray
+    path, indexer.ray_encode, passes embeddings already computed as `stacked` and the identity as `embedder`)."""
     good = [x for x in loaded if x.error is None]
     failures = [Failure(todo[x.index].relpath, x.error, todo[x.index].size, todo[x.index].mtime_ns,
                         todo[x.index].ctime_ns, x.transient,  # the scan's stat: an unchanged bad file is not retried

@@ -34,7 +34,7 @@ from .store import Store
 if TYPE_CHECKING:  # torch stays unimported until an encoder is needed
     from retrieval.encoder import Encoder
 
-    from .encode import Embedder, EncodeCounts
+    from .encode import EncodeCounts
 
 _RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)
 
@@ -67,6 +67,8 @@ class IndexConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_mb: float = 256.0  # files larger than this are recorded as failures, never read into memory
     checkpoint_seconds: float = 600.0  # also write FAISS this often during a long run
+    ray: bool = False  # encode on Ray Data (indexer.ray_encode) instead of in this process
+    ray_address: str | None = None  # with ray: None starts a local Ray, "auto" joins `ray start`'s cluster
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,11 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
         store.put_failures([Failure(f.relpath, f.reason, transient=f.transient) for f in scan.failures])
         t = time.perf_counter()
         counts: EncodeCounts | None = None
-        embedder: Embedder | None = None
+        precision: str | None = None
+        min_cosine: float | None = None
         if plan.todo:
             assert encoder is not None  # _bind_and_plan loads the encoder whenever there is work
-            counts, embedder = _encode(store, cfg, folder, plan.todo, encoder, progress)
+            counts, precision, min_cosine = _encode(store, cfg, folder, plan.todo, encoder, progress)
         timings["encode_s"] = time.perf_counter() - t
         removed = store.remove_paths(plan.removed)
         if header.reembed_pending:
@@ -149,13 +152,12 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
             total, failures = snap.count(), list(snap.failures())
         lmdb_bytes = store.disk_bytes()
     encoded, reused, failed_now = (counts.encoded, counts.reused, len(counts.failures)) if counts else (0, 0, 0)
-    min_cosine = embedder.min_cosine if embedder is not None else None
     summary = IndexSummary(
         indexed=encoded + reused, unchanged=plan.unchanged, removed=removed, failed=len(failures),
         total=total, encoded=encoded, reused=reused,
         new_failures=failed_now + len(scan.failures), files=len(scan.files) + len(scan.failures),
         db=Path(cfg.db_dir), folder=folder, model=header.encoder.spec, fingerprint=header.encoder.fingerprint,
-        precision=embedder.precision if embedder is not None else None, ann=ann_info, lmdb_bytes=lmdb_bytes,
+        precision=precision, ann=ann_info, lmdb_bytes=lmdb_bytes,
         seconds=round(time.perf_counter() - started, 3),
         images_per_s=round(len(plan.todo) / timings["encode_s"], 2) if plan.todo else None,
         timings={k: round(v, 3) for k, v in timings.items()},
@@ -243,9 +245,21 @@ def _max_file_bytes(cfg: IndexConfig) -> int:
 
 
 def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry], encoder: Encoder,
-            progress: bool) -> tuple[EncodeCounts, Embedder]:
+            progress: bool) -> tuple[EncodeCounts, str, float | None]:
+    """Encode and commit `todo` here or on Ray: (counts, the precision encoded at, its min cosine to fp32)."""
     from retrieval.device import resolve_device
 
+    def checkpoint() -> None:
+        _refresh_ann(store, cfg.ann, rebuild=False)
+
+    if cfg.ray or cfg.ray_address:
+        from .ray_encode import encode_files_ray
+
+        counts, used = encode_files_ray(
+            store, folder, todo, encoder, precision=cfg.precision, batch_size=cfg.batch_size,
+            max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg), address=cfg.ray_address, actors=None,
+            checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
+        return counts, used.name, used.min_cosine
     from .encode import Embedder, encode_files
 
     device = resolve_device(cfg.device)
@@ -254,9 +268,8 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry],
         store, folder, todo, embedder, batch_size=cfg.batch_size,
         workers=default_workers(str(device), minimum=1) if cfg.workers is None else cfg.workers,
         max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg),
-        checkpoint=lambda: _refresh_ann(store, cfg.ann, rebuild=False),
-        checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
-    return counts, embedder
+        checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
+    return counts, embedder.precision, embedder.min_cosine
 
 
 def _load_encoder(cfg: IndexConfig) -> Encoder:

@@ -8,9 +8,11 @@
         vectors = index.vectors([it.id for it in every])
 
 The FAISS file is trusted only if its ids are exactly the LMDB snapshot's (ids digest). While an `index` run
-is writing (or after one was killed), it can lag behind: then ids LMDB no longer has are filtered out and
-items FAISS does not have yet are searched exactly from their LMDB embeddings, so results always match the
-snapshot. Nothing on disk is modified.
+is writing (or after one was killed, or when `index` left a large file lagging by a few percent, see
+indexer.ann), it can lag behind: then ids LMDB no longer has are filtered out and items FAISS does not have
+yet are searched exactly from their LMDB embeddings, a bounded chunk at a time, so results always match the
+snapshot. A lossy FAISS index (IVF-PQ) has its candidates re-ranked with the exact LMDB embeddings. Nothing on
+disk is modified.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class SearchIndex:
         self._main: faiss.Index | None = None
         self._factory = "Flat"
         self._exclude = np.empty(0, np.int64)
-        self._delta: faiss.Index | None = None
+        self._missing = np.empty(0, np.int64)  # ids FAISS does not have yet: searched exactly from LMDB
         try:
             self._renew(reload=True)
         except BaseException:
@@ -95,13 +97,9 @@ class SearchIndex:
             main = None
         factory = meta.factory if main is not None and meta is not None else "Flat"
         exclude, missing = _lag(main, self._snapshot)
-        delta = None
-        if len(missing):
-            delta = ann.new_index("Flat", dim)
-            delta.add_with_ids(self._snapshot.vectors(missing), missing)
         if main is not None and self._gpu:
             main = ann.to_gpu(main)
-        self._main, self._factory, self._exclude, self._delta = main, factory, exclude, delta
+        self._main, self._factory, self._exclude, self._missing = main, factory, exclude, missing
         self._ann_stamp = stamp
         return True
 
@@ -125,7 +123,7 @@ class SearchIndex:
     @property
     def lagging(self) -> bool:
         """True when the FAISS file is behind LMDB (an index run is going on, or was killed)."""
-        return bool(len(self._exclude)) or self._delta is not None
+        return bool(len(self._exclude)) or bool(len(self._missing))
 
     @property
     def factory(self) -> str:
@@ -145,18 +143,11 @@ class SearchIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query embedding, best first; rows padded with (-inf, -1) past the end."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        parts = []
+        parts = [ann.exact_search(queries, k, self._missing, self._snapshot.vectors)]
         if self._main is not None:
-            parts.append(ann.search(self._main, queries, k, exclude=self._exclude))
-        if self._delta is not None:
-            parts.append(ann.search(self._delta, queries, k))
-        if not parts:
-            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        scores = np.concatenate([s for s, _ in parts], axis=1)
-        ids = np.concatenate([i for _, i in parts], axis=1)
-        scores = np.where(ids < 0, -np.inf, scores)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+            refine = self._snapshot.vectors if ann.is_lossy(self._main) else None
+            parts.append(ann.search(self._main, queries, k, exclude=self._exclude, refine=refine))
+        return ann.merge_top_k(parts, k)
 
     def items(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
         """Item records for ids (None for -1 or an id not in this snapshot)."""

@@ -1,0 +1,250 @@
+"""Index at scale: FAISS built from LMDB in bounded memory, an incremental 1% update, and `index --ray` against
+the local encode path, in one run.
+
+faiss  An LMDB of --items (1M) x 512 synthetic unit vectors (drawn around 1,000 centres, closer to real
+       embeddings than uniform noise) is written through the store API, as scripts/bench_query.py does. Each
+       step then runs in a fresh process that reports its wall time and memory: peak anonymous memory (the heap,
+       sampled every 20 ms) beyond the process's start, which excludes LMDB's memory-mapped pages (page cache,
+       shared and reclaimable), and the FAISS file's size (the index itself).
+         build     `ann.refresh(kind=auto)` from scratch: `auto`'s choice for this size and this machine's RAM
+         recall    recall@10 of SearchIndex.search (what `query` and `eval` use) against exact search over the
+                   LMDB snapshot, for 200 held-out queries; also for ivf-pq (auto's choice past RAM, with its
+                   re-ranking from LMDB) built the same way
+         add 1%    1% more vectors committed, then `ann.refresh`: the file is left lagging, searched around
+         merge     the same update merged into the file as before this change (load, add, rewrite), for scale
+ray    --images JPEGs (1024x768) indexed with lite0 by `python cli.py index` on the local path (one decode
+       worker) and with `--ray-address` on a local 2-CPU Ray started once (as `ray start` would be),
+       alternating, --rounds each: the steady rate (images/s between 10% and 90% committed, polled from the
+       DB; batches of 16 for both), and the encode stage's overall rate (for Ray including its actors'
+       start-up, loading the model).
+
+    python scripts/bench_scale.py [--items 1000000] [--images 256] [--rounds 2] [--skip faiss|ray]
+                                  [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 512
+CENTRES = 1000
+
+
+def _vectors(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(12345).standard_normal((CENTRES, DIM), dtype=np.float32)
+    x = centres[rng.integers(CENTRES, size=n)] + 0.8 * rng.standard_normal((n, DIM), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_db(db: Path, n: int, start: int = 0, batch: int = 10_000) -> None:
+    """Commit n synthetic items (ids and paths from `start`) through the store API."""
+    from indexer.layout import EncoderInfo, NewItem
+    from indexer.store import Store
+
+    with Store.open(db, readonly=False) as store:
+        store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 224), str(db.parent / "images"), reembed=False)
+        for at in range(start, start + n, batch):
+            vectors = _vectors(min(batch, start + n - at), seed=at)
+            items = [NewItem(f"c{i % 1000:04d}/img{i:08d}.jpg", f"c{i % 1000:04d}", 50_000, 0, 640, 480,
+                             i.to_bytes(16, "little"), v)
+                     for i, v in zip(range(at, at + len(vectors)), vectors, strict=True)]
+            store.commit_batch(items, [])
+
+
+class _Memory:
+    """Peak anonymous memory (RssAnon) of this process, sampled in a thread."""
+
+    def __init__(self):
+        self.start = self.peak = _rss_anon()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_anon())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, _rss_anon()) - self.start
+
+
+def _rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def step(name: str, db: Path, kind: str, items: int) -> dict:
+    """One measured step, run in this (fresh) process."""
+    from indexer import ann
+    from indexer.search import SearchIndex
+    from indexer.store import Store
+
+    out: dict = {"step": name}
+    memory = _Memory()
+    start = time.perf_counter()
+    if name == "build":
+        with Store.open(db, readonly=False) as store, store.snapshot() as snap:
+            out["ann"] = ann.refresh(db, snap, kind, rebuild=True).to_json()
+    elif name in ("add", "merge"):
+        if name == "merge":
+            ann.MERGE_MIN_BYTES = 1 << 62  # the behaviour before: every update loads, syncs and rewrites
+        with Store.open(db, readonly=False) as store, store.snapshot() as snap:
+            out["ann"] = ann.refresh(db, snap, kind).to_json()
+    elif name == "recall":
+        queries = _vectors(200, seed=999_999_937)
+        with SearchIndex.open(db, gpu=False) as index:
+            t = time.perf_counter()
+            _, found = index.search(queries, 10)
+            out["search_ms_per_query"] = round((time.perf_counter() - t) * 1e3 / len(queries), 2)
+            out["lagging"] = index.lagging
+            ids = index.ids()
+            _, truth = ann.exact_search(queries, 10, ids, index.vectors)
+        hits = [len(set(a) & set(b)) / 10 for a, b in zip(truth, found, strict=True)]
+        out["recall@10"] = round(float(np.mean(hits)), 4)
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    out["peak_heap_mb"] = round(memory.stop() / 2**20, 1)
+    if (db / ann.ANN_FILE).exists():
+        out["faiss_mb"] = round((db / ann.ANN_FILE).stat().st_size / 2**20, 1)
+    return out
+
+
+def _run_step(name: str, db: Path, kind: str, items: int) -> dict:
+    cmd = [sys.executable, __file__, "--step", name, "--db", str(db), "--kind", kind, "--items", str(items)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def bench_faiss(work: Path, n: int) -> list[dict]:
+    db = work / "db-scale"
+    shutil.rmtree(db, ignore_errors=True)
+    start = time.perf_counter()
+    write_db(db, n)
+    print(json.dumps({"step": "write LMDB", "items": n, "seconds": round(time.perf_counter() - start, 1),
+                      "lmdb_mb": round((db / "data.mdb").stat().st_size / 2**20, 1)}), flush=True)
+    results = [_run_step("build", db, "auto", n), _run_step("recall", db, "auto", n)]
+    write_db(db, n // 100, start=n)
+    results += [_run_step("add", db, "auto", n), _run_step("recall", db, "auto", n),
+                _run_step("merge", db, "auto", n), _run_step("build", db, "ivf-pq", n),
+                _run_step("recall", db, "ivf-pq", n)]
+    return results
+
+
+def bench_ray(work: Path, images: int, rounds: int) -> dict:
+    import ray
+    from PIL import Image
+
+    folder = work / "jpegs"
+    if len(list(folder.glob("*/*.jpg"))) != images:
+        shutil.rmtree(folder, ignore_errors=True)
+        small = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+        for i in range(images):  # smooth content (upscaled noise): JPEG decoding costs what a photo's does
+            path = folder / f"c{i % 8}" / f"{i:05d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.roll(small, i, axis=1)).resize((1024, 768), Image.BICUBIC).save(path, quality=90)
+    start = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    ray_start = time.perf_counter() - start
+    rates: dict[str, list[float]] = {"local": [], "ray": []}
+    try:
+        for _ in range(rounds):
+            for mode in ("local", "ray"):
+                db = work / f"db-{mode}"
+                shutil.rmtree(db, ignore_errors=True)
+                extra = ["--ray-address", address] if mode == "ray" else []
+                row = _timed_index(folder, db, images, extra)
+                rates[mode].append(row["steady_images_per_s"] or 0.0)
+                print(json.dumps({"mode": mode, "images": images, **row}), flush=True)
+    finally:
+        ray.shutdown()
+    local, on_ray = (statistics.median(r for r in rates[mode] if r) for mode in ("local", "ray"))
+    result = {"ray_start_s": round(ray_start, 1), "local_steady_images_per_s": rates["local"],
+              "ray_steady_images_per_s": rates["ray"], "ratio_of_medians": round(on_ray / local, 3)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
+    """`python cli.py index` in a subprocess, the DB polled from here: the steady rate is images/s between
+    10% and 90% committed (start-up, model loading and the last batches left out)."""
+    from indexer.store import Store
+    from retrieval.errors import IndexStoreError
+
+    cmd = [sys.executable, "cli.py", "index", str(folder), "--db", str(db), "--batch-size", "16", "--json", *extra]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    marks: dict[float, float] = {}
+    store = None
+    while proc.poll() is None and len(marks) < 2 and time.perf_counter() - start < 1800:
+        try:
+            store = store or Store.open(db)
+            with store.snapshot() as snap:
+                count = snap.count() if snap.header is not None else 0
+        except IndexStoreError:
+            count = 0
+        for share in (0.1, 0.9):
+            if share not in marks and count >= share * images:
+                marks[share] = time.perf_counter()
+        time.sleep(0.05)
+    if store is not None:
+        store.close()
+    summary = json.loads(proc.communicate()[0])
+    steady = 0.8 * images / (marks[0.9] - marks[0.1]) if len(marks) == 2 and marks[0.9] > marks[0.1] else None
+    return {"steady_images_per_s": steady and round(steady, 2), "encode_stage_images_per_s": summary["images_per_s"],
+            "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=1_000_000)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip", choices=["faiss", "ray"], action="append", default=[])
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--step", help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="auto", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(step(args.step, args.db, args.kind, args.items)))
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"cpu": _cpu(), "threads": os.cpu_count(), "load_1min": os.getloadavg()[0]}), flush=True)
+    if "faiss" not in args.skip:
+        bench_faiss(work, args.items)
+    if "ray" not in args.skip:
+        bench_ray(work, args.images, args.rounds)
+    print(json.dumps({"load_1min_after": os.getloadavg()[0]}), flush=True)
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()

@@ -1,0 +1,162 @@
+"""`index --ray`: the encode stage on Ray Data gives the same DB as the local path, and survives killed
+processes (a Ray worker, the driver). One local Ray (2 CPUs, no dashboard, small object store) per module;
+the CLI runs join it with --ray-address, as `--ray-address auto` joins a cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from indexer.pipeline import IndexConfig, IndexSummary, run_index
+from indexer.ray_encode import RayPlan, plan_actors
+from tests.index_support import (
+    assert_ann_matches_lmdb,
+    assert_same_state,
+    cli_index,
+    db_state,
+    kill_at,
+    make_folder,
+    wait_for_items,
+    write_image,
+)
+
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
+
+
+def test_actor_plan_follows_the_cluster():
+    assert plan_actors({"CPU": 64.0, "GPU": 8.0}) == RayPlan(actors=8, gpus_per_actor=1, threads_per_actor=0,
+                                                             decode_tasks=56)
+    assert plan_actors({"CPU": 2.0}) == RayPlan(actors=1, gpus_per_actor=0, threads_per_actor=2, decode_tasks=1)
+    assert plan_actors({"CPU": 64.0}) == RayPlan(actors=16, gpus_per_actor=0, threads_per_actor=4, decode_tasks=8)
+    assert plan_actors({"CPU": 64.0}, actors=3) == RayPlan(3, 0, 4, 52)
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _cfg(folder: Path, db: Path, model: Path, **kw) -> IndexConfig:
+    return IndexConfig(folder=folder, db_dir=db, model=str(model), **{"batch_size": 4, "workers": 0, **kw})
+
+
+def _bad_files(folder: Path) -> None:
+    (folder / "class0/truncated.jpg").write_bytes((folder / "class0/img000.jpg").read_bytes()[:300])
+    (folder / "class1/empty.png").write_bytes(b"")
+    (folder / "class2/notes.jpg").write_text("not an image")
+
+
+def _summary(s: IndexSummary) -> tuple:
+    return s.indexed, s.encoded, s.reused, s.unchanged, s.removed, s.failed, s.total, s.failures
+
+
+@pytest.mark.slow
+def test_ray_path_gives_the_local_db_item_by_item(tmp_path, tiny_run_dir, ray_address):
+    folder = tmp_path / "images"
+    rels = make_folder(folder, classes=3, per_class=8)
+    _bad_files(folder)
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    first = run_index(_cfg(folder, local, tiny_run_dir))
+    assert _summary(run_index(_cfg(folder, on_ray, tiny_run_dir, ray=True))) == _summary(first)
+    assert first.failed == 3
+    assert_same_state(db_state(on_ray), db_state(local))
+    assert_ann_matches_lmdb(on_ray)
+
+    (folder / "class1/copy.jpg").write_bytes((folder / rels[0]).read_bytes())  # reused by content hash
+    write_image(folder / rels[3], 900)                                           # changed
+    (folder / rels[5]).unlink()                                                  # deleted
+    write_image(folder / "class0/new.png", 901)                                  # new
+    second = run_index(_cfg(folder, local, tiny_run_dir))
+    assert (second.encoded, second.reused, second.removed) == (2, 1, 1)
+    assert _summary(run_index(_cfg(folder, on_ray, tiny_run_dir, ray=True))) == _summary(second)
+    assert_same_state(db_state(on_ray), db_state(local))
+    assert_ann_matches_lmdb(on_ray)
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every process below `pid` (read from /proc, Linux)."""
+    parents, cmdlines = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdlines[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+    found, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = cmdlines.get(child, "")
+                frontier.append(child)
+    return found
+
+
+def _encode_actors() -> list[int]:
+    """The encode actors of this module's Ray (its processes are children of this test process)."""
+    return [pid for pid, cmd in _descendants(os.getpid()).items() if cmd.startswith("ray::MapWorker")]
+
+
+def _count(db: Path) -> int:
+    from indexer.store import Store
+
+    with Store.open(db) as store, store.snapshot() as snap:
+        return snap.count()
+
+
+def _reference(folder: Path, db: Path, model: Path) -> dict:
+    run_index(_cfg(folder, db, model))
+    return db_state(db)
+
+
+@pytest.mark.slow
+def test_a_killed_ray_worker_is_retried_and_every_image_is_stored_once(tmp_path, tiny_run_dir, ray_address):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=4, per_class=100)
+    proc = cli_index(folder, db, tiny_run_dir, "--batch-size", "1", "--ray-address", ray_address, wait=False)
+    try:
+        seen = wait_for_items(db, proc, 20, timeout=180)
+        actors = _encode_actors()
+        assert actors, "no encode actor process found"
+        for pid in actors:
+            os.kill(pid, signal.SIGKILL)
+        assert _count(db) < 400, "the run ended before the worker was killed"
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.startswith("{"), (out[:3000], err[-3000:])
+    assert seen < 400 and json.loads(out)["total"] == 400
+    assert_same_state(db_state(db), _reference(folder, tmp_path / "reference", tiny_run_dir))
+    assert_ann_matches_lmdb(db)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes(tmp_path, tiny_run_dir, ray_address):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=4, per_class=60)
+    (folder / "class0/truncated.jpg").write_bytes((folder / "class0/img000.jpg").read_bytes()[:300])
+    seen = kill_at(db, cli_index(folder, db, tiny_run_dir, "--batch-size", "2", "--ray-address", ray_address,
+                                 wait=False), 30)
+    assert 30 <= seen < 240
+    deadline = time.monotonic() + 60
+    while _encode_actors() and time.monotonic() < deadline:  # the cluster ends the dead driver's actors
+        time.sleep(0.2)
+    done = cli_index(folder, db, tiny_run_dir, "--batch-size", "2", "--ray-address", ray_address)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    before = summary["unchanged"]
+    assert before >= seen and (summary["indexed"], summary["total"], summary["failed"]) == (240 - before, 240, 1)
+    assert_same_state(db_state(db), _reference(folder, tmp_path / "reference", tiny_run_dir))
+    assert_ann_matches_lmdb(db)
