@@ -119,8 +119,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
               help="Skip files larger than this (each file is read whole into memory).")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Encode on Ray Data (pip install -e '.[ray]'): decode in CPU tasks, encode in an actor pool "
-                   "(one GPU per actor when the cluster has GPUs); this process plans and writes the DB. Every "
-                   "node must see FOLDER at the same path.")
+                   "(one GPU per actor when the cluster has GPUs; --device and --workers do not apply); this "
+                   "process plans and writes the DB. Every node must see FOLDER at the same path.")
 @click.option("--ray-address", default=None, metavar="ADDRESS",
               help="Ray cluster to join (implies --ray): 'auto' for the one `ray start` runs here, or HOST:PORT "
                    "[default: start a local Ray].")
