@@ -10,6 +10,7 @@ Data flows one way through the project; `indexer` holds the stages from the fold
     ann.py             FAISS, derived from LMDB and keyed by its ids
     search.py          SearchIndex, the one way to read an index
     image_query.py     query; eval_db.py: eval --db; demo.py: every step in one command
+    serve.py           serve: HTTP API + page over serve_engine.py (encoder + SearchIndex, batcher.py)
 
 `pipeline.run_index` drives files -> ... -> FAISS. `indexer` uses `retrieval` (decoding, the encoder, metrics,
 reports), never the reverse.

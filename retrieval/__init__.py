@@ -4,7 +4,7 @@ Data flows one way through the project; `retrieval` holds the first stages and w
 
     files -> decode -> encode -> LMDB -> FAISS -> search -> query / eval / serve
 
-    data/            files: readers (cub, cars, sop, folder) and the generated set; decode.py, sampler.py
+    data/            files: readers (cub, cars, sop, folder), walk.py, the generated set; decode.py, sampler.py
     encoder/         encode: open_clip tower + head, its preprocessing, run directories, fingerprint
     embed.py         batched embedding; losses.py and finetune.py train the encoder
     metrics.py       exact kNN and the one ranking + metrics path (finetune, eval --dataset, eval --db)
