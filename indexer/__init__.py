@@ -5,7 +5,7 @@ Data flows one way through the project; `indexer` holds the stages from the fold
     files -> decode -> encode -> LMDB -> FAISS -> search -> query / eval / serve
 
     scan.py, plan.py   files: walk a folder (stat only), compare it with the DB
-    encode.py          decode workers -> the `retrieval` encoder -> batches for the store
+    encode.py          decode workers -> the `retrieval` encoder -> batches for the store (ray_encode.py: on Ray)
     store.py           LMDB, the source of truth (byte layouts in layout.py)
     ann.py             FAISS, derived from LMDB and keyed by its ids
     search.py          SearchIndex, the one way to read an index
