@@ -484,17 +484,16 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, image_size=image_size, workers=workers,
         seed=seed, resume=resume, device=device, amp=amp, eval_batch_size=eval_batch_size)
-    summary = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
-    if summary["rank"] != 0:
+    result = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    if result is None:   # a torchrun rank other than 0
         return
     if as_json:
-        _print_json(summary)
+        _print_json(result.to_json())
         return
-    for name in ("baseline", "best", "last"):
-        row = summary[name]
+    for name, row in (("baseline", result.baseline), ("best", result.best), ("last", result.last)):
         if row is not None:
             click.echo(f"{name:>8}: " + "  ".join(f"{key} {value:.4f}" for key, value in row.items()))
-    click.echo(f"best epoch {summary['best_epoch']} of {summary['epochs']}; run directory {summary['out']}")
+    click.echo(f"best epoch {result.best_epoch} of {result.epochs}; run directory {result.out}")
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ rank 0 evaluates and writes, the other ranks wait at a barrier.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -44,21 +43,15 @@ from .data.records import Record
 from .data.sampler import PKSampler
 from .device import resolve_device
 from .embed import autocast, evaluate_records, make_loader
-from .encoder import Encoder, load_encoder, save_encoder
+from .encoder import Encoder, load_encoder
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
-from .files import atomic_path, write_text_atomic
 from .finetune_config import SCHEDULES, FinetuneConfig
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
+from .run_dir import CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
-METRICS = "metrics.json"
-TRAIN_LOG = "train.log"
-CURVES = "curves.png"
-FINGERPRINT = "fingerprint"
-CHECKPOINT_FORMAT = 1
 # Settings a resumed run must share with the run it continues (epochs may grow, workers etc. may change).
 _RESUME_KEYS = ("dataset", "root", "crop", "train_fraction", "model", "embed_dim", "loss", "loss_params", "p",
                 "k", "steps_per_epoch", "image_size", "seed", "world_size", "lr_backbone", "lr_head", "lr_proxies",
@@ -85,6 +78,30 @@ class _Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a finished run reports: its directory, epochs, kept epoch and the figures of epochs 0, kept, last.
+
+    Each figure set holds Recall@K for DEFAULT_KS and MAP@R on the test split.
+    """
+
+    out: str
+    epochs: int
+    best_epoch: int | None
+    baseline: dict[str, float]
+    best: dict[str, float] | None
+    last: dict[str, float]
+    fingerprint: str | None
+    seconds: float
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _figures(row: dict) -> dict[str, float]:
+    return {key: row[key] for key in [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]}
 
 
 @dataclass
@@ -129,12 +146,12 @@ def recall_lost_warning(history: list[dict], kept: int | None) -> str | None:
             f"(Recall@1 {history[kept]['recall@1']:.4f}, best MAP@R); try a lower --lr-backbone or fewer --epochs")
 
 
-def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
-    """Train, evaluate every epoch, write the run directory; return a summary (rank 0; others get their rank)."""
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult | None:
+    """Train, evaluate every epoch, write the run directory; return the summary (rank 0; None elsewhere)."""
     _validate(cfg)
     ctx = _setup_distributed(cfg.device)
     try:
-        return _Run(cfg, ctx, progress).run()
+        return Trainer(cfg, ctx, progress).run()
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -224,31 +241,19 @@ class _EpochBatches(torch.utils.data.Sampler[list[int]]):
         return max(0, self.stop - self.start)
 
 
-class _RunLog:
-    """train.log of the run (rank 0): every line also goes to the module logger."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def __call__(self, message: str) -> None:
-        log.info(message)
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-
-class _Run:
-    """One fine-tune run: set-up, the epoch loop, checkpoints and artefacts."""
+class Trainer:
+    """One fine-tune run's training: set-up, the epoch loop, evaluation and the kept epoch; files go through
+    a RunDir (rank 0)."""
 
     def __init__(self, cfg: FinetuneConfig, ctx: _Dist, progress: bool):
         self.cfg, self.ctx, self.progress = cfg, ctx, progress and ctx.main
-        self.out = Path(cfg.out).expanduser()
         self.amp = cfg.amp and ctx.device.type == "cuda"
         self.workers = default_workers(ctx.device.type, minimum=0) if cfg.workers is None else cfg.workers
+        self.run_dir = RunDir(cfg.out, writer=ctx.main)
         if ctx.main:
-            self._prepare_out_dir()
+            self.run_dir.prepare(resume=cfg.resume)
         ctx.barrier()
-        self.log = _RunLog(self.out / TRAIN_LOG if ctx.main else None)
+        self.log = self.run_dir.log
         self.train_records, self.test_records, self.root = self._records()
         classes = sorted({r.label for r in self.train_records})
         self.label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
@@ -271,15 +276,6 @@ class _Run:
         self.backbone_trainable: bool | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------
-
-    def _prepare_out_dir(self) -> None:
-        has_run = (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists()
-        if has_run and not self.cfg.resume:
-            raise RetrievalError(
-                f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        if self.cfg.resume and not (self.out / CHECKPOINT).is_file():
-            raise RetrievalError(f"{self.out / CHECKPOINT} not found: nothing to resume (drop --resume to start)")
-        self.out.mkdir(parents=True, exist_ok=True)
 
     def _records(self) -> tuple[list[Record], list[Record], Path]:
         cfg = self.cfg
@@ -340,7 +336,7 @@ class _Run:
 
     # -- the loop ----------------------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self) -> FinetuneResult | None:
         cfg, ctx = self.cfg, self.ctx
         if cfg.resume:
             self._load_checkpoint()
@@ -359,10 +355,10 @@ class _Run:
                 self._save_checkpoint()
             raise TrainingInterrupted(
                 f"interrupted after {self.state.epoch} epoch(s) + {self.state.step} step(s); state saved to "
-                f"{self.out / CHECKPOINT}; resume with --resume") from None
+                f"{self.run_dir.out / CHECKPOINT}; resume with --resume") from None
         if ctx.main and (warning := recall_lost_warning(self.state.history, self.state.best_epoch)):
             self.log(warning)
-        return self._summary(time.perf_counter() - start) if ctx.main else {"rank": ctx.rank}
+        return self._result(time.perf_counter() - start) if ctx.main else None
 
     def _set_backbone_trainable(self, trainable: bool) -> nn.Module:
         """Freeze or unfreeze the trunk; under DDP re-wrap, since DDP fixes its parameter set when built."""
@@ -430,36 +426,27 @@ class _Run:
         self.state.epoch, self.state.step, self.state.partial_loss = epoch, 0, 0.0
         if ctx.main:
             if improved:
-                fingerprint = save_encoder(self.encoder, self.out)
-                (self.out / FINGERPRINT).write_text(fingerprint + "\n")
+                self.run_dir.save_encoder(self.encoder)
             self.log(_epoch_line(row, improved))
             self._save_checkpoint()
             self._write_metrics()
-            plot_curves(self.state.history, self.out / CURVES)
+            self.run_dir.write_curves(self.state.history)
         ctx.barrier()
 
-    # -- persistence -------------------------------------------------------------------------------------
+    # -- what the run directory keeps ---------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        """last.pt: tensors and plain values only (loadable with weights_only=True), written atomically."""
         s = self.state
-        payload = {
-            "format": CHECKPOINT_FORMAT, "config": self._run_config(), "epoch": s.epoch, "step": s.step,
-            "partial_loss": s.partial_loss, "history": s.history, "best_epoch": s.best_epoch,
-            "encoder": self.encoder.state_dict(), "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-        }
-        with atomic_path(self.out / CHECKPOINT) as tmp:
-            torch.save(payload, tmp)
+        self.run_dir.save_checkpoint({
+            "config": self._run_config(), "epoch": s.epoch, "step": s.step, "partial_loss": s.partial_loss,
+            "history": s.history, "best_epoch": s.best_epoch, "encoder": self.encoder.state_dict(),
+            "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        })
 
     def _load_checkpoint(self) -> None:
-        path = self.out / CHECKPOINT
-        try:
-            payload = torch.load(path, map_location=self.ctx.device, weights_only=True)
-        except Exception as exc:
-            raise RetrievalError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from None
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise RetrievalError(f"{path}: checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        payload = self.run_dir.load_checkpoint(self.ctx.device)
+        path = self.run_dir.out / CHECKPOINT
         saved, now = payload["config"], self._resume_config()
         changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
         if changed:
@@ -475,27 +462,20 @@ class _Run:
 
     def _write_metrics(self) -> None:
         s = self.state
-        data = {
+        self.run_dir.write_metrics({
             "config": self._run_config(),
             "baseline": s.history[0],
             "best_epoch": s.best_epoch,
             "best": s.history[s.best_epoch] if s.best_epoch is not None else None,
             "epochs": s.history,
-        }
-        write_text_atomic(self.out / METRICS, json.dumps(data, indent=2) + "\n")
+        })
 
-    def _summary(self, seconds: float) -> dict:
+    def _result(self, seconds: float) -> FinetuneResult:
         s = self.state
-        keys = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
-        pick = lambda row: {k: row[k] for k in keys} if row else None  # noqa: E731
-        fingerprint_file = self.out / FINGERPRINT
-        return {
-            "rank": 0, "out": str(self.out), "epochs": s.epoch, "best_epoch": s.best_epoch,
-            "baseline": pick(s.history[0]), "best": pick(s.history[s.best_epoch] if s.best_epoch is not None else None),
-            "last": pick(s.history[-1]),
-            "fingerprint": fingerprint_file.read_text().strip() if fingerprint_file.exists() else None,
-            "seconds": round(seconds, 1),
-        }
+        return FinetuneResult(
+            out=str(self.run_dir.out), epochs=s.epoch, best_epoch=s.best_epoch, baseline=_figures(s.history[0]),
+            best=_figures(s.history[s.best_epoch]) if s.best_epoch is not None else None,
+            last=_figures(s.history[-1]), fingerprint=self.run_dir.fingerprint(), seconds=round(seconds, 1))
 
 
 def _epoch_line(row: dict, best: bool) -> str:
@@ -503,30 +483,3 @@ def _epoch_line(row: dict, best: bool) -> str:
     recalls = " ".join(f"R@{k} {row[f'recall@{k}']:.4f}" for k in DEFAULT_KS)
     speed = f" {row['images_per_s']:.1f} img/s" if row["images_per_s"] else ""
     return f"epoch {row['epoch']}: {loss} {recalls} MAP@R {row['map@r']:.4f}{speed}{' (best)' if best else ''}"
-
-
-def plot_curves(history: list[dict], png: Path) -> Path:
-    """Loss (left) and Recall@K + MAP@R (right) per epoch; epoch 0 is the pretrained baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    trained = [row for row in history if row["loss"] is not None]
-    ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    epochs = [r["epoch"] for r in history]
-    for key in [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]:
-        ax_rec.plot(epochs, [r[key] for r in history], "o-" if key != "map@r" else "s--", label=key)
-    ax_rec.set(xlabel="epoch (0 = pretrained)", ylabel="test split", title="Recall@K and MAP@R")
-    ax_rec.legend(fontsize=8)
-    for ax in (ax_loss, ax_rec):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png, suffix=png.suffix) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return png

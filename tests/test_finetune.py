@@ -18,11 +18,10 @@ import torch
 
 from retrieval.data import load_records, split_records
 from retrieval.data.generate import GenerateConfig, make_dataset
+from retrieval.embed import evaluate_records
 from retrieval.encoder import load_encoder, save_encoder
 from retrieval.errors import RetrievalError
-from retrieval.embed import evaluate_records
 from retrieval.finetune import (
-    CHECKPOINT,
     TrainingInterrupted,
     is_better,
     lr_factor,
@@ -30,6 +29,7 @@ from retrieval.finetune import (
     run_finetune,
 )
 from retrieval.finetune_config import FinetuneConfig
+from retrieval.run_dir import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ("model.safetensors", "encoder.json", "fingerprint", "metrics.json", "train.log", "curves.png", CHECKPOINT)
@@ -124,12 +124,12 @@ def test_short_finetune_lowers_the_loss_and_writes_every_artefact(data, tiny_dir
     # The saved weights are the best epoch's: reload them and recompute its metrics on the test split.
     metrics = json.loads((out / "metrics.json").read_text())
     best = metrics["best_epoch"]
-    assert summary["best_epoch"] == best and best >= 1
+    assert summary.best_epoch == best and best >= 1
     keeps_recall = [row for row in history[1:] if row["recall@1"] >= history[0]["recall@1"]]
     assert history[best]["map@r"] == max(row["map@r"] for row in keeps_recall or history[1:])
     assert ("warning: no epoch kept the pretrained Recall@1" in log) == (not keeps_recall)
     encoder = load_encoder(str(out))
-    assert encoder.fingerprint() == (out / "fingerprint").read_text().strip() == summary["fingerprint"]
+    assert encoder.fingerprint() == (out / "fingerprint").read_text().strip() == summary.fingerprint
     test = split_records(load_records("cub", data), "test")
     again = evaluate_records(encoder, test, batch_size=7).metrics
     assert again["recall@1"] == pytest.approx(history[best]["recall@1"])
@@ -234,7 +234,7 @@ def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_p
     # The same settings as the CLI call (its defaults are FinetuneConfig's), one more epoch.
     cfg = FinetuneConfig(out=out, dataset="cub", root=data, model=str(tiny_dir), p=3, k=4, workers=0, device="cpu",
                          epochs=done + 1, resume=True)
-    assert run_finetune(cfg, progress=False)["epochs"] == done + 1
+    assert run_finetune(cfg, progress=False).epochs == done + 1
     assert [row["epoch"] for row in _history(out)] == list(range(done + 2))
 
 
