@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -39,23 +40,28 @@ from tqdm import tqdm
 from .data import load_records, split_records
 from .data.dataset import ImageDataset
 from .data.decode import default_workers
-from .data.records import Record
+from .data.records import Record, carve_validation
 from .data.sampler import PKSampler
 from .device import resolve_device
-from .embed import autocast, evaluate_records, make_loader
+from .embed import RecordsEvaluation, autocast, embed_records, make_loader
 from .encoder import Encoder, load_encoder
+from .encoder.model import init_head
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
-from .finetune_config import SCHEDULES, FinetuneConfig
+from .finetune_config import HEAD_INITS, SCHEDULES, FinetuneConfig
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
+from .metrics import rank_leave_one_out, ranking_metrics
+from .pairs import hardest_pairs
 from .run_dir import CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
 
+PCA_IMAGES = 4096   # at most this many train images (evenly spaced) fit the PCA head
+
 # Settings a resumed run must share with the run it continues (epochs may grow, workers etc. may change).
 _RESUME_KEYS = ("dataset", "root", "crop", "train_fraction", "model", "embed_dim", "loss", "loss_params", "p",
                 "k", "steps_per_epoch", "image_size", "seed", "world_size", "lr_backbone", "lr_head", "lr_proxies",
-                "weight_decay", "freeze_bn")
+                "weight_decay", "freeze_bn", "val_fraction", "head_init")
 
 
 class TrainingInterrupted(RetrievalError):
@@ -84,7 +90,8 @@ class _Dist:
 class FinetuneResult:
     """What a finished run reports: its directory, epochs, kept epoch and the figures of epochs 0, kept, last.
 
-    Each figure set holds Recall@K for DEFAULT_KS and MAP@R on the test split.
+    Each figure set holds Recall@K for DEFAULT_KS and MAP@R on the test split (and, when a validation split
+    chose the kept epoch, the same on it).
     """
 
     out: str
@@ -95,6 +102,8 @@ class FinetuneResult:
     last: dict[str, float]
     fingerprint: str | None
     seconds: float
+    selected_on: str = "test"      # the split that chose the kept epoch: "validation", or "test" (optimistic)
+    validation: dict[str, dict[str, float]] | None = None   # baseline / best / last on the validation split
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,12 +147,34 @@ def is_better(metrics: dict, best: dict | None, baseline: dict) -> bool:
     return best is None or selection_key(metrics, baseline) > selection_key(best, baseline)
 
 
-def recall_lost_warning(history: list[dict], kept: int | None) -> str | None:
-    """The warning for a run whose kept epoch lost the baseline's (epoch 0's) Recall@1, else None."""
+def recall_lost_warning(history: list[dict], kept: int | None, split: str = "test") -> str | None:
+    """The warning for a run whose kept epoch lost the baseline's (epoch 0's) Recall@1 on the split that
+    chose it (`history`: that split's figures per epoch), else None."""
     if kept is None or history[kept]["recall@1"] >= history[0]["recall@1"]:
         return None
-    return (f"warning: no epoch kept the pretrained Recall@1 ({history[0]['recall@1']:.4f}); kept epoch {kept} "
-            f"(Recall@1 {history[kept]['recall@1']:.4f}, best MAP@R); try a lower --lr-backbone or fewer --epochs")
+    return (f"warning: no epoch kept the pretrained {split} Recall@1 ({history[0]['recall@1']:.4f}); kept epoch "
+            f"{kept} (Recall@1 {history[kept]['recall@1']:.4f}, best MAP@R); try a lower --lr-backbone or fewer "
+            f"--epochs")
+
+
+def batch_shape(labels: list[int], p: int, k: int) -> tuple[int, str | None]:
+    """(P to use, a log line or None): P is lowered to the number of classes with at least 2 images when the
+    train split has fewer; classes with fewer than K images are sampled with replacement (PKSampler)."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    usable = int((counts >= 2).sum())
+    if usable < 2:
+        raise RetrievalError(f"the train split has {usable} class(es) with at least 2 images; P x K batches need 2")
+    notes = []
+    if p > usable:
+        notes.append(f"P lowered from {p} to {usable}: the train split has {usable} classes with 2+ images")
+    if (short := int(((counts >= 2) & (counts < k)).sum())):
+        notes.append(f"{short} of them have fewer than K={k} images and are sampled with replacement")
+    return min(p, usable), "; ".join(notes) or None
+
+
+def _chosen_split(row: dict) -> dict:
+    """The figures of an epoch that choose the kept epoch: the validation split's, else the test split's."""
+    return row["val"] if row.get("val") is not None else row
 
 
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult | None:
@@ -163,6 +194,9 @@ def _validate(cfg: FinetuneConfig) -> None:
         (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
         (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
         (cfg.p >= 2 and cfg.k >= 2, f"P x K batches need P >= 2 classes and K >= 2 images, got P={cfg.p} K={cfg.k}"),
+        (0 <= cfg.val_fraction < 1, f"the validation fraction must lie in [0, 1), got {cfg.val_fraction}"),
+        (cfg.patience >= 0, f"patience must not be negative, got {cfg.patience}"),
+        (cfg.head_init in HEAD_INITS, f"unknown head init {cfg.head_init!r}; choose one of {', '.join(HEAD_INITS)}"),
         (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1, "steps per epoch must be at least 1"),
         (min(cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.warmup_epochs) >= 0, "rates must not be negative"),
         (0 <= cfg.freeze_backbone_epochs, "freeze-backbone epochs must not be negative"),
@@ -255,6 +289,8 @@ class Trainer:
         ctx.barrier()
         self.log = self.run_dir.log
         self.train_records, self.test_records, self.root = self._records()
+        self.train_records, self.val_records = carve_validation(self.train_records, cfg.val_fraction, seed=cfg.seed)
+        self.chooser = "validation" if self.val_records else "test"
         classes = sorted({r.label for r in self.train_records})
         self.label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
         self.label_map[classes] = torch.arange(len(classes))
@@ -263,15 +299,14 @@ class Trainer:
         self.loss = make_loss(cfg.loss, num_classes=len(classes), dim=self.encoder.embed_dim,
                               **dict(cfg.loss_params)).to(ctx.device)
         self.step_module = TrainStep(self.encoder, self.loss)
-        try:
-            self.sampler = PKSampler([r.label for r in self.train_records], cfg.p, cfg.k, seed=cfg.seed,
-                                     rank=ctx.rank, world_size=ctx.world_size)
-        except ValueError as exc:   # e.g. more classes per batch than the train split has
-            raise RetrievalError(f"P x K sampler: {exc}; lower -P") from None
+        self.p, self.batch_note = batch_shape([r.label for r in self.train_records], cfg.p, cfg.k)
+        self.sampler = PKSampler([r.label for r in self.train_records], self.p, cfg.k, seed=cfg.seed,
+                                 rank=ctx.rank, world_size=ctx.world_size)
         self.steps = min(len(self.sampler), cfg.steps_per_epoch or len(self.sampler))
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.state = _State()
+        self.pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # epoch -> (s_n, s_p) of pairs.png
         self.wrapped: nn.Module = self.step_module   # DDP-wrapped under torchrun (_set_backbone_trainable)
         self.backbone_trainable: bool | None = None
 
@@ -327,7 +362,7 @@ class Trainer:
                 "k": cfg.k, "steps_per_epoch": cfg.steps_per_epoch, "image_size": self.encoder.image_size,
                 "seed": cfg.seed, "world_size": self.ctx.world_size, "lr_backbone": cfg.lr_backbone,
                 "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
-                "freeze_bn": cfg.freeze_bn}
+                "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init}
 
     def _run_config(self) -> dict:
         """The full configuration as plain JSON values (written to metrics.json and the checkpoint)."""
@@ -342,13 +377,20 @@ class Trainer:
             self._load_checkpoint()
         else:
             self.log(f"fine-tune {cfg.model} with {cfg.loss} loss on {cfg.dataset} {self.root}: "
-                     f"{len(self.train_records)} train / {len(self.test_records)} test images, world size "
-                     f"{ctx.world_size}, device {ctx.device}, {self.steps} steps of {cfg.p}x{cfg.k} per epoch")
+                     f"{len(self.train_records)} train / {len(self.val_records)} validation / "
+                     f"{len(self.test_records)} test images, world size {ctx.world_size}, device {ctx.device}, "
+                     f"{self.steps} steps of {self.p}x{cfg.k} per epoch")
+            self.log(self._selection_note())
+            if self.batch_note:
+                self.log(self.batch_note)
+            self._init_head()
         start = time.perf_counter()
         try:
             if not self.state.history:
                 self._end_epoch(0, {"loss": None, "train_seconds": None, "images_per_s": None})
             for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+                if self._stopped_early():
+                    break
                 self._end_epoch(epoch, self._train_epoch(epoch))
         except KeyboardInterrupt:
             if ctx.main:
@@ -356,7 +398,8 @@ class Trainer:
             raise TrainingInterrupted(
                 f"interrupted after {self.state.epoch} epoch(s) + {self.state.step} step(s); state saved to "
                 f"{self.run_dir.out / CHECKPOINT}; resume with --resume") from None
-        if ctx.main and (warning := recall_lost_warning(self.state.history, self.state.best_epoch)):
+        chosen = [_chosen_split(row) for row in self.state.history]
+        if ctx.main and (warning := recall_lost_warning(chosen, self.state.best_epoch, self.chooser)):
             self.log(warning)
         return self._result(time.perf_counter() - start) if ctx.main else None
 
@@ -386,7 +429,7 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         loader = train_loader(self.encoder, self.train_records, _EpochBatches(self.sampler, state.step, self.steps),
                               workers=self.workers, device=ctx.device)
-        batch_images = cfg.p * cfg.k * ctx.world_size
+        batch_images = self.p * cfg.k * ctx.world_size
         bar = tqdm(total=self.steps, initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    disable=not self.progress, dynamic_ncols=True)
         start, done_here = time.perf_counter(), 0
@@ -412,15 +455,19 @@ class Trainer:
 
         `train` holds the epoch's loss, train_seconds and images_per_s (all None for the baseline, epoch 0).
         """
-        cfg, ctx = self.cfg, self.ctx
+        ctx = self.ctx
         if ctx.main:
-            metrics = evaluate_records(self.encoder, self.test_records, batch_size=cfg.eval_batch_size,
-                                       workers=self.workers, device=ctx.device, progress=self.progress, amp=self.amp)
-            row = {"epoch": epoch, **train, **metrics.to_json(),
+            metrics, embeddings, labels = self._evaluate(self.test_records)
+            val = None
+            if self.val_records:
+                val, embeddings, labels = self._evaluate(self.val_records)
+            row = {"epoch": epoch, **train, **metrics, "val": val,
                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
-            best = self.state.history[self.state.best_epoch] if self.state.best_epoch is not None else None
+            history = [_chosen_split(r) for r in self.state.history]
+            best = history[self.state.best_epoch] if self.state.best_epoch is not None else None
             # the pretrained weights are the baseline, not a result
-            improved = epoch > 0 and is_better(row, best, self.state.history[0])
+            improved = epoch > 0 and is_better(_chosen_split(row), best, history[0] if history else row)
+            self.pairs[str(epoch)] = hardest_pairs(embeddings, labels)
             self.state.history.append(row)
             self.state.best_epoch = epoch if improved else self.state.best_epoch
         self.state.epoch, self.state.step, self.state.partial_loss = epoch, 0, 0.0
@@ -431,7 +478,71 @@ class Trainer:
             self._save_checkpoint()
             self._write_metrics()
             self.run_dir.write_curves(self.state.history)
+            self.run_dir.write_pairs(self.pairs, split=self.chooser, **self._boundary())
         ctx.barrier()
+
+    def _evaluate(self, records: list[Record]) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Metrics (those of `metrics.ranking_metrics` + embed_seconds), embeddings and labels of `records`."""
+        start = time.perf_counter()
+        embeddings, labels = embed_records(self.encoder, records, batch_size=self.cfg.eval_batch_size,
+                                           workers=self.workers, device=self.ctx.device, progress=self.progress,
+                                           amp=self.amp)
+        seconds = time.perf_counter() - start
+        queries, _, neighbours = rank_leave_one_out(embeddings, labels, DEFAULT_KS, device=self.ctx.device)
+        metrics = RecordsEvaluation(ranking_metrics(labels, queries, neighbours, DEFAULT_KS), round(seconds, 2))
+        return metrics.to_json(), embeddings, labels
+
+    def _stopped_early(self) -> bool:
+        """Early stopping on the validation split: `patience` epochs since the kept one (same on every rank)."""
+        cfg, state = self.cfg, self.state
+        stop = torch.tensor([0])
+        if (self.ctx.main and self.val_records and cfg.patience > 0 and state.best_epoch is not None
+                and state.epoch - state.best_epoch >= cfg.patience):
+            stop[0] = 1
+            self.log(f"early stop: no better validation epoch in the {cfg.patience} epoch(s) after epoch "
+                     f"{state.best_epoch}")
+        if self.ctx.world_size > 1:
+            dist.broadcast(stop, src=0)
+        return bool(stop.item())
+
+    def _selection_note(self) -> str:
+        if self.chooser == "validation":
+            names = sorted({r.class_name for r in self.val_records})
+            return (f"the validation split ({len(names)} train classes held out: {', '.join(names[:8])}"
+                    f"{', ...' if len(names) > 8 else ''}) chooses the kept epoch and stops early; the test split "
+                    f"is only reported")
+        why = "--val-fraction 0" if self.cfg.val_fraction == 0 else "too few train classes to hold some out"
+        return f"no validation split ({why}): the test split chooses the kept epoch, so its figures are optimistic"
+
+    def _boundary(self) -> dict[str, float]:
+        """m of the circle and the triplet line drawn in pairs.png: the run's own loss parameters where it
+        has them, else Circle Loss's default m (the circle) and triplet's default margin (the line)."""
+        params = {**LOSS_DEFAULTS[self.cfg.loss], **self.cfg.loss_params}
+        m = float(params.get("m", LOSS_DEFAULTS["circle"]["m"]))   # type: ignore[arg-type]
+        margin = float(params.get("margin", m))                    # type: ignore[arg-type]
+        return {"m": m, "margin": margin}
+
+    def _init_head(self) -> None:
+        """PCA head: the train split's top principal directions of the trunk features, so epoch 0 ranks
+        (almost) as the trunk does. Only for a fresh hashed projection narrower than the trunk; a head that
+        comes trained (a run directory) or `--head-init fixed` is left alone."""
+        encoder, cfg = self.encoder, self.cfg
+        fresh = init_head(encoder.config.feature_dim, encoder.embed_dim).weight.to(encoder.head.weight)
+        if cfg.head_init != "pca" or encoder.embed_dim >= encoder.config.feature_dim:
+            return
+        if not torch.equal(encoder.head.weight.detach(), fresh):
+            self.log("head: kept as loaded (not the fresh projection), no PCA")
+            return
+        if self.ctx.main:
+            records = self.train_records[:: max(1, len(self.train_records) // PCA_IMAGES)]
+            features, _ = embed_records(encoder, records, batch_size=cfg.eval_batch_size, workers=self.workers,
+                                        device=self.ctx.device, progress=self.progress, amp=self.amp, tower=True)
+            kept = encoder.init_head_from_features(torch.from_numpy(features))
+            self.log(f"head: PCA of {len(records)} train images' trunk features ({encoder.config.feature_dim} -> "
+                     f"{encoder.embed_dim}, {kept:.1%} of their energy)")
+        if self.ctx.world_size > 1:
+            with torch.no_grad():
+                dist.broadcast(encoder.head.weight.data, src=0)
 
     # -- what the run directory keeps ---------------------------------------------------------------------
 
@@ -457,6 +568,7 @@ class Trainer:
         self.scheduler.load_state_dict(payload["scheduler"])   # keeps our lambda (more epochs: a longer cosine)
         self.state = _State(payload["epoch"], payload["step"], payload["partial_loss"], payload["history"],
                             payload["best_epoch"])
+        self.pairs = self.run_dir.read_pairs()
         self.log(f"resumed from {path}: {self.state.epoch} epoch(s) + {self.state.step} step(s) done, "
                  f"training to epoch {self.cfg.epochs}")
 
@@ -464,6 +576,7 @@ class Trainer:
         s = self.state
         self.run_dir.write_metrics({
             "config": self._run_config(),
+            "selected_on": self.chooser,
             "baseline": s.history[0],
             "best_epoch": s.best_epoch,
             "best": s.history[s.best_epoch] if s.best_epoch is not None else None,
@@ -475,11 +588,18 @@ class Trainer:
         return FinetuneResult(
             out=str(self.run_dir.out), epochs=s.epoch, best_epoch=s.best_epoch, baseline=_figures(s.history[0]),
             best=_figures(s.history[s.best_epoch]) if s.best_epoch is not None else None,
-            last=_figures(s.history[-1]), fingerprint=self.run_dir.fingerprint(), seconds=round(seconds, 1))
+            last=_figures(s.history[-1]), fingerprint=self.run_dir.fingerprint(), seconds=round(seconds, 1),
+            selected_on=self.chooser,
+            validation={name: _figures(row["val"]) for name, row in
+                        (("baseline", s.history[0]), ("best", s.history[s.best_epoch or 0]), ("last", s.history[-1]))}
+            if self.val_records else None)
 
 
 def _epoch_line(row: dict, best: bool) -> str:
     loss = "baseline" if row["loss"] is None else f"loss {row['loss']:.4f}"
+    val = row.get("val")
+    val_part = f" | val R@1 {val['recall@1']:.4f} MAP@R {val['map@r']:.4f} | test" if val else ""
     recalls = " ".join(f"R@{k} {row[f'recall@{k}']:.4f}" for k in DEFAULT_KS)
     speed = f" {row['images_per_s']:.1f} img/s" if row["images_per_s"] else ""
-    return f"epoch {row['epoch']}: {loss} {recalls} MAP@R {row['map@r']:.4f}{speed}{' (best)' if best else ''}"
+    return (f"epoch {row['epoch']}: {loss}{val_part} {recalls} MAP@R {row['map@r']:.4f}{speed}"
+            f"{' (kept)' if best else ''}")

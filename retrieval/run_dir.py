@@ -6,6 +6,8 @@
     metrics.json                       the configuration and every epoch's figures
     train.log                          one line per event, timestamped
     curves.png                         loss and retrieval figures per epoch
+    pairs.json + pairs.png             per epoch, the hardest positive / negative cosine of each anchor of the
+                                       split that chooses the kept epoch, and their picture (retrieval.pairs)
 
 The trainer decides what goes in; this module only reads and writes, atomically (temp file + rename), so a
 run killed at any moment leaves the previous complete version of every file. Only rank 0 writes.
@@ -23,6 +25,7 @@ from .errors import RetrievalError
 from .files import atomic_path, write_text_atomic
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
     from .encoder import Encoder
@@ -99,6 +102,31 @@ class RunDir:
     def write_curves(self, history: list[dict]) -> Path:
         return plot_curves(history, self.out / CURVES)
 
+    def write_pairs(self, pairs: dict[str, tuple[np.ndarray, np.ndarray]], *, split: str, m: float,
+                    margin: float) -> Path:
+        """pairs.json ({"split", "m", "margin", "epochs": {epoch: {"s_n": [...], "s_p": [...]}}}) and pairs.png."""
+        from .pairs import PAIRS_JSON, PAIRS_PNG, plot_pairs
+
+        epochs = {e: {"s_n": [round(float(v), 6) for v in s_n], "s_p": [round(float(v), 6) for v in s_p]}
+                  for e, (s_n, s_p) in pairs.items()}
+        data = {"split": split, "m": m, "margin": margin, "epochs": epochs}
+        write_text_atomic(self.out / PAIRS_JSON, json.dumps(data) + "\n")
+        return plot_pairs({f"epoch {e}": v for e, v in pairs.items()}, self.out / PAIRS_PNG, m=m, margin=margin,
+                          title=f"{split} anchors: hardest negative vs hardest positive cosine")
+
+    def read_pairs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The epochs of pairs.json (empty when there is none), for a resumed run to extend."""
+        from .pairs import PAIRS_JSON
+
+        path = self.out / PAIRS_JSON
+        if not path.is_file():
+            return {}
+        epochs = json.loads(path.read_text())["epochs"]
+        import numpy as np
+
+        return {e: (np.asarray(v["s_n"], dtype=np.float32), np.asarray(v["s_p"], dtype=np.float32))
+                for e, v in epochs.items()}
+
 
 def save_figure(fig: Any, png: Path) -> Path:
     """Write a matplotlib figure atomically and close it."""
@@ -127,8 +155,11 @@ def plot_curves(history: list[dict], png: Path) -> Path:
     ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     epochs = [r["epoch"] for r in history]
     for key in [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]:
-        ax_rec.plot(epochs, [r[key] for r in history], "o-" if key != "map@r" else "s--", label=key)
-    ax_rec.set(xlabel="epoch (0 = pretrained)", ylabel="test split", title="Recall@K and MAP@R")
+        ax_rec.plot(epochs, [r[key] for r in history], "o-" if key != "map@r" else "s--", label=f"test {key}")
+    if all(r.get("val") for r in history):
+        for key in ("recall@1", "map@r"):
+            ax_rec.plot(epochs, [r["val"][key] for r in history], ":", marker="x", label=f"validation {key}")
+    ax_rec.set(xlabel="epoch (0 = pretrained)", ylabel="retrieval", title="Recall@K and MAP@R")
     ax_rec.legend(fontsize=8)
     for ax in (ax_loss, ax_rec):
         ax.grid(alpha=0.3)
