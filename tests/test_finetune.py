@@ -179,8 +179,9 @@ def test_keyboard_interrupt_mid_epoch_saves_a_checkpoint_that_resumes(data, tiny
     out = tmp_path / "run"
     original = ImageDataset.__getitem__
     calls = {"n": 0}
-    # Epoch 0 evaluates 24 test images; epoch 1 trains 24 and evaluates 24; stop inside epoch 2's 2nd batch.
-    stop_at = 24 + 48 + 12 + 5
+    # The PCA head reads the 24 train images; epoch 0 evaluates 24 test images; epoch 1 trains 24 and evaluates
+    # 24; stop inside epoch 2's 2nd batch.
+    stop_at = 24 + 24 + 48 + 12 + 5
 
     def interrupting(self, index):
         calls["n"] += 1
