@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from .allocator import keep_freed_memory
 from .data import load_records, split_records
 from .data.dataset import ImageDataset
 from .data.decode import default_workers
@@ -180,6 +181,7 @@ def _chosen_split(row: dict) -> dict:
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult | None:
     """Train, evaluate every epoch, write the run directory; return the summary (rank 0; None elsewhere)."""
     _validate(cfg)
+    keep_freed_memory()   # on CPU, the steps' activations reuse freed memory instead of faulting it in again
     ctx = _setup_distributed(cfg.device)
     try:
         return Trainer(cfg, ctx, progress).run()
@@ -416,6 +418,7 @@ class Trainer:
                 ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
                 self.wrapped = DistributedDataParallel(self.step_module, device_ids=ids,
                                                        broadcast_buffers=not self.cfg.freeze_bn)
+        assert self.wrapped is not None
         return self.wrapped
 
     def _train_epoch(self, epoch: int) -> dict:
