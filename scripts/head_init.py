@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from retrieval.allocator import keep_freed_memory
     from retrieval.data import load_records, split_records
     from retrieval.data.records import carve_validation
     from retrieval.embed import DEFAULT_KS, embed_records
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val-fraction", type=float, default=default("val_fraction"))
     parser.add_argument("--seed", type=int, default=default("seed"))
     args = parser.parse_args(argv)
+    keep_freed_memory()
 
     records = load_records(args.dataset, args.root)
     train, _ = carve_validation(split_records(records, "train"), args.val_fraction, seed=args.seed)
