@@ -365,8 +365,7 @@ def _markdown(report: Report, compare: Comparison | None, pairs: bool = False) -
     parts += ["", table, ""]
     parts += [f"![Recall@K]({CURVE_PNG})", ""]
     if pairs:
-        parts += [f"![hardest negative vs hardest positive cosine, Circle Loss's circle and the triplet line]({_PAIRS})",
-                  ""]
+        parts += [f"![each query's hardest negative vs hardest positive cosine]({_PAIRS})", ""]
     parts += [f"Sample queries with thumbnails: [{REPORT_HTML}]({REPORT_HTML})", ""]
     if report.classes:
         k = report.classes[0].k
