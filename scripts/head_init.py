@@ -24,11 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.allocator import keep_freed_memory
     from retrieval.data import load_records, split_records
     from retrieval.data.records import carve_validation
-    from retrieval.embed import DEFAULT_KS, embed_records
+    from retrieval.embed import embed_records
+    from retrieval.eval_config import DEFAULT_KS
     from retrieval.encoder import load_encoder
     from retrieval.finetune import PCA_IMAGES
     from retrieval.finetune_config import default
-    from retrieval.metrics import retrieval_metrics
+    from retrieval.metrics import rank_leave_one_out, ranking_metrics
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="folder")
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = encoder.init_head_from_features(torch.from_numpy(fit))
         rows[f"PCA {args.embed_dim}-d head ({len(train)} train images, {kept:.1%} energy)"] = \
             F.normalize(encoder.head(features_t), dim=1)
-    out = {name: retrieval_metrics(emb.numpy(), labels, ks=DEFAULT_KS) for name, emb in rows.items()}
+    out = {}
+    for name, emb in rows.items():
+        queries, _, neighbours = rank_leave_one_out(emb.numpy(), labels, DEFAULT_KS)
+        out[name] = ranking_metrics(labels, queries, neighbours, DEFAULT_KS)
     keys = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
     print("| features | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for name, m in out.items():
