@@ -305,7 +305,7 @@ def small_run(tiny_dir, tmp_path_factory) -> tuple[Path, Path]:
     """(data, run) of a run with the defaults (P 16, K 4, validation 0.2, PCA head) on a set too small for
     them: 8 classes x 3 images -> 4 train classes, of which 2 go to validation; 2 epochs, 32 px tiny CNN."""
     data = Path(make_dataset(GenerateConfig(out_dir=tmp_path_factory.mktemp("small"), classes=8, per_class=3,
-                                            size=48))["root"])
+                                            size=48)).root)
     out = tmp_path_factory.mktemp("small-run") / "run"
     run_finetune(FinetuneConfig(out=out, dataset="cub", root=data, model=str(tiny_dir), epochs=2, workers=0,
                                 device="cpu"), progress=False)
@@ -353,7 +353,7 @@ def test_pairs_plot_is_written_and_its_points_are_the_recomputed_hardest_similar
 
 def test_validation_stops_early_after_patience_epochs_without_a_better_one(tiny_dir, tmp_path):
     """Zero learning rates: every epoch equals the first, so with patience 1 epoch 2 is the last trained."""
-    data = Path(make_dataset(GenerateConfig(out_dir=tmp_path / "d", classes=12, per_class=4, size=48))["root"])
+    data = Path(make_dataset(GenerateConfig(out_dir=tmp_path / "d", classes=12, per_class=4, size=48)).root)
     out = tmp_path / "run"
     result = run_finetune(_config(data, tiny_dir, out, epochs=5, val_fraction=0.4, patience=1, lr_backbone=0.0,
                                   lr_head=0.0), progress=False)
