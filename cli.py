@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import click
@@ -16,7 +17,7 @@ import click
 from retrieval import __version__
 from retrieval.errors import RetrievalError
 from retrieval.eval_config import DEFAULT_KS
-from retrieval.finetune_config import SCHEDULES
+from retrieval.finetune_config import HEAD_INITS, SCHEDULES
 from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
 DEFAULT_MODEL = "lite0"
@@ -407,11 +408,19 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
 @click.option("--train-fraction", default=_ft("train_fraction"), show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="folder: share of the sorted classes used for training (the rest is the test split).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=_ft("val_fraction"),
+              show_default=True, help="Share of the train classes held out as a validation split that chooses the "
+                                      "kept epoch and stops early (0: the test split chooses, optimistically).")
+@click.option("--patience", type=click.IntRange(min=0), default=_ft("patience"), show_default=True,
+              help="Stop after this many epochs without a better validation epoch (0: never stop early).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/finetune"),
               show_default=True, help="Run directory: weights, encoder.json, metrics.json, train.log, curves.png.")
 @click.option("--model", default=_ft("model"), show_default=True,
               help="Encoder to start from: lite0, lite2, MODEL:TAG, MODEL:/path/checkpoint, MODEL:none or a run dir.")
 @click.option("--embed-dim", type=int, default=None, help="Embedding width of the head [default: 512].")
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default=_ft("head_init"), show_default=True,
+              help="pca: the head starts as the train split's top principal directions of the trunk features "
+                   "(epoch 0 ranks as the trunk does); fixed: a hashed orthonormal projection.")
 @click.option("--loss", default=_ft("loss"), show_default=True, help="Loss (see the list below).")
 @click.option("--m", "--circle-m", "m", type=float, default=None,
               help="Relaxation margin m of circle / class-circle [default: paper's]; under torchrun write --circle-m.")
@@ -457,12 +466,13 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
 @click.option("--progress/--no-progress", default=None,
               help="Progress bars on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (baseline, best, last epoch, paths) as JSON.")
-def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: float, out: Path, model: str,
-                 embed_dim: int | None, loss: str, m: float | None, gamma: float | None, margin: float | None,
-                 loss_params: dict, p: int, k: int, epochs: int, steps_per_epoch: int | None, lr_backbone: float,
-                 lr_head: float, lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
-                 freeze_backbone_epochs: int, freeze_bn: bool, image_size: int | None, workers: int | None, seed: int,
-                 resume: bool, device: str, amp: bool, eval_batch_size: int, progress: bool | None,
+def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: float, val_fraction: float,
+                 patience: int, out: Path, model: str, embed_dim: int | None, head_init: str, loss: str,
+                 m: float | None, gamma: float | None, margin: float | None, loss_params: dict, p: int, k: int,
+                 epochs: int, steps_per_epoch: int | None, lr_backbone: float, lr_head: float,
+                 lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
+                 freeze_backbone_epochs: int, freeze_bn: bool, image_size: int | None, workers: int | None,
+                 seed: int, resume: bool, device: str, amp: bool, eval_batch_size: int, progress: bool | None,
                  as_json: bool) -> None:
     """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and
     MAP@R on the unseen test classes before training (the pretrained baseline) and after every epoch.
@@ -477,24 +487,29 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
 
     named = {"m": m, "gamma": gamma, "margin": margin}
     cfg = FinetuneConfig(
-        out=out, dataset=dataset, root=root, crop=crop, train_fraction=train_fraction, model=model,
-        embed_dim=embed_dim, loss=loss,
+        out=out, dataset=dataset, root=root, crop=crop, train_fraction=train_fraction, val_fraction=val_fraction,
+        patience=patience, model=model, embed_dim=embed_dim, head_init=head_init, loss=loss,
         loss_params={**{k_: v for k_, v in named.items() if v is not None}, **loss_params},
         p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, image_size=image_size, workers=workers,
         seed=seed, resume=resume, device=device, amp=amp, eval_batch_size=eval_batch_size)
-    summary = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
-    if summary["rank"] != 0:
+    result = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
+    if result is None:   # a torchrun rank other than 0
         return
     if as_json:
-        _print_json(summary)
+        _print_json(result.to_json())
         return
-    for name in ("baseline", "best", "last"):
-        row = summary[name]
-        if row is not None:
-            click.echo(f"{name:>8}: " + "  ".join(f"{key} {value:.4f}" for key, value in row.items()))
-    click.echo(f"best epoch {summary['best_epoch']} of {summary['epochs']}; run directory {summary['out']}")
+    splits: list[tuple[str, Mapping[str, Mapping[str, float] | None]]] = [
+        ("test", {"baseline": result.baseline, "best": result.best, "last": result.last})]
+    if result.validation is not None:
+        splits.insert(0, ("validation", result.validation))
+    for split, rows in splits:
+        for name, row in rows.items():
+            if row is not None:
+                click.echo(f"{split:>10} {name:>8}: " + "  ".join(f"{key} {value:.4f}" for key, value in row.items()))
+    click.echo(f"kept epoch {result.best_epoch} of {result.epochs} (chosen on the {result.selected_on} split); "
+               f"run directory {result.out}")
 
 
 def main() -> None:

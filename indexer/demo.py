@@ -142,11 +142,11 @@ def _evaluate_pretrained(cfg: DemoConfig, data: GeneratedSet, out: Path, progres
 def _finetune(cfg: DemoConfig, data: GeneratedSet, out: Path, progress: bool) -> Path:
     from retrieval.finetune import FinetuneConfig, run_finetune
 
-    defaults = FinetuneConfig(out=out / "run")
-    run_finetune(FinetuneConfig(
-        out=out / "run", dataset="cub", root=data.root, model=cfg.model,
-        epochs=cfg.epochs,
-        p=min(defaults.p, data.train_classes), workers=cfg.workers, seed=cfg.seed, device=cfg.device,
+    run_finetune(FinetuneConfig(   # P is lowered by finetune itself when there are fewer train classes
+        out=out / "run", dataset="cub", root=data.root, model=cfg.model, epochs=cfg.epochs,
+        workers=cfg.workers, seed=cfg.seed, device=cfg.device,
+        head_init="fixed",   # starts from the encoder step 2 evaluated, so "before" is the run's own epoch 0
+        val_fraction=0.0,    # all 20 train classes train; the test split chooses the kept epoch (the log says so)
     ), progress=progress)
     return out / "run"
 

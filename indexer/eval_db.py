@@ -65,7 +65,7 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
               "fingerprint": header.encoder.fingerprint, "index": factory}
     title = f"index {Path(cfg.db).name} (encoder {Path(header.encoder.spec).name or header.encoder.spec})"
     return make_result(title, source, cfg.ks, metrics, ranking, exact=exact, report_dir=cfg.report,
-                       compare=cfg.compare)
+                       compare=cfg.compare, embeddings=vectors)
 
 
 def _faiss_neighbours(index: SearchIndex, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,

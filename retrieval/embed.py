@@ -68,8 +68,11 @@ def embed_records(
     device: str | torch.device = "cpu",
     progress: bool = False,
     amp: bool = True,
+    tower: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Embeddings (N, D) float32 and labels (N,) int64 of `records`, in order, with the eval transform.
+
+    With `tower`, the pooled tower features before the head (N, feature_dim), not normalised.
 
     JPEGs are decoded with draft() to the eval resize size (the transform shrinks them to it anyway).
     The encoder is put in eval mode and left there.
@@ -80,12 +83,13 @@ def embed_records(
     dataset = ImageDataset(records, encoder.eval_transform(), draft_size=encoder.config.resize_size)
     loader = make_loader(dataset, workers=workers, device=device, batch_size=batch_size, shuffle=False)
     encoder.eval()
-    out = np.empty((len(records), encoder.embed_dim), dtype=np.float32)
+    forward = encoder.tower_features if tower else encoder
+    out = np.empty((len(records), encoder.config.feature_dim if tower else encoder.embed_dim), dtype=np.float32)
     labels = np.empty(len(records), dtype=np.int64)
     bar = tqdm(total=len(records), desc="embed", unit="img", disable=not progress, leave=False)
     with bar, autocast(device, amp):
         for images, batch_labels, index in loader:
-            emb = encoder(images.to(device, non_blocking=True))
+            emb = forward(images.to(device, non_blocking=True))
             out[index.numpy()] = emb.float().cpu().numpy()
             labels[index.numpy()] = batch_labels.numpy()
             bar.update(len(index))

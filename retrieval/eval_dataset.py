@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from retrieval.eval_config import DatasetEvalConfig
 from retrieval.metrics import Metrics, rank_leave_one_out, ranking_metrics
 from retrieval.report import Comparison, Ranking, Report, ReportFiles, build_report, load_comparison, write_report
@@ -43,18 +45,28 @@ class EvalResult:
 
 def make_result(title: str, source: dict[str, str], ks: Sequence[int], metrics: Metrics, ranking: Ranking, *,
                 exact: Metrics | None = None, report_dir: Path | None = None,
-                compare: Path | None = None) -> EvalResult:
-    """Build the report (and write it when `report_dir` is given), with the comparison when asked for."""
+                compare: Path | None = None, embeddings: np.ndarray | None = None) -> EvalResult:
+    """Build the report (and write it when `report_dir` is given), with the comparison when asked for; with
+    the `embeddings` the report also draws each query's hardest negative vs hardest positive (pairs.png)."""
     comparison = load_comparison(compare) if compare is not None else None
     report = build_report(title, source, ks, metrics, ranking, exact=exact, top=SAMPLE_TOP)
-    files = write_report(report, report_dir, compare=comparison) if report_dir is not None else None
+    files = None
+    if report_dir is not None:
+        pairs = None
+        if embeddings is not None:
+            from retrieval.pairs import hardest_pairs
+
+            pairs = hardest_pairs(embeddings[ranking.queries], ranking.labels[ranking.queries])
+        files = write_report(report, report_dir, compare=comparison, pairs=pairs)
     return EvalResult(report, comparison, files)
 
 
 def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     """Embed one split of a data set and score it leave-one-out (the numbers `finetune` reports per epoch)."""
+    from retrieval.allocator import keep_freed_memory
     from retrieval.data import load_records, split_records
 
+    keep_freed_memory()   # the embedding pass reuses freed activations instead of faulting them in again
     records = split_records(load_records(cfg.dataset, cfg.root, crop=cfg.crop, train_fraction=cfg.train_fraction),
                             cfg.split)
     if cfg.compare is not None:
@@ -72,7 +84,7 @@ def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     source = {"dataset": cfg.dataset, "root": str(cfg.root), "split": cfg.split, "model": encoder.spec,
               "fingerprint": encoder.fingerprint()}
     return make_result(f"{Path(encoder.spec).name or encoder.spec} on {cfg.dataset}/{cfg.split}", source, cfg.ks,
-                       metrics, ranking, report_dir=cfg.report, compare=cfg.compare)
+                       metrics, ranking, report_dir=cfg.report, compare=cfg.compare, embeddings=embeddings)
 
 
 def _names_list(names: dict[int, str]) -> list[str]:

@@ -22,7 +22,6 @@ rank 0 evaluates and writes, the other ranks wait at a barrier.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -32,37 +31,38 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from .allocator import keep_freed_memory
 from .data import load_records, split_records
 from .data.dataset import ImageDataset
 from .data.decode import default_workers
-from .data.records import Record
+from .data.records import Record, carve_validation
 from .data.sampler import PKSampler
 from .device import resolve_device
-from .embed import autocast, evaluate_records, make_loader
-from .encoder import Encoder, load_encoder, save_encoder
+from .embed import RecordsEvaluation, autocast, embed_records, make_loader
+from .encoder import Encoder, load_encoder
+from .encoder.model import init_head
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
-from .files import atomic_path, write_text_atomic
-from .finetune_config import SCHEDULES, FinetuneConfig
+from .finetune_config import HEAD_INITS, SCHEDULES, FinetuneConfig
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
+from .metrics import rank_leave_one_out, ranking_metrics
+from .pairs import hardest_pairs
+from .run_dir import CHECKPOINT, RunDir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
-METRICS = "metrics.json"
-TRAIN_LOG = "train.log"
-CURVES = "curves.png"
-FINGERPRINT = "fingerprint"
-CHECKPOINT_FORMAT = 1
+PCA_IMAGES = 4096   # at most this many train images (evenly spaced) fit the PCA head
+
 # Settings a resumed run must share with the run it continues (epochs may grow, workers etc. may change).
 _RESUME_KEYS = ("dataset", "root", "crop", "train_fraction", "model", "embed_dim", "loss", "loss_params", "p",
                 "k", "steps_per_epoch", "image_size", "seed", "world_size", "lr_backbone", "lr_head", "lr_proxies",
-                "weight_decay", "freeze_bn")
+                "weight_decay", "freeze_bn", "val_fraction", "head_init")
 
 
 class TrainingInterrupted(RetrievalError):
@@ -85,6 +85,33 @@ class _Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What a finished run reports: its directory, epochs, kept epoch and the figures of epochs 0, kept, last.
+
+    Each figure set holds Recall@K for DEFAULT_KS and MAP@R on the test split (and, when a validation split
+    chose the kept epoch, the same on it).
+    """
+
+    out: str
+    epochs: int
+    best_epoch: int | None
+    baseline: dict[str, float]
+    best: dict[str, float] | None
+    last: dict[str, float]
+    fingerprint: str | None
+    seconds: float
+    selected_on: str = "test"      # the split that chose the kept epoch: "validation", or "test" (optimistic)
+    validation: dict[str, dict[str, float]] | None = None   # baseline / best / last on the validation split
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _figures(row: dict) -> dict[str, float]:
+    return {key: row[key] for key in [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]}
 
 
 @dataclass
@@ -121,20 +148,43 @@ def is_better(metrics: dict, best: dict | None, baseline: dict) -> bool:
     return best is None or selection_key(metrics, baseline) > selection_key(best, baseline)
 
 
-def recall_lost_warning(history: list[dict], kept: int | None) -> str | None:
-    """The warning for a run whose kept epoch lost the baseline's (epoch 0's) Recall@1, else None."""
+def recall_lost_warning(history: list[dict], kept: int | None, split: str = "test") -> str | None:
+    """The warning for a run whose kept epoch lost the baseline's (epoch 0's) Recall@1 on the split that
+    chose it (`history`: that split's figures per epoch), else None."""
     if kept is None or history[kept]["recall@1"] >= history[0]["recall@1"]:
         return None
-    return (f"warning: no epoch kept the pretrained Recall@1 ({history[0]['recall@1']:.4f}); kept epoch {kept} "
-            f"(Recall@1 {history[kept]['recall@1']:.4f}, best MAP@R); try a lower --lr-backbone or fewer --epochs")
+    return (f"warning: no epoch kept the pretrained {split} Recall@1 ({history[0]['recall@1']:.4f}); kept epoch "
+            f"{kept} (Recall@1 {history[kept]['recall@1']:.4f}, best MAP@R); try a lower --lr-backbone or fewer "
+            f"--epochs")
 
 
-def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
-    """Train, evaluate every epoch, write the run directory; return a summary (rank 0; others get their rank)."""
+def batch_shape(labels: list[int], p: int, k: int) -> tuple[int, str | None]:
+    """(P to use, a log line or None): P is lowered to the number of classes with at least 2 images when the
+    train split has fewer; classes with fewer than K images are sampled with replacement (PKSampler)."""
+    counts = np.unique(np.asarray(labels), return_counts=True)[1]
+    usable = int((counts >= 2).sum())
+    if usable < 2:
+        raise RetrievalError(f"the train split has {usable} class(es) with at least 2 images; P x K batches need 2")
+    notes = []
+    if p > usable:
+        notes.append(f"P lowered from {p} to {usable}: the train split has {usable} classes with 2+ images")
+    if (short := int(((counts >= 2) & (counts < k)).sum())):
+        notes.append(f"{short} of them have fewer than K={k} images and are sampled with replacement")
+    return min(p, usable), "; ".join(notes) or None
+
+
+def _chosen_split(row: dict) -> dict:
+    """The figures of an epoch that choose the kept epoch: the validation split's, else the test split's."""
+    return row["val"] if row.get("val") is not None else row
+
+
+def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult | None:
+    """Train, evaluate every epoch, write the run directory; return the summary (rank 0; None elsewhere)."""
     _validate(cfg)
+    keep_freed_memory()   # on CPU, the steps' activations reuse freed memory instead of faulting it in again
     ctx = _setup_distributed(cfg.device)
     try:
-        return _Run(cfg, ctx, progress).run()
+        return Trainer(cfg, ctx, progress).run()
     finally:
         if ctx.owns_group:
             dist.destroy_process_group()
@@ -146,6 +196,9 @@ def _validate(cfg: FinetuneConfig) -> None:
         (cfg.schedule in SCHEDULES, f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}"),
         (cfg.epochs >= 1, f"epochs must be at least 1, got {cfg.epochs}"),
         (cfg.p >= 2 and cfg.k >= 2, f"P x K batches need P >= 2 classes and K >= 2 images, got P={cfg.p} K={cfg.k}"),
+        (0 <= cfg.val_fraction < 1, f"the validation fraction must lie in [0, 1), got {cfg.val_fraction}"),
+        (cfg.patience >= 0, f"patience must not be negative, got {cfg.patience}"),
+        (cfg.head_init in HEAD_INITS, f"unknown head init {cfg.head_init!r}; choose one of {', '.join(HEAD_INITS)}"),
         (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1, "steps per epoch must be at least 1"),
         (min(cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.warmup_epochs) >= 0, "rates must not be negative"),
         (0 <= cfg.freeze_backbone_epochs, "freeze-backbone epochs must not be negative"),
@@ -224,32 +277,22 @@ class _EpochBatches(torch.utils.data.Sampler[list[int]]):
         return max(0, self.stop - self.start)
 
 
-class _RunLog:
-    """train.log of the run (rank 0): every line also goes to the module logger."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def __call__(self, message: str) -> None:
-        log.info(message)
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-
-class _Run:
-    """One fine-tune run: set-up, the epoch loop, checkpoints and artefacts."""
+class Trainer:
+    """One fine-tune run's training: set-up, the epoch loop, evaluation and the kept epoch; files go through
+    a RunDir (rank 0)."""
 
     def __init__(self, cfg: FinetuneConfig, ctx: _Dist, progress: bool):
         self.cfg, self.ctx, self.progress = cfg, ctx, progress and ctx.main
-        self.out = Path(cfg.out).expanduser()
         self.amp = cfg.amp and ctx.device.type == "cuda"
         self.workers = default_workers(ctx.device.type, minimum=0) if cfg.workers is None else cfg.workers
+        self.run_dir = RunDir(cfg.out, writer=ctx.main)
         if ctx.main:
-            self._prepare_out_dir()
+            self.run_dir.prepare(resume=cfg.resume)
         ctx.barrier()
-        self.log = _RunLog(self.out / TRAIN_LOG if ctx.main else None)
+        self.log = self.run_dir.log
         self.train_records, self.test_records, self.root = self._records()
+        self.train_records, self.val_records = carve_validation(self.train_records, cfg.val_fraction, seed=cfg.seed)
+        self.chooser = "validation" if self.val_records else "test"
         classes = sorted({r.label for r in self.train_records})
         self.label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
         self.label_map[classes] = torch.arange(len(classes))
@@ -258,28 +301,18 @@ class _Run:
         self.loss = make_loss(cfg.loss, num_classes=len(classes), dim=self.encoder.embed_dim,
                               **dict(cfg.loss_params)).to(ctx.device)
         self.step_module = TrainStep(self.encoder, self.loss)
-        try:
-            self.sampler = PKSampler([r.label for r in self.train_records], cfg.p, cfg.k, seed=cfg.seed,
-                                     rank=ctx.rank, world_size=ctx.world_size)
-        except ValueError as exc:   # e.g. more classes per batch than the train split has
-            raise RetrievalError(f"P x K sampler: {exc}; lower -P") from None
+        self.p, self.batch_note = batch_shape([r.label for r in self.train_records], cfg.p, cfg.k)
+        self.sampler = PKSampler([r.label for r in self.train_records], self.p, cfg.k, seed=cfg.seed,
+                                 rank=ctx.rank, world_size=ctx.world_size)
         self.steps = min(len(self.sampler), cfg.steps_per_epoch or len(self.sampler))
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
         self.state = _State()
+        self.pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # epoch -> (s_n, s_p) of pairs.png
         self.wrapped: nn.Module = self.step_module   # DDP-wrapped under torchrun (_set_backbone_trainable)
         self.backbone_trainable: bool | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------
-
-    def _prepare_out_dir(self) -> None:
-        has_run = (self.out / CHECKPOINT).exists() or (self.out / METRICS).exists()
-        if has_run and not self.cfg.resume:
-            raise RetrievalError(
-                f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
-        if self.cfg.resume and not (self.out / CHECKPOINT).is_file():
-            raise RetrievalError(f"{self.out / CHECKPOINT} not found: nothing to resume (drop --resume to start)")
-        self.out.mkdir(parents=True, exist_ok=True)
 
     def _records(self) -> tuple[list[Record], list[Record], Path]:
         cfg = self.cfg
@@ -331,7 +364,7 @@ class _Run:
                 "k": cfg.k, "steps_per_epoch": cfg.steps_per_epoch, "image_size": self.encoder.image_size,
                 "seed": cfg.seed, "world_size": self.ctx.world_size, "lr_backbone": cfg.lr_backbone,
                 "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
-                "freeze_bn": cfg.freeze_bn}
+                "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init}
 
     def _run_config(self) -> dict:
         """The full configuration as plain JSON values (written to metrics.json and the checkpoint)."""
@@ -340,29 +373,37 @@ class _Run:
 
     # -- the loop ----------------------------------------------------------------------------------------
 
-    def run(self) -> dict:
+    def run(self) -> FinetuneResult | None:
         cfg, ctx = self.cfg, self.ctx
         if cfg.resume:
             self._load_checkpoint()
         else:
             self.log(f"fine-tune {cfg.model} with {cfg.loss} loss on {cfg.dataset} {self.root}: "
-                     f"{len(self.train_records)} train / {len(self.test_records)} test images, world size "
-                     f"{ctx.world_size}, device {ctx.device}, {self.steps} steps of {cfg.p}x{cfg.k} per epoch")
+                     f"{len(self.train_records)} train / {len(self.val_records)} validation / "
+                     f"{len(self.test_records)} test images, world size {ctx.world_size}, device {ctx.device}, "
+                     f"{self.steps} steps of {self.p}x{cfg.k} per epoch")
+            self.log(self._selection_note())
+            if self.batch_note:
+                self.log(self.batch_note)
+            self._init_head()
         start = time.perf_counter()
         try:
             if not self.state.history:
                 self._end_epoch(0, {"loss": None, "train_seconds": None, "images_per_s": None})
             for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+                if self._stopped_early():
+                    break
                 self._end_epoch(epoch, self._train_epoch(epoch))
         except KeyboardInterrupt:
             if ctx.main:
                 self._save_checkpoint()
             raise TrainingInterrupted(
                 f"interrupted after {self.state.epoch} epoch(s) + {self.state.step} step(s); state saved to "
-                f"{self.out / CHECKPOINT}; resume with --resume") from None
-        if ctx.main and (warning := recall_lost_warning(self.state.history, self.state.best_epoch)):
+                f"{self.run_dir.out / CHECKPOINT}; resume with --resume") from None
+        chosen = [_chosen_split(row) for row in self.state.history]
+        if ctx.main and (warning := recall_lost_warning(chosen, self.state.best_epoch, self.chooser)):
             self.log(warning)
-        return self._summary(time.perf_counter() - start) if ctx.main else {"rank": ctx.rank}
+        return self._result(time.perf_counter() - start) if ctx.main else None
 
     def _set_backbone_trainable(self, trainable: bool) -> nn.Module:
         """Freeze or unfreeze the trunk; under DDP re-wrap, since DDP fixes its parameter set when built."""
@@ -377,6 +418,7 @@ class _Run:
                 ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
                 self.wrapped = DistributedDataParallel(self.step_module, device_ids=ids,
                                                        broadcast_buffers=not self.cfg.freeze_bn)
+        assert self.wrapped is not None
         return self.wrapped
 
     def _train_epoch(self, epoch: int) -> dict:
@@ -390,7 +432,7 @@ class _Run:
         self.sampler.set_epoch(epoch)
         loader = train_loader(self.encoder, self.train_records, _EpochBatches(self.sampler, state.step, self.steps),
                               workers=self.workers, device=ctx.device)
-        batch_images = cfg.p * cfg.k * ctx.world_size
+        batch_images = self.p * cfg.k * ctx.world_size
         bar = tqdm(total=self.steps, initial=state.step, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch",
                    disable=not self.progress, dynamic_ncols=True)
         start, done_here = time.perf_counter(), 0
@@ -416,50 +458,109 @@ class _Run:
 
         `train` holds the epoch's loss, train_seconds and images_per_s (all None for the baseline, epoch 0).
         """
-        cfg, ctx = self.cfg, self.ctx
+        ctx = self.ctx
         if ctx.main:
-            metrics = evaluate_records(self.encoder, self.test_records, batch_size=cfg.eval_batch_size,
-                                       workers=self.workers, device=ctx.device, progress=self.progress, amp=self.amp)
-            row = {"epoch": epoch, **train, **metrics.to_json(),
+            metrics, embeddings, labels = self._evaluate(self.test_records)
+            val = None
+            if self.val_records:
+                val, embeddings, labels = self._evaluate(self.val_records)
+            row = {"epoch": epoch, **train, **metrics, "val": val,
                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
-            best = self.state.history[self.state.best_epoch] if self.state.best_epoch is not None else None
+            history = [_chosen_split(r) for r in self.state.history]
+            best = history[self.state.best_epoch] if self.state.best_epoch is not None else None
             # the pretrained weights are the baseline, not a result
-            improved = epoch > 0 and is_better(row, best, self.state.history[0])
+            improved = epoch > 0 and is_better(_chosen_split(row), best, history[0] if history else row)
+            self.pairs[str(epoch)] = hardest_pairs(embeddings, labels)
             self.state.history.append(row)
             self.state.best_epoch = epoch if improved else self.state.best_epoch
         self.state.epoch, self.state.step, self.state.partial_loss = epoch, 0, 0.0
         if ctx.main:
             if improved:
-                fingerprint = save_encoder(self.encoder, self.out)
-                (self.out / FINGERPRINT).write_text(fingerprint + "\n")
+                self.run_dir.save_encoder(self.encoder)
             self.log(_epoch_line(row, improved))
             self._save_checkpoint()
             self._write_metrics()
-            plot_curves(self.state.history, self.out / CURVES)
+            self.run_dir.write_curves(self.state.history)
+            self.run_dir.write_pairs(self.pairs, split=self.chooser, **self._boundary())
         ctx.barrier()
 
-    # -- persistence -------------------------------------------------------------------------------------
+    def _evaluate(self, records: list[Record]) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Metrics (those of `metrics.ranking_metrics` + embed_seconds), embeddings and labels of `records`."""
+        start = time.perf_counter()
+        embeddings, labels = embed_records(self.encoder, records, batch_size=self.cfg.eval_batch_size,
+                                           workers=self.workers, device=self.ctx.device, progress=self.progress,
+                                           amp=self.amp)
+        seconds = time.perf_counter() - start
+        queries, _, neighbours = rank_leave_one_out(embeddings, labels, DEFAULT_KS, device=self.ctx.device)
+        metrics = RecordsEvaluation(ranking_metrics(labels, queries, neighbours, DEFAULT_KS), round(seconds, 2))
+        return metrics.to_json(), embeddings, labels
+
+    def _stopped_early(self) -> bool:
+        """Early stopping on the validation split: `patience` epochs since the kept one (same on every rank)."""
+        cfg, state = self.cfg, self.state
+        stop = torch.tensor([0])
+        if (self.ctx.main and self.val_records and cfg.patience > 0 and state.best_epoch is not None
+                and state.epoch - state.best_epoch >= cfg.patience):
+            stop[0] = 1
+            self.log(f"early stop: no better validation epoch in the {cfg.patience} epoch(s) after epoch "
+                     f"{state.best_epoch}")
+        if self.ctx.world_size > 1:
+            dist.broadcast(stop, src=0)
+        return bool(stop.item())
+
+    def _selection_note(self) -> str:
+        if self.chooser == "validation":
+            names = sorted({r.class_name for r in self.val_records})
+            return (f"the validation split ({len(names)} train classes held out: {', '.join(names[:8])}"
+                    f"{', ...' if len(names) > 8 else ''}) chooses the kept epoch and stops early; the test split "
+                    f"is only reported")
+        why = "--val-fraction 0" if self.cfg.val_fraction == 0 else "too few train classes to hold some out"
+        return f"no validation split ({why}): the test split chooses the kept epoch, so its figures are optimistic"
+
+    def _boundary(self) -> dict[str, float]:
+        """m of the circle and the triplet line drawn in pairs.png: the run's own loss parameters where it
+        has them, else Circle Loss's default m (the circle) and triplet's default margin (the line)."""
+        params = {**LOSS_DEFAULTS[self.cfg.loss], **self.cfg.loss_params}
+        m = float(params.get("m", LOSS_DEFAULTS["circle"]["m"]))   # type: ignore[arg-type]
+        margin = float(params.get("margin", m))                    # type: ignore[arg-type]
+        return {"m": m, "margin": margin}
+
+    def _init_head(self) -> None:
+        """PCA head: the train split's top principal directions of the trunk features, so epoch 0 ranks
+        (almost) as the trunk does. Only for a fresh hashed projection narrower than the trunk; a head that
+        comes trained (a run directory) or `--head-init fixed` is left alone."""
+        encoder, cfg = self.encoder, self.cfg
+        fresh = init_head(encoder.config.feature_dim, encoder.embed_dim).weight.to(encoder.head.weight)
+        if cfg.head_init != "pca" or encoder.embed_dim >= encoder.config.feature_dim:
+            return
+        if not torch.equal(encoder.head.weight.detach(), fresh):
+            self.log("head: kept as loaded (not the fresh projection), no PCA")
+            return
+        if self.ctx.main:
+            records = self.train_records[:: max(1, len(self.train_records) // PCA_IMAGES)]
+            features, _ = embed_records(encoder, records, batch_size=cfg.eval_batch_size, workers=self.workers,
+                                        device=self.ctx.device, progress=self.progress, amp=self.amp, tower=True)
+            kept = encoder.init_head_from_features(torch.from_numpy(features))
+            self.log(f"head: PCA of {len(records)} train images' trunk features ({encoder.config.feature_dim} -> "
+                     f"{encoder.embed_dim}, {kept:.1%} of their energy)")
+        if self.ctx.world_size > 1:
+            with torch.no_grad():
+                dist.broadcast(encoder.head.weight.data, src=0)
+
+    # -- what the run directory keeps ---------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        """last.pt: tensors and plain values only (loadable with weights_only=True), written atomically."""
         s = self.state
-        payload = {
-            "format": CHECKPOINT_FORMAT, "config": self._run_config(), "epoch": s.epoch, "step": s.step,
-            "partial_loss": s.partial_loss, "history": s.history, "best_epoch": s.best_epoch,
-            "encoder": self.encoder.state_dict(), "loss": self.loss.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-        }
-        with atomic_path(self.out / CHECKPOINT) as tmp:
-            torch.save(payload, tmp)
+        self.run_dir.save_checkpoint({
+            "config": self._run_config(), "epoch": s.epoch, "step": s.step, "partial_loss": s.partial_loss,
+            "history": s.history, "best_epoch": s.best_epoch, "encoder": self.encoder.state_dict(),
+            "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        })
 
     def _load_checkpoint(self) -> None:
-        path = self.out / CHECKPOINT
-        try:
-            payload = torch.load(path, map_location=self.ctx.device, weights_only=True)
-        except Exception as exc:
-            raise RetrievalError(f"{path}: cannot read checkpoint ({str(exc).splitlines()[0]})") from None
-        if payload.get("format") != CHECKPOINT_FORMAT:
-            raise RetrievalError(f"{path}: checkpoint format {payload.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        payload = self.run_dir.load_checkpoint(self.ctx.device)
+        path = self.run_dir.out / CHECKPOINT
         saved, now = payload["config"], self._resume_config()
         changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
         if changed:
@@ -470,63 +571,38 @@ class _Run:
         self.scheduler.load_state_dict(payload["scheduler"])   # keeps our lambda (more epochs: a longer cosine)
         self.state = _State(payload["epoch"], payload["step"], payload["partial_loss"], payload["history"],
                             payload["best_epoch"])
+        self.pairs = self.run_dir.read_pairs()
         self.log(f"resumed from {path}: {self.state.epoch} epoch(s) + {self.state.step} step(s) done, "
                  f"training to epoch {self.cfg.epochs}")
 
     def _write_metrics(self) -> None:
         s = self.state
-        data = {
+        self.run_dir.write_metrics({
             "config": self._run_config(),
+            "selected_on": self.chooser,
             "baseline": s.history[0],
             "best_epoch": s.best_epoch,
             "best": s.history[s.best_epoch] if s.best_epoch is not None else None,
             "epochs": s.history,
-        }
-        write_text_atomic(self.out / METRICS, json.dumps(data, indent=2) + "\n")
+        })
 
-    def _summary(self, seconds: float) -> dict:
+    def _result(self, seconds: float) -> FinetuneResult:
         s = self.state
-        keys = [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]
-        pick = lambda row: {k: row[k] for k in keys} if row else None  # noqa: E731
-        fingerprint_file = self.out / FINGERPRINT
-        return {
-            "rank": 0, "out": str(self.out), "epochs": s.epoch, "best_epoch": s.best_epoch,
-            "baseline": pick(s.history[0]), "best": pick(s.history[s.best_epoch] if s.best_epoch is not None else None),
-            "last": pick(s.history[-1]),
-            "fingerprint": fingerprint_file.read_text().strip() if fingerprint_file.exists() else None,
-            "seconds": round(seconds, 1),
-        }
+        return FinetuneResult(
+            out=str(self.run_dir.out), epochs=s.epoch, best_epoch=s.best_epoch, baseline=_figures(s.history[0]),
+            best=_figures(s.history[s.best_epoch]) if s.best_epoch is not None else None,
+            last=_figures(s.history[-1]), fingerprint=self.run_dir.fingerprint(), seconds=round(seconds, 1),
+            selected_on=self.chooser,
+            validation={name: _figures(row["val"]) for name, row in
+                        (("baseline", s.history[0]), ("best", s.history[s.best_epoch or 0]), ("last", s.history[-1]))}
+            if self.val_records else None)
 
 
 def _epoch_line(row: dict, best: bool) -> str:
     loss = "baseline" if row["loss"] is None else f"loss {row['loss']:.4f}"
+    val = row.get("val")
+    val_part = f" | val R@1 {val['recall@1']:.4f} MAP@R {val['map@r']:.4f} | test" if val else ""
     recalls = " ".join(f"R@{k} {row[f'recall@{k}']:.4f}" for k in DEFAULT_KS)
     speed = f" {row['images_per_s']:.1f} img/s" if row["images_per_s"] else ""
-    return f"epoch {row['epoch']}: {loss} {recalls} MAP@R {row['map@r']:.4f}{speed}{' (best)' if best else ''}"
-
-
-def plot_curves(history: list[dict], png: Path) -> Path:
-    """Loss (left) and Recall@K + MAP@R (right) per epoch; epoch 0 is the pretrained baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (ax_loss, ax_rec) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    trained = [row for row in history if row["loss"] is not None]
-    ax_loss.plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
-    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
-    epochs = [r["epoch"] for r in history]
-    for key in [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]:
-        ax_rec.plot(epochs, [r[key] for r in history], "o-" if key != "map@r" else "s--", label=key)
-    ax_rec.set(xlabel="epoch (0 = pretrained)", ylabel="test split", title="Recall@K and MAP@R")
-    ax_rec.legend(fontsize=8)
-    for ax in (ax_loss, ax_rec):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png, suffix=png.suffix) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return png
+    return (f"epoch {row['epoch']}: {loss}{val_part} {recalls} MAP@R {row['map@r']:.4f}{speed}"
+            f"{' (kept)' if best else ''}")

@@ -7,6 +7,7 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 
 SCHEDULES = ("cosine", "constant")
+HEAD_INITS = ("pca", "fixed")
 
 
 @dataclass(frozen=True)
@@ -18,8 +19,11 @@ class FinetuneConfig:
     root: Path | None = None               # None: the embedded generated set (created on first use)
     crop: bool = False                     # CUB: crop to the bounding boxes
     train_fraction: float = 0.5            # folder: share of the sorted classes used for training
+    val_fraction: float = 0.2              # train classes moved to validation (chooses the kept epoch); 0: test
+    patience: int = 2                      # stop after this many epochs without a better validation epoch; 0: never
     model: str = "lite0"                   # encoder spec (see retrieval.encoder.sources)
     embed_dim: int | None = None           # None: the encoder's default (512)
+    head_init: str = "pca"                 # pca: the train split's top principal directions; fixed: hashed projection
     loss: str = "circle"
     loss_params: Mapping[str, float] = field(default_factory=dict)   # overrides of LOSS_DEFAULTS[loss]
     p: int = 16                            # classes per batch (8 lost Recall@1 on full Caltech-101, 16 kept it)

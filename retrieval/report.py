@@ -30,6 +30,7 @@ THUMBS = "thumbs"
 THUMB_SIZE = 96
 SUMMARY_KEYS = ("map@r", "r_precision")
 COUNT_KEYS = ("n_queries", "n_classes")
+_PAIRS = "pairs.png"   # retrieval.pairs.PAIRS_PNG, named here without importing the plotting module
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ class ReportFiles:
     curve: Path
     html: Path
     thumbnails: tuple[Path, ...] = field(default=())
+    pairs: Path | None = None
 
 
 def class_scores(ranking: Ranking, k: int) -> list[ClassScore]:
@@ -230,18 +232,28 @@ def metric_rows(
 
 
 def write_report(
-    report: Report, out_dir: str | Path, *, compare: Comparison | None = None, thumb_size: int = THUMB_SIZE
+    report: Report, out_dir: str | Path, *, compare: Comparison | None = None, thumb_size: int = THUMB_SIZE,
+    pairs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ReportFiles:
-    """Write report.json, report.md, the Recall@K curve PNG and report.html (+ thumbs/) into `out_dir`."""
+    """Write report.json, report.md, the Recall@K curve PNG and report.html (+ thumbs/) into `out_dir`; with
+    `pairs` ((s_n, s_p) per query, see retrieval.pairs) also pairs.png, shown in both pages."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     thumbs = _Thumbnailer(out, THUMBS, thumb_size)
     files = ReportFiles(out / REPORT_JSON, out / REPORT_MD, out / CURVE_PNG, out / REPORT_HTML)
     files.json.write_text(json.dumps(_report_dict(report, compare), indent=2) + "\n")
     plot_recall_curve(report, files.curve, compare=compare)
-    files.markdown.write_text(_markdown(report, compare))
-    files.html.write_text(_html(report, compare, thumbs))
-    return ReportFiles(files.json, files.markdown, files.curve, files.html, tuple(thumbs.written))
+    pairs_png = None
+    if pairs is not None:
+        from .losses import LOSS_DEFAULTS
+        from .pairs import PAIRS_PNG, plot_pairs
+
+        m = float(LOSS_DEFAULTS["circle"]["m"])   # type: ignore[arg-type]
+        pairs_png = plot_pairs({report.title: pairs}, out / PAIRS_PNG, m=m, margin=m,
+                               title="each query: hardest negative vs hardest positive cosine")
+    files.markdown.write_text(_markdown(report, compare, pairs_png is not None))
+    files.html.write_text(_html(report, compare, thumbs, pairs_png is not None))
+    return ReportFiles(files.json, files.markdown, files.curve, files.html, tuple(thumbs.written), pairs_png)
 
 
 def write_query_page(rows: Sequence[Row], html_file: str | Path, *, thumb_size: int = THUMB_SIZE) -> Path:
@@ -346,12 +358,15 @@ def _report_dict(report: Report, compare: Comparison | None) -> dict:
     return data
 
 
-def _markdown(report: Report, compare: Comparison | None) -> str:
+def _markdown(report: Report, compare: Comparison | None, pairs: bool = False) -> str:
     parts = [f"# {report.title}", ""]
     parts += [f"- {key}: `{value}`" for key, value in report.source.items()]
     table = metrics_table(report.metrics, report.ks, compare=compare, exact=report.exact, name=report.title)
     parts += ["", table, ""]
-    parts += [f"![Recall@K]({CURVE_PNG})", "", f"Sample queries with thumbnails: [{REPORT_HTML}]({REPORT_HTML})", ""]
+    parts += [f"![Recall@K]({CURVE_PNG})", ""]
+    if pairs:
+        parts += [f"![each query's hardest negative vs hardest positive cosine]({_PAIRS})", ""]
+    parts += [f"Sample queries with thumbnails: [{REPORT_HTML}]({REPORT_HTML})", ""]
     if report.classes:
         k = report.classes[0].k
         parts += ["## Worst classes", "", f"| class | queries | recall@1 | recall@{k} |", "|---|---|---|---|"]
@@ -363,11 +378,13 @@ def _markdown(report: Report, compare: Comparison | None) -> str:
     return "\n".join(parts)
 
 
-def _html(report: Report, compare: Comparison | None, thumbs: _Thumbnailer) -> str:
+def _html(report: Report, compare: Comparison | None, thumbs: _Thumbnailer, pairs: bool = False) -> str:
     e = html.escape
     source = "".join(f"<li>{e(k)}: <code>{e(str(v))}</code></li>" for k, v in report.source.items())
     body = [f"<h1>{e(report.title)}</h1>", f"<ul>{source}</ul>", _html_metrics(report, compare)]
     body.append(f'<p><img src="{CURVE_PNG}" alt="Recall@K curve"></p>')
+    if pairs:
+        body.append(f'<p><img src="{_PAIRS}" alt="hardest negative vs hardest positive cosine per query"></p>')
     body.append(f'<p>Also: <a href="{REPORT_MD}">{REPORT_MD}</a> · <a href="{REPORT_JSON}">{REPORT_JSON}</a></p>')
     if report.samples:
         body += ["<h2>Sample queries</h2>", "<p>✓ green: same class as the query; ✗ red: another class.</p>"]

@@ -3,7 +3,9 @@
 Every loss gets its papers' default hyper-parameters (LOSS_DEFAULTS) and otherwise identical settings:
 sampler, epochs, learning rates, schedule, seed. The table shows the pretrained baseline (epoch 0, the same
 for every run) and each loss's *last* epoch, so no loss is favoured by picking its best epoch on the test
-split; the best epoch's MAP@R is listed beside it for reference.
+split; the kept epoch's (chosen on the validation split) test MAP@R is listed beside it for reference.
+`pairs.png` in --out puts each loss's last-epoch picture side by side (retrieval.pairs: each validation
+anchor's hardest negative vs hardest positive cosine, Circle Loss's circle and the triplet line).
 
     python scripts/compare_losses.py --out runs/losses                       # the embedded bird set
     python scripts/compare_losses.py --dataset folder --root ../shared/datasets/caltech101 --out runs/cal
@@ -19,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.finetune import run_finetune  # noqa: E402
-from retrieval.finetune_config import FinetuneConfig, default  # noqa: E402
-from retrieval.losses import LOSSES  # noqa: E402
+from retrieval.finetune import run_finetune
+from retrieval.finetune_config import FinetuneConfig, default
+from retrieval.losses import LOSSES
 
 COLUMNS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
@@ -47,12 +49,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def table(rows: list[tuple[str, dict, float | None]]) -> str:
     """Markdown table: one row per (name, metrics, best MAP@R)."""
-    header = ["run", *COLUMNS, "best-epoch map@r"]
+    header = ["run", *COLUMNS, "kept-epoch map@r"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for name, metrics, best in rows:
         cells = [f"{metrics[c]:.4f}" for c in COLUMNS] + ["" if best is None else f"{best:.4f}"]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines)
+
+
+def plot_side_by_side(out: Path, losses: list[str]) -> Path:
+    """pairs.png: each loss's last epoch, one panel per loss, with Circle Loss's default m for every panel."""
+    import numpy as np
+
+    from retrieval.losses import LOSS_DEFAULTS
+    from retrieval.pairs import PAIRS_JSON, PAIRS_PNG, plot_pairs
+
+    panels = {}
+    for loss in losses:
+        data = json.loads((out / loss / PAIRS_JSON).read_text())
+        last = max(data["epochs"], key=int)
+        panels[f"{loss} (epoch {last})"] = (np.asarray(data["epochs"][last]["s_n"]),
+                                            np.asarray(data["epochs"][last]["s_p"]))
+    m = float(LOSS_DEFAULTS["circle"]["m"])
+    return plot_pairs(panels, out / PAIRS_PNG, m=m, margin=m, title=f"{data['split']} anchors after training")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(rows)
     print(text)
     (args.out / "compare_losses.md").write_text(text + "\n")
+    plot_side_by_side(args.out, list(results))
     return 0
 
 

@@ -123,6 +123,35 @@ def test_projection_head_keeps_the_pretrained_geometry(lite0):
     assert (fitted - trunk).abs().max() < 1e-4 < (projected - trunk).abs().max()
 
 
+def test_pca_head_ranks_unseen_images_as_the_trunk_does_on_a_low_rank_toy_problem(tiny_model_name):
+    """Trunk features confined to a 6-d subspace of the 32-d tower output: a PCA head of 8 units fitted on
+    some images keeps every cosine, so other images rank their neighbours exactly as the trunk features do;
+    the fixed hashed projection does not."""
+    encoder = load_encoder(f"{tiny_model_name}:none", embed_dim=8)
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.nn.Linear(32, 32, bias=False)
+    with torch.no_grad():
+        low_rank.weight.copy_(torch.randn(32, 6, generator=generator) @ torch.randn(6, 32, generator=generator))
+    encoder.visual = torch.nn.Sequential(encoder.visual, low_rank)
+    fit_images, images = torch.randn(20, 3, 32, 32, generator=generator), torch.randn(12, 3, 32, 32, generator=generator)
+
+    def rankings(embed):
+        with torch.no_grad():
+            x = F.normalize(embed(images), dim=1)
+        cosines = (x @ x.T).fill_diagonal_(-2)
+        return cosines, cosines.argsort(dim=1, descending=True)
+
+    trunk_cosines, trunk_order = rankings(encoder.tower_features)
+    fixed_cosines, fixed_order = rankings(encoder)
+    with torch.no_grad():
+        kept = encoder.init_head_from_features(encoder.tower_features(fit_images))
+    pca_cosines, pca_order = rankings(encoder)
+    assert kept == pytest.approx(1.0, abs=1e-5)                       # rank 6 < 8 units: all the energy
+    torch.testing.assert_close(pca_cosines, trunk_cosines, atol=1e-5, rtol=0)
+    assert torch.equal(pca_order[:, :-1], trunk_order[:, :-1])         # the last column is the query itself
+    assert not torch.equal(fixed_order, trunk_order)
+
+
 @pytest.mark.parametrize("embed_dim", [32, 80])
 def test_head_as_wide_as_the_tower_keeps_cosines_exactly(tiny_model_name, embed_dim):
     encoder = load_encoder(f"{tiny_model_name}:none", embed_dim=embed_dim)   # the tiny tower outputs 32-d

@@ -18,11 +18,11 @@ import torch
 
 from retrieval.data import load_records, split_records
 from retrieval.data.generate import GenerateConfig, make_dataset
+from retrieval.data.records import carve_validation
+from retrieval.embed import embed_records, evaluate_records
 from retrieval.encoder import load_encoder, save_encoder
 from retrieval.errors import RetrievalError
-from retrieval.embed import evaluate_records
 from retrieval.finetune import (
-    CHECKPOINT,
     TrainingInterrupted,
     is_better,
     lr_factor,
@@ -30,6 +30,7 @@ from retrieval.finetune import (
     run_finetune,
 )
 from retrieval.finetune_config import FinetuneConfig
+from retrieval.run_dir import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ("model.safetensors", "encoder.json", "fingerprint", "metrics.json", "train.log", "curves.png", CHECKPOINT)
@@ -124,12 +125,12 @@ def test_short_finetune_lowers_the_loss_and_writes_every_artefact(data, tiny_dir
     # The saved weights are the best epoch's: reload them and recompute its metrics on the test split.
     metrics = json.loads((out / "metrics.json").read_text())
     best = metrics["best_epoch"]
-    assert summary["best_epoch"] == best and best >= 1
+    assert summary.best_epoch == best and best >= 1
     keeps_recall = [row for row in history[1:] if row["recall@1"] >= history[0]["recall@1"]]
     assert history[best]["map@r"] == max(row["map@r"] for row in keeps_recall or history[1:])
     assert ("warning: no epoch kept the pretrained Recall@1" in log) == (not keeps_recall)
     encoder = load_encoder(str(out))
-    assert encoder.fingerprint() == (out / "fingerprint").read_text().strip() == summary["fingerprint"]
+    assert encoder.fingerprint() == (out / "fingerprint").read_text().strip() == summary.fingerprint
     test = split_records(load_records("cub", data), "test")
     again = evaluate_records(encoder, test, batch_size=7).metrics
     assert again["recall@1"] == pytest.approx(history[best]["recall@1"])
@@ -179,8 +180,9 @@ def test_keyboard_interrupt_mid_epoch_saves_a_checkpoint_that_resumes(data, tiny
     out = tmp_path / "run"
     original = ImageDataset.__getitem__
     calls = {"n": 0}
-    # Epoch 0 evaluates 24 test images; epoch 1 trains 24 and evaluates 24; stop inside epoch 2's 2nd batch.
-    stop_at = 24 + 48 + 12 + 5
+    # The PCA head reads the 24 train images; epoch 0 evaluates 24 test images; epoch 1 trains 24 and evaluates
+    # 24; stop inside epoch 2's 2nd batch.
+    stop_at = 24 + 24 + 48 + 12 + 5
 
     def interrupting(self, index):
         calls["n"] += 1
@@ -234,7 +236,7 @@ def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_p
     # The same settings as the CLI call (its defaults are FinetuneConfig's), one more epoch.
     cfg = FinetuneConfig(out=out, dataset="cub", root=data, model=str(tiny_dir), p=3, k=4, workers=0, device="cpu",
                          epochs=done + 1, resume=True)
-    assert run_finetune(cfg, progress=False)["epochs"] == done + 1
+    assert run_finetune(cfg, progress=False).epochs == done + 1
     assert [row["epoch"] for row in _history(out)] == list(range(done + 2))
 
 
@@ -296,3 +298,65 @@ def test_kept_epoch_is_the_best_map_at_r_among_epochs_that_keep_the_baseline_rec
     history = [baseline, *epochs]
     assert "kept epoch 1 (Recall@1 0.9413" in recall_lost_warning(history, 1)
     assert recall_lost_warning(history, 2) is None and recall_lost_warning(history, None) is None
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run) of a run with the defaults (P 16, K 4, validation 0.2, PCA head) on a set too small for
+    them: 8 classes x 3 images -> 4 train classes, of which 2 go to validation; 2 epochs, 32 px tiny CNN."""
+    data = Path(make_dataset(GenerateConfig(out_dir=tmp_path_factory.mktemp("small"), classes=8, per_class=3,
+                                            size=48)).root)
+    out = tmp_path_factory.mktemp("small-run") / "run"
+    run_finetune(FinetuneConfig(out=out, dataset="cub", root=data, model=str(tiny_dir), epochs=2, workers=0,
+                                device="cpu"), progress=False)
+    return data, out
+
+
+def test_a_small_data_set_trains_with_the_defaults(small_run):
+    _, out = small_run
+    log = (out / "train.log").read_text()
+    assert "P lowered from 16 to 2: the train split has 2 classes with 2+ images; 2 of them have fewer than K=4 " \
+           "images and are sampled with replacement" in log
+    assert log.count("P lowered") == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected_on"] == "validation" and "the validation split (2 train classes held out" in log
+    history = metrics["epochs"]
+    assert [row["epoch"] for row in history] == [0, 1, 2] and all(row["images_per_s"] for row in history[1:])
+    # the kept epoch is chosen on validation figures alone (the same rule as before, applied to them)
+    val = [row["val"] for row in history]
+    keeps = [e for e in (1, 2) if val[e]["recall@1"] >= val[0]["recall@1"]] or [1, 2]
+    assert metrics["best_epoch"] == max(keeps, key=lambda e: (val[e]["map@r"], val[e]["recall@1"], -e))
+    assert val[0]["n_queries"] == 6 and history[0]["n_queries"] == 12       # 2 validation / 4 test classes x 3
+
+
+def test_pairs_plot_is_written_and_its_points_are_the_recomputed_hardest_similarities(small_run, tiny_dir):
+    data, out = small_run
+    with open(out / "pairs.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert pairs["split"] == "validation" and set(pairs["epochs"]) == {"0", "1", "2"}
+    assert pairs["m"] == 0.4                                                # circle's default m
+    # Recompute epoch 2 from the last state: the validation classes carved again, embedded, every pair looped.
+    _, val = carve_validation(split_records(load_records("cub", data), "train"), 0.2, seed=0)
+    encoder = load_encoder(str(tiny_dir))
+    encoder.load_state_dict(torch.load(out / CHECKPOINT, weights_only=True)["encoder"])
+    embeddings, labels = embed_records(encoder, val, batch_size=5)
+    expected_n, expected_p = [], []
+    for i in range(len(val)):
+        sims = [float(np.dot(embeddings[i], embeddings[j])) for j in range(len(val)) if j != i]
+        same = [labels[j] == labels[i] for j in range(len(val)) if j != i]
+        expected_p.append(min(s for s, hit in zip(sims, same, strict=True) if hit))
+        expected_n.append(max(s for s, hit in zip(sims, same, strict=True) if not hit))
+    np.testing.assert_allclose(pairs["epochs"]["2"]["s_p"], expected_p, atol=2e-5)
+    np.testing.assert_allclose(pairs["epochs"]["2"]["s_n"], expected_n, atol=2e-5)
+
+
+def test_validation_stops_early_after_patience_epochs_without_a_better_one(tiny_dir, tmp_path):
+    """Zero learning rates: every epoch equals the first, so with patience 1 epoch 2 is the last trained."""
+    data = Path(make_dataset(GenerateConfig(out_dir=tmp_path / "d", classes=12, per_class=4, size=48)).root)
+    out = tmp_path / "run"
+    result = run_finetune(_config(data, tiny_dir, out, epochs=5, val_fraction=0.4, patience=1, lr_backbone=0.0,
+                                  lr_head=0.0), progress=False)
+    assert result is not None and result.epochs == 2 and result.best_epoch == 1 and result.selected_on == "validation"
+    assert "early stop: no better validation epoch in the 1 epoch(s) after epoch 1" in (out / "train.log").read_text()
+    assert result.validation is not None and result.validation["best"] == result.validation["baseline"]

@@ -261,6 +261,11 @@ def test_eval_dataset_shares_finetunes_numbers_and_writes_a_compared_report(tiny
     assert saved["compare"]["metrics"]["recall@1"] == 0.125
     assert len(saved["samples"]) == 8  # every test image (2 classes x 4) is a sample at this size
     assert f"{got['recall@1'] - 0.125:+.4f}" in (report / "report.md").read_text()
+    # pairs.png is drawn and shown in both pages
+    with open(report / "pairs.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "(pairs.png)" in (report / "report.md").read_text()
+    assert '<img src="pairs.png"' in (report / "report.html").read_text()
 
 
 def test_eval_needs_exactly_one_mode(indexed, tmp_path):

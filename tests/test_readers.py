@@ -16,7 +16,7 @@ from retrieval.data.cars import read_cars
 from retrieval.data.cub import read_cub
 from retrieval.data.dataset import ImageDataset
 from retrieval.data.folder import read_folder
-from retrieval.data.records import Record, train_class_count
+from retrieval.data.records import Record, carve_validation, train_class_count
 from retrieval.data.sop import read_sop
 from retrieval.errors import DataError, RetrievalError
 
@@ -350,3 +350,23 @@ def test_load_and_split_records(tmp_path):
         load_records("cars", roots["cars"], crop=True)
     with pytest.raises(RetrievalError, match="unknown split"):
         split_records([], "val")
+
+
+def test_validation_split_is_class_disjoint_from_train_and_test_and_deterministic(tmp_path):
+    records = [Record(Path(f"/d/{c}/{i}.jpg"), c, f"class{c}", "train" if c < 20 else "test")
+               for c in range(40) for i in range(3)]
+    train, test = split_records(records, "train"), split_records(records, "test")
+    kept, val = carve_validation(train, 0.2, seed=0)
+    classes = lambda rs: {r.label for r in rs}  # noqa: E731
+    assert len(classes(val)) == 4 and len(classes(kept)) == 16            # round(0.2 * 20) whole classes
+    assert not classes(val) & classes(kept) and not classes(val) & classes(test)
+    assert sorted(kept + val, key=lambda r: str(r.path)) == sorted(train, key=lambda r: str(r.path))
+    # the same classes whatever the order of the records, and again on a second call; another seed differs
+    again_kept, again_val = carve_validation(list(reversed(train)), 0.2, seed=0)
+    assert classes(again_val) == classes(val) and classes(again_kept) == classes(kept)
+    assert {classes(carve_validation(train, 0.2, seed=s)[1]) != classes(val) for s in range(1, 4)} == {True}
+    # too few classes to leave 2 on each side, or a fraction of 0: nothing is held out
+    assert carve_validation(train, 0.0)[1] == [] and carve_validation(train[:9], 0.2)[1] == []   # 3 classes
+    assert len(classes(carve_validation(train[:12], 0.2)[1])) == 2                               # at least 2
+    with pytest.raises(ValueError, match="validation fraction"):
+        carve_validation(train, 1.0)

@@ -50,3 +50,25 @@ def split_by_class_halves(
         Record(path, label_of[key], class_names[key], "train" if label_of[key] < n_train else "test", bbox)
         for path, key, bbox in entries
     ]
+
+
+def carve_validation(train: Sequence[Record], fraction: float, *, seed: int = 0) -> tuple[list[Record], list[Record]]:
+    """(train, validation): round(fraction * n) of the train classes, at least 2, moved whole to validation.
+
+    The classes are a seeded permutation of the sorted labels, so the split depends only on (classes, fraction,
+    seed), never on file order. Validation is class-disjoint from train (and, being carved from train, from
+    test), so choosing an epoch on it says how the model does on unseen classes without looking at the test
+    split. Returns no validation records when `fraction` is 0 or fewer than 2 classes would be left on either
+    side.
+    """
+    import numpy as np
+
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must lie in [0, 1), got {fraction}")
+    classes = sorted({r.label for r in train})
+    n_val = max(2, round(fraction * len(classes))) if fraction > 0 else 0
+    if n_val == 0 or len(classes) - n_val < 2:
+        return list(train), []
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(classes))
+    val_classes = {classes[i] for i in order[:n_val]}
+    return [r for r in train if r.label not in val_classes], [r for r in train if r.label in val_classes]

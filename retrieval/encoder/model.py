@@ -59,18 +59,21 @@ class Encoder(nn.Module):
         return train_transform(self.config)
 
     @torch.no_grad()
-    def init_head_from_features(self, features: torch.Tensor) -> None:
-        """Set the head to the top `embed_dim` (uncentred) principal directions of these tower features.
+    def init_head_from_features(self, features: torch.Tensor) -> float:
+        """Set the head to the top `embed_dim` (uncentred) principal directions of these tower features;
+        return the share of their (L2-normalised) energy the head keeps.
 
         Of all projections to `embed_dim` with orthonormal rows this one keeps the inner products of the
         given features best (Eckart-Young); rows beyond their rank complete an orthonormal basis. A head
         at least as wide as the tower is already an exact isometry and is left alone.
         """
         if self.embed_dim >= self.config.feature_dim:
-            return
+            return 1.0
         unit = F.normalize(features.detach().float().cpu(), dim=-1)
-        _, _, vh = torch.linalg.svd(unit, full_matrices=True)
+        _, singular, vh = torch.linalg.svd(unit, full_matrices=True)
         self.head.weight.copy_(vh[: self.embed_dim].to(self.head.weight))
+        energy = singular.square()
+        return float(energy[: self.embed_dim].sum() / energy.sum())
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.visual.parameters()
