@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -164,6 +165,8 @@ def _dataset(ray: Any, root: Path, todo: list[FileEntry], encoder: Encoder, embe
         _EncodeActor, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
         num_gpus=plan.gpus_per_actor, num_cpus=1,
+        # the local path's OpenMP policy (pipeline.prefer_passive_openmp): idle threads sleep, beside decode tasks
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
         fn_constructor_kwargs={"encoder": encoder, "precision": precision, "threads": plan.threads_per_actor})
 
 
