@@ -202,6 +202,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1, "steps per epoch must be at least 1"),
         (min(cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.warmup_epochs) >= 0, "rates must not be negative"),
         (0 <= cfg.freeze_backbone_epochs, "freeze-backbone epochs must not be negative"),
+        (cfg.unlocked_groups is None or cfg.unlocked_groups >= 0, "unlocked groups must not be negative"),
         ((cfg.workers or 0) >= 0 and cfg.eval_batch_size >= 1, "workers must be >= 0 and the eval batch size >= 1"),
     ]
     for ok, message in checks:
@@ -298,6 +299,7 @@ class Trainer:
         self.label_map[classes] = torch.arange(len(classes))
         torch.manual_seed(cfg.seed)   # same initial head and proxies on every rank
         self.encoder = self._encoder()
+        self.trunk_params = [p for p in self.encoder.backbone_parameters() if p.requires_grad]   # not locked
         self.loss = make_loss(cfg.loss, num_classes=len(classes), dim=self.encoder.embed_dim,
                               **dict(cfg.loss_params)).to(ctx.device)
         self.step_module = TrainStep(self.encoder, self.loss)
@@ -333,6 +335,8 @@ class Trainer:
 
     def _encoder(self) -> Encoder:
         encoder = load_encoder(self.cfg.model, embed_dim=self.cfg.embed_dim, device=self.ctx.device)
+        if self.cfg.unlocked_groups is not None:
+            encoder.lock_tower(self.cfg.unlocked_groups)
         if self.cfg.image_size is not None and self.cfg.image_size != encoder.image_size:
             # The config is the encoder's preprocessing contract: a new input size is a new config, saved as such.
             encoder.config = dataclasses.replace(encoder.config, image_size=self.cfg.image_size)
@@ -341,7 +345,7 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
         groups = [
-            {"params": list(self.encoder.backbone_parameters()), "lr": cfg.lr_backbone, "name": "backbone"},
+            {"params": self.trunk_params, "lr": cfg.lr_backbone, "name": "backbone"},
             {"params": list(self.encoder.head_parameters()), "lr": cfg.lr_head, "name": "head"},
         ]
         proxies = list(self.loss.parameters())
@@ -364,7 +368,8 @@ class Trainer:
                 "k": cfg.k, "steps_per_epoch": cfg.steps_per_epoch, "image_size": self.encoder.image_size,
                 "seed": cfg.seed, "world_size": self.ctx.world_size, "lr_backbone": cfg.lr_backbone,
                 "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
-                "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init}
+                "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init,
+                "unlocked_groups": cfg.unlocked_groups}
 
     def _run_config(self) -> dict:
         """The full configuration as plain JSON values (written to metrics.json and the checkpoint)."""
@@ -408,7 +413,7 @@ class Trainer:
     def _set_backbone_trainable(self, trainable: bool) -> nn.Module:
         """Freeze or unfreeze the trunk; under DDP re-wrap, since DDP fixes its parameter set when built."""
         if trainable != self.backbone_trainable:
-            for param in self.encoder.backbone_parameters():
+            for param in self.trunk_params:
                 param.requires_grad_(trainable)
             self.backbone_trainable = trainable
             self.wrapped = self.step_module

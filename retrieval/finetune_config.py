@@ -38,6 +38,7 @@ class FinetuneConfig:
     schedule: str = "cosine"
     freeze_backbone_epochs: int = 0        # for random heads; ours keeps the trunk's geometry
     freeze_bn: bool = True                 # keep BatchNorm running statistics (eval mode) while training
+    unlocked_groups: int | None = None     # train only the tower's last N layer groups (open_clip's lock); None: all
     image_size: int | None = None          # None: the encoder's own input size
     workers: int | None = None             # None: 0 on a 2-core CPU, CPUs / 4 on a CPU, CPUs (max 8) with CUDA
     seed: int = 0

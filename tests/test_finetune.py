@@ -154,6 +154,19 @@ def test_frozen_backbone_epochs_train_only_the_head_and_train_bn_updates_statist
     assert True in _changed(before, after, part="running_mean")     # --train-bn: batch statistics flow in
 
 
+def test_unlocked_groups_train_only_the_towers_last_groups(data, tiny_dir, tmp_path):
+    """test_efficientnet's groups: stem, blocks.0 ... blocks.4 (+ conv_head): 2 unlocked = blocks.3 and on."""
+    out = tmp_path / "run"
+    run_finetune(_config(data, tiny_dir, out, epochs=1, unlocked_groups=2), progress=False)
+    before, after = _weights(tiny_dir), _weights(out)
+    for frozen in ("conv_stem", "blocks.0.", "blocks.1.", "blocks.2."):
+        assert _changed(before, after, part=frozen) == {False}, frozen
+    for trained in ("blocks.3.0.conv_pw", "blocks.4.0.conv_pw", "conv_head", "head."):
+        assert _changed(before, after, part=trained) == {True}, trained
+    with pytest.raises(RetrievalError, match="unlocked groups"):
+        run_finetune(_config(data, tiny_dir, tmp_path / "bad", unlocked_groups=-1), progress=False)
+
+
 def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(data, tiny_dir, tmp_path):
     straight = tmp_path / "straight"
     run_finetune(_config(data, tiny_dir, straight, epochs=3), progress=False)
