@@ -476,8 +476,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
                  epochs: int, steps_per_epoch: int | None, lr_backbone: float, lr_head: float,
                  lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
                  freeze_backbone_epochs: int, freeze_bn: bool, unlocked_groups: int | None, image_size: int | None,
-                 workers: int | None, seed: int, resume: bool, device: str, amp: bool, eval_batch_size: int, progress: bool | None,
-                 as_json: bool) -> None:
+                 workers: int | None, seed: int, resume: bool, device: str, amp: bool, eval_batch_size: int,
+                 progress: bool | None, as_json: bool) -> None:
     """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and
     MAP@R on the unseen test classes before training (the pretrained baseline) and after every epoch.
 
@@ -497,7 +497,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
         p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, unlocked_groups=unlocked_groups,
-        image_size=image_size, workers=workers, seed=seed, resume=resume, device=device, amp=amp, eval_batch_size=eval_batch_size)
+        image_size=image_size, workers=workers, seed=seed, resume=resume, device=device, amp=amp,
+        eval_batch_size=eval_batch_size)
     result = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if result is None:   # a torchrun rank other than 0
         return
