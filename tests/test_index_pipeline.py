@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 import cli
 from indexer import ann
-from indexer.pipeline import IndexConfig, run_index
 from indexer.layout import NewItem
+from indexer.pipeline import IndexConfig, run_index
 from indexer.search import SearchIndex
 from indexer.store import Store
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
@@ -311,3 +311,27 @@ def test_unknown_ann_kind_fails_before_any_encoding(tmp_path, tiny_run_dir):
     with pytest.raises(IndexStoreError, match="not an index faiss can build"):
         run_index(_cfg(folder, db, tiny_run_dir, ann="flatt"))
     assert db_state(db) == {}
+
+
+def test_removals_and_scan_failures_commit_in_bounded_transactions(tmp_path, tiny_run_dir, monkeypatch):
+    """More removals (and scan failures) than one transaction takes: several transactions, the same DB as a
+    fresh index of the folder."""
+    from indexer import pipeline
+
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=3, per_class=6)
+    run_index(_cfg(folder, db, tiny_run_dir))
+    for rel in rels[:7]:
+        (folder / rel).unlink()
+    for i in range(5):
+        os.symlink(tmp_path / f"missing{i}.jpg", folder / f"class1/broken{i}.jpg")
+    monkeypatch.setattr(pipeline, "REMOVE_BATCH", 3)
+    removals, failure_batches = [], []
+    real_remove, real_commit = Store.remove_paths, Store.commit_batch
+    monkeypatch.setattr(Store, "remove_paths", lambda self, keys: removals.append(len(keys)) or real_remove(self, keys))
+    monkeypatch.setattr(Store, "commit_batch", lambda self, items, failures: (
+        failure_batches.append(len(failures)) if not items else None) or real_commit(self, items, failures))
+    done = run_index(_cfg(folder, db, tiny_run_dir))
+    assert removals == [3, 3, 1] and failure_batches == [3, 2]
+    assert (done.removed, done.total, done.new_failures, done.files) == (7, 11, 5, 16)
+    assert_same_state(db_state(db), _fresh_state(folder, tmp_path, tiny_run_dir))
