@@ -140,7 +140,8 @@ def _merge(plan: Plan, scan: Iterable[Scanned], db: Iterator[Stored], limits: st
             continue
         key = path_key(entry.relpath)
         if key <= last:
-            raise IndexStoreError(f"the scan is not in key order ({key!r} after {last!r}); nothing was changed")
+            raise IndexStoreError(f"the scan is not in LMDB key order ({key[:80]!r} after {last[:80]!r}): a bug in "
+                                  "the walk; nothing was removed")
         last = key
         plan.files += 1
         while held is not None and held[0] < key:
