@@ -126,7 +126,7 @@ def test_plan_retries_transient_failures_even_when_unchanged():
 
 
 def test_plan_refuses_a_scan_out_of_key_order():
-    with pytest.raises(IndexStoreError, match="not in key order"):
+    with pytest.raises(IndexStoreError, match="not in LMDB key order"):
         make_plan([_entry("b.jpg"), _entry("a.jpg")], [(b"a.jpg", PathState(0, 1, 1))], [])
 
 
