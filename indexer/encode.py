@@ -14,6 +14,7 @@ import copy
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import math
 import multiprocessing
@@ -23,7 +24,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -82,6 +83,8 @@ class _Files(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, entries: Sequence[FileEntry], transform: Callable, draft_size: int,
                  max_pixels: int, max_file_bytes: int = DEFAULT_MAX_FILE_MB << 20):
+        """`entries` are what an int index reads; encode_files passes none and hands out (number, relpath)
+        keys one batch at a time, so that no worker holds a copy of every file to encode."""
         self.root = root
         self.relpaths = [e.relpath for e in entries]
         self.transform = transform
@@ -93,16 +96,16 @@ class _Files(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.relpaths)
 
-    def __getitem__(self, i: int) -> _Loaded:
+    def __getitem__(self, key: int | tuple[int, str]) -> _Loaded:
+        i, rel = (key, self.relpaths[key]) if isinstance(key, int) else key
         try:
-            return self._load(i)
+            return self._load(i, rel)
         except MemoryError:
             return _Loaded(i, error="out of memory while decoding", transient=True)
         except Exception as exc:  # noqa: BLE001 - the per-file guard: any failure is this file's failure
             return _Loaded(i, error=f"cannot preprocess: {type(exc).__name__}: {exc}")
 
-    def _load(self, i: int) -> _Loaded:
-        rel = self.relpaths[i]
+    def _load(self, i: int, rel: str) -> _Loaded:
         try:
             data, st = read_file(self.root / rel, self.max_file_bytes)
         except OSError as exc:
@@ -257,12 +260,15 @@ class Embedder:
         return out.float().cpu().numpy()
 
 
-def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embedder, *, batch_size: int,
+def encode_files(store: Store, root: Path, todo: Iterable[FileEntry], embedder: Embedder, *, batch_size: int,
                  workers: int, max_pixels: int, checkpoint: Callable[[], object], checkpoint_seconds: float,
-                 progress: bool, max_file_bytes: int = DEFAULT_MAX_FILE_MB << 20) -> EncodeCounts:
-    """Read, decode, encode and commit every file of `todo`; `checkpoint()` runs every checkpoint_seconds
-    with everything so far committed.
+                 progress: bool, max_file_bytes: int = DEFAULT_MAX_FILE_MB << 20,
+                 total: int | None = None) -> EncodeCounts:
+    """Read, decode, encode and commit every file of `todo` (`total` of them, for the progress bar);
+    `checkpoint()` runs every checkpoint_seconds with everything so far committed.
 
+    `todo` is consumed as the decoders need it: this process holds only the files handed out and not yet
+    committed (a few batches per worker), and the workers receive them one batch at a time.
     When a decode worker dies (a decoder crash, the OOM killer), the files that were in flight are decoded
     again one by one in fresh worker processes: a file that kills its worker again is recorded as
     "decoder crashed" (not retried while unchanged), the others are indexed, and the run goes on. Only
@@ -272,7 +278,8 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
     from tqdm import tqdm
 
     counts = EncodeCounts()
-    dataset = _Files(root, todo, embedder.transform, embedder.draft_size, max_pixels, max_file_bytes)
+    dataset = _Files(root, (), embedder.transform, embedder.draft_size, max_pixels, max_file_bytes)
+    handout = _Handout(todo, batch_size)
     bar: tqdm | None = None  # created after the first fork (tqdm may start a monitor thread)
     writer: _Writer | None = None
     last_checkpoint = time.monotonic()
@@ -280,7 +287,8 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
     def take(loaded: list[_Loaded], stacked: torch.Tensor | None) -> None:
         nonlocal last_checkpoint
         assert writer is not None and bar is not None
-        writer.put(*_embed_batch(store, todo, loaded, stacked, embedder, counts, dataset.limits))
+        writer.put(*_embed_batch(store, handout.in_flight, loaded, stacked, embedder, counts, dataset.limits))
+        handout.done(loaded)
         bar.set_postfix(encoded=counts.encoded, reused=counts.reused, failed=len(counts.failures), refresh=False)
         bar.update(len(loaded))
         if time.monotonic() - last_checkpoint > checkpoint_seconds:
@@ -288,23 +296,20 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
             checkpoint()
             last_checkpoint = time.monotonic()
 
-    start = 0  # todo[:start] is handed to the writer
     try:
-        while start < len(todo):
+        while not handout.exhausted:
             loader = torch.utils.data.DataLoader(
-                torch.utils.data.Subset(dataset, range(start, len(todo))), batch_size=batch_size,
-                num_workers=workers, collate_fn=_collate, prefetch_factor=_PREFETCH if workers else None,
-                pin_memory=embedder.device.type == "cuda",
+                dataset, batch_sampler=handout, num_workers=workers, collate_fn=_collate,
+                prefetch_factor=_PREFETCH if workers else None, pin_memory=embedder.device.type == "cuda",
                 worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
             if writer is not None:
                 writer.flush()  # fork while the writer thread is idle (it holds no lock then)
             batches = iter(loader)  # workers fork here (the first time, before the writer thread exists)
             writer = writer or _Writer(store)
-            bar = bar or tqdm(total=len(todo), unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
+            bar = bar or tqdm(total=total, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
             try:
                 for loaded, stacked in batches:
                     take(loaded, stacked)
-                    start += len(loaded)
             except (RuntimeError, OSError, EOFError) as exc:
                 dead = _dead_workers(getattr(batches, "_workers", []))
                 if not dead:
@@ -312,11 +317,10 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
                 _shutdown(batches)
                 log.warning("a decode worker died (%s); decoding the files in flight one by one",
                             ", ".join(f"pid {w.pid} exit code {w.exitcode}" for w in dead))
-                suspects = range(start, min(len(todo), start + batch_size * workers * (_PREFETCH + 1)))
                 writer.flush()  # fork while the writer thread is idle
+                suspects = [(i, entry.relpath) for i, entry in sorted(handout.in_flight.items())]
                 for loaded, stacked in _isolated_batches(dataset, suspects, batch_size, counts, exc):
                     take(loaded, stacked)
-                start = suspects.stop
     finally:
         if bar is not None:
             bar.close()
@@ -325,15 +329,42 @@ def encode_files(store: Store, root: Path, todo: list[FileEntry], embedder: Embe
     return counts
 
 
+class _Handout:
+    """The DataLoader's batch sampler: numbers the files of `todo` and hands them out `batch_size` at a time
+    as (number, relpath) keys, taken from `todo` only when the loader asks for the next batch; `in_flight`
+    holds the files handed out and not yet committed (what a dead worker's files are recovered from)."""
+
+    def __init__(self, todo: Iterable[FileEntry], batch_size: int):
+        self._todo = enumerate(todo)
+        self._batch_size = batch_size
+        self.in_flight: dict[int, FileEntry] = {}
+        self.exhausted = False
+
+    def __iter__(self) -> Iterator[list[tuple[int, str]]]:
+        """Batches of keys until `todo` runs out (a new loader after a crash goes on where this one stopped)."""
+        while True:
+            batch = list(itertools.islice(self._todo, self._batch_size))
+            if not batch:
+                self.exhausted = True
+                return
+            self.in_flight.update(batch)
+            yield [(i, entry.relpath) for i, entry in batch]
+
+    def done(self, loaded: list[_Loaded]) -> None:
+        for x in loaded:
+            del self.in_flight[x.index]
+
+
 _PREFETCH = 2  # batches each decode worker prepares ahead
 _MAX_CRASHES_IN_A_ROW = 3  # more files than this crashing their worker in a row: the machine, not the files
 
 
-def _isolated_batches(dataset: _Files, indices: range, batch_size: int, counts: EncodeCounts,
+def _isolated_batches(dataset: _Files, keys: list[tuple[int, str]], batch_size: int, counts: EncodeCounts,
                       cause: BaseException) -> Iterator[tuple[list[_Loaded], torch.Tensor | None]]:
-    """Decode `indices` in fresh worker processes, one file after another, and yield them in batches; a file
-    whose worker dies while decoding it comes back as a CRASHED failure."""
-    pending = list(indices)
+    """Decode the files of `keys` ((number, relpath), see _Handout) in fresh worker processes, one after
+    another, and yield them in batches; a file whose worker dies while decoding it comes back as a CRASHED
+    failure."""
+    pending = list(keys)
     batch: list[_Loaded] = []
     in_a_row = 0
     while pending:
@@ -350,41 +381,42 @@ def _isolated_batches(dataset: _Files, indices: range, batch_size: int, counts: 
                     "are kept: run the same command again to continue (if they are killed for memory: fewer "
                     "--workers or a smaller --batch-size)") from cause
             log.warning("%s: %s (%s); recorded, not retried until the file changes",
-                        dataset.relpaths[pending[0]], CRASHED, died)
-            batch.append(_Loaded(pending.pop(0), error=f"{CRASHED} ({died})"))
+                        pending[0][1], CRASHED, died)
+            batch.append(_Loaded(pending.pop(0)[0], error=f"{CRASHED} ({died})"))
         while len(batch) >= batch_size or (batch and not pending):
             yield _collate(batch[:batch_size])
             batch = batch[batch_size:]
 
 
-def _decode_in_fresh_worker(dataset: _Files, indices: list[int]) -> tuple[list[_Loaded], str | None]:
-    """Decode `indices` in order in one new process until done or it dies: (what it sent, how it died or None).
+def _decode_in_fresh_worker(dataset: _Files, keys: list[tuple[int, str]]) -> tuple[list[_Loaded], str | None]:
+    """Decode the files of `keys` in order in one new process until done or it dies: (what it sent, how it
+    died or None).
 
     Results travel through a pipe in order, so everything before the file it died on has arrived."""
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_decode_worker, args=(dataset, indices, send, os.getpid()), daemon=True)
+    proc = ctx.Process(target=_decode_worker, args=(dataset, keys, send, os.getpid()), daemon=True)
     proc.start()
     send.close()
     got: list[_Loaded] = []
     try:
-        while len(got) < len(indices):
+        while len(got) < len(keys):
             got.append(pickle.loads(receive.recv_bytes()))
     except EOFError:
         pass
     finally:
         receive.close()
         proc.join()
-    if len(got) == len(indices):
+    if len(got) == len(keys):
         return got, None
     code = proc.exitcode or 0
     return got, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
 
 
-def _decode_worker(dataset: _Files, indices: list[int], send: Connection, parent: int) -> None:
+def _decode_worker(dataset: _Files, keys: list[tuple[int, str]], send: Connection, parent: int) -> None:
     _die_with_parent(parent)
-    for i in indices:
-        send.send_bytes(pickle.dumps(dataset[i]))
+    for key in keys:
+        send.send_bytes(pickle.dumps(dataset[key]))
     send.close()
 
 
@@ -419,11 +451,12 @@ def _dead_workers(workers: list, wait: float = 2.0) -> list:
             continue
 
 
-def _embed_batch(store: Store, todo: list[FileEntry], loaded: list[_Loaded], stacked: torch.Tensor | None,
-                 embedder: Callable[[torch.Tensor], np.ndarray], counts: EncodeCounts,
+def _embed_batch(store: Store, todo: Sequence[FileEntry] | Mapping[int, FileEntry], loaded: list[_Loaded],
+                 stacked: torch.Tensor | None, embedder: Callable[[torch.Tensor], np.ndarray], counts: EncodeCounts,
                  limits: str) -> tuple[list[NewItem], list[Failure]]:
     """Items for one batch: the embedding reused by content hash where the DB has it, else encoded (the Ray
-    path, indexer.ray_encode, passes embeddings already computed as `stacked` and the identity as `embedder`)."""
+    path, indexer.ray_encode, passes embeddings already computed as `stacked` and the identity as `embedder`).
+    `todo[x.index]` is the file of a loaded `x`: a list on the Ray path, the files in flight on the local one."""
     good = [x for x in loaded if x.error is None]
     failures = [Failure(todo[x.index].relpath, x.error, todo[x.index].size, todo[x.index].mtime_ns,
                         todo[x.index].ctime_ns, x.transient,  # the scan's stat: an unchanged bad file is not retried

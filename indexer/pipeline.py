@@ -1,9 +1,11 @@
 """`index FOLDER`: scan -> plan -> encode (indexer.encode) -> LMDB -> FAISS, incremental and crash-safe.
 
 Order of work in a run, and why:
-1. take the writer lock, scan the folder (stat only) and compare with LMDB (indexer.plan);
+1. take the writer lock, scan the folder (stat only) and merge it with LMDB's sorted keys as it goes
+   (indexer.scan, indexer.plan): memory for one folder's listing, the plan spooled to disk;
 2. new and changed files are encoded and committed batch by batch (one LMDB transaction each);
-3. only then are deleted files removed, so a moved file finds its old embedding by content hash;
+3. only then are deleted files removed (REMOVE_BATCH per transaction), so a moved file finds its old
+   embedding by content hash; the removal guard has counted them all in step 1, before any write;
 4. FAISS is brought level with LMDB (also every `checkpoint_seconds` during step 2).
 A kill at any point leaves LMDB as of its last commit; the next run finds the remaining work by the same
 comparison, and FAISS is checked against LMDB's ids digest before it is trusted.
@@ -28,7 +30,7 @@ from retrieval.errors import DecodeError, IndexStoreError
 from . import ann
 from .layout import EncoderInfo, Failure, Header, limits_key
 from .plan import Plan, make_plan
-from .scan import FileEntry, ScanResult, scan_folder
+from .scan import Unreachable, scan_stream
 from .store import Store
 
 if TYPE_CHECKING:  # torch stays unimported until an encoder is needed
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # torch stays unimported until an encoder is needed
     from .encode import EncodeCounts
 
 _RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)
+REMOVE_BATCH = 4096  # paths removed per LMDB transaction (and scan failures recorded per transaction)
 
 
 def prefer_passive_openmp() -> None:
@@ -127,22 +130,22 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
     folder = Path(cfg.folder).expanduser().resolve()
     with Store.open(cfg.db_dir, readonly=False) as store:
         _require_same_root(store, folder, cfg.root_changed)
-        scan = scan_folder(folder)
-        timings = {"scan_s": time.perf_counter() - started}
         if not cfg.allow_empty:
-            _refuse_to_empty(store, folder, scan)
-        header, encoder, plan = _bind_and_plan(store, cfg, folder, scan)
-        ann.check_kind(cfg.ann, header.encoder.dim)
-        store.put_failures([Failure(f.relpath, f.reason, transient=f.transient) for f in scan.failures])
-        t = time.perf_counter()
-        counts: EncodeCounts | None = None
-        precision: str | None = None
-        min_cosine: float | None = None
-        if plan.todo:
-            assert encoder is not None  # _bind_and_plan loads the encoder whenever there is work
-            counts, precision, min_cosine = _encode(store, cfg, folder, plan.todo, encoder, progress)
-        timings["encode_s"] = time.perf_counter() - t
-        removed = store.remove_paths(plan.removed)
+            _refuse_to_empty(store, folder)
+        header, encoder, plan, timings = _bind_and_plan(store, cfg, folder)
+        with plan:
+            ann.check_kind(cfg.ann, header.encoder.dim)
+            for bad in plan.failures.batches(REMOVE_BATCH):
+                store.put_failures([Failure(f.relpath, f.reason, transient=f.transient) for f in bad])
+            t = time.perf_counter()
+            counts: EncodeCounts | None = None
+            precision: str | None = None
+            min_cosine: float | None = None
+            if plan.todo:
+                assert encoder is not None  # _bind_and_plan loads the encoder whenever there is work
+                counts, precision, min_cosine = _encode(store, cfg, folder, plan, encoder, progress)
+            timings["encode_s"] = time.perf_counter() - t
+            removed = sum(store.remove_paths(keys) for keys in plan.removed.batches(REMOVE_BATCH))
         if header.reembed_pending:
             store.finish_run()
         t = time.perf_counter()
@@ -155,7 +158,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
     summary = IndexSummary(
         indexed=encoded + reused, unchanged=plan.unchanged, removed=removed, failed=len(failures),
         total=total, encoded=encoded, reused=reused,
-        new_failures=failed_now + len(scan.failures), files=len(scan.files) + len(scan.failures),
+        new_failures=failed_now + len(plan.failures), files=plan.files,
         db=Path(cfg.db_dir), folder=folder, model=header.encoder.spec, fingerprint=header.encoder.fingerprint,
         precision=precision, ann=ann_info, lmdb_bytes=lmdb_bytes,
         seconds=round(time.perf_counter() - started, 3),
@@ -163,17 +166,18 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
         timings={k: round(v, 3) for k, v in timings.items()},
         failures=[FailedFile(printable(f.relpath), f.reason, f.transient) for f in failures],
         precision_min_cosine=round(min_cosine, 6) if min_cosine is not None else None,
-        unreachable=[printable(p) for p in scan.unreachable], unreachable_kept=plan.unreachable_kept)
+        unreachable=[printable(p) for p in plan.unreachable], unreachable_kept=plan.unreachable_kept)
     if cfg.strict and failures:
         first = summary.failures[0]
         raise DecodeError(first.path, f"{first.reason} ({len(failures)} file(s) could not be indexed; --strict)")
     return summary
 
 
-def _refuse_to_empty(store: Store, folder: Path, scan: ScanResult) -> None:
+def _refuse_to_empty(store: Store, folder: Path) -> None:
     """A folder with no files at all while the DB holds items is far more often an unmounted drive or a
-    wrong path than a real deletion of everything: stop before removing a single item."""
-    if scan.files or scan.failures:
+    wrong path than a real deletion of everything: stop before removing a single item (or re-embedding).
+    The scan stops at the first image file, or failure, it finds."""
+    if any(not isinstance(entry, Unreachable) for entry in scan_stream(folder)):
         return
     with store.snapshot() as snap:
         held = snap.count()
@@ -206,19 +210,16 @@ def _limit_removals(store: Store, cfg: IndexConfig, plan: Plan) -> None:
         return
     else:
         limit = "more than half of it"
-    folders: dict[str, int] = {}
-    for key in plan.removed[:n]:
-        top = printable(os.fsdecode(key)).split("/")[0] if b"/" in key else "."
-        folders[top] = folders.get(top, 0) + 1
-    where = ", ".join(f"{name}/ ({count})" for name, count in sorted(folders.items(), key=lambda x: -x[1])[:5])
+    where = ", ".join(f"{printable(name)}/ ({count})" for name, count in plan.removed_from.most_common(5))
     raise IndexStoreError(f"this run would remove {n} of the {held} items in {store.db_dir} ({limit}; gone from: "
                           f"{where}); nothing was changed. If those files were deleted on purpose, pass "
                           f"--max-remove {n}; if a drive or share is not mounted, mount it and run again")
 
 
-def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path,
-                   scan: ScanResult) -> tuple[Header, Encoder | None, Plan]:
-    """Bind the DB to the encoder (loading it only if needed) and plan the work: (header, encoder or None, plan).
+def _bind_and_plan(store: Store, cfg: IndexConfig,
+                   folder: Path) -> tuple[Header, Encoder | None, Plan, dict[str, float]]:
+    """Bind the DB to the encoder (loading it only if needed) and plan the work: (header, encoder or None,
+    plan, {"scan_s": seconds of the scan and plan}).
 
     --reembed empties the DB, so it binds before planning; otherwise the plan comes first, and an unchanged
     folder indexed with the same encoder never loads it.
@@ -227,26 +228,36 @@ def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path,
     if header is None or cfg.reembed:
         encoder = _load_encoder(cfg)
         header = store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed)
-        return header, encoder, _plan(store, scan, cfg)
-    plan = _plan(store, scan, cfg)
-    _limit_removals(store, cfg, plan)
-    loaded = _load_encoder(cfg) if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder) else None
-    header = store.begin_run(EncoderInfo.of(loaded) if loaded else header.encoder, str(folder), reembed=False)
-    return header, loaded, plan
+        return (header, encoder, *_plan(store, folder, cfg))
+    plan, timings = _plan(store, folder, cfg)
+    try:
+        _limit_removals(store, cfg, plan)
+        loaded = _load_encoder(cfg) if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder) else None
+        header = store.begin_run(EncoderInfo.of(loaded) if loaded else header.encoder, str(folder), reembed=False)
+    except BaseException:
+        plan.close()
+        raise
+    return header, loaded, plan, timings
 
 
-def _plan(store: Store, scan: ScanResult, cfg: IndexConfig) -> Plan:
+def _plan(store: Store, folder: Path, cfg: IndexConfig) -> tuple[Plan, dict[str, float]]:
+    """Scan `folder` and merge it with the DB's keys in one pass (one read snapshot; nothing is written)."""
+    started = time.perf_counter()
     with store.snapshot() as snap:
-        return make_plan(scan, snap.paths(), snap.failures(), limits_key(cfg.max_pixels, _max_file_bytes(cfg)))
+        plan = make_plan(scan_stream(folder), snap.paths(), snap.failures(),
+                         limits_key(cfg.max_pixels, _max_file_bytes(cfg)), spool_dir=store.db_dir)
+    return plan, {"scan_s": time.perf_counter() - started}
 
 
 def _max_file_bytes(cfg: IndexConfig) -> int:
     return int(cfg.max_file_mb * 2**20)
 
 
-def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry], encoder: Encoder,
+def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: Encoder,
             progress: bool) -> tuple[EncodeCounts, str, float | None]:
-    """Encode and commit `todo` here or on Ray: (counts, the precision encoded at, its min cosine to fp32)."""
+    """Encode and commit plan.todo here or on Ray: (counts, the precision encoded at, its min cosine to fp32).
+    The local path streams the files from the plan's spool; the Ray path takes them as one list (its
+    driver builds the Dataset's blocks from it; the decode tasks receive one block each)."""
     from retrieval.device import resolve_device
 
     def checkpoint() -> None:
@@ -256,7 +267,7 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry],
         from .ray_encode import encode_files_ray
 
         counts, used = encode_files_ray(
-            store, folder, todo, encoder, precision=cfg.precision, batch_size=cfg.batch_size,
+            store, folder, list(plan.todo), encoder, precision=cfg.precision, batch_size=cfg.batch_size,
             max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg), address=cfg.ray_address, actors=None,
             checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
         return counts, used.name, used.min_cosine
@@ -265,7 +276,7 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, todo: list[FileEntry],
     device = resolve_device(cfg.device)
     embedder = Embedder(encoder, device, cfg.precision)
     counts = encode_files(
-        store, folder, todo, embedder, batch_size=cfg.batch_size,
+        store, folder, iter(plan.todo), embedder, batch_size=cfg.batch_size, total=len(plan.todo),
         workers=default_workers(str(device), minimum=1) if cfg.workers is None else cfg.workers,
         max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg),
         checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)

@@ -1,5 +1,14 @@
-"""Index at scale: FAISS built from LMDB in bounded memory, an incremental 1% update, and `index --ray` against
-the local encode path, in one run.
+"""Index at scale: the streamed scan + plan, FAISS built from LMDB in bounded memory, an incremental 1% update,
+and `index --ray` against the local encode path, in one run.
+
+scan   For each of --scan-items (100k, 1M, 10M): an LMDB of N items written through the store API (real paths,
+       records and hashes; 4-d embeddings, since only the plan's memory is measured), then, in a fresh
+       process, the scan + plan of `index` (pipeline._plan: scan.scan_stream merged with the DB's keys) over a
+       synthetic tree of N files in folders of 1,000, injected at the walker boundary (retrieval.data.walk.walk
+       replaced by a generator of the same Found entries, listing one folder at a time with real stat
+       records): 1% of the DB's files gone, 1% changed, 1% new. Reported: wall time and peak anonymous memory
+       beyond the process's start (as below), for the plan and for reading its spools back in batches.
+       For N <= 1M also the whole scan held as a list (scan.scan_folder, as the indexer did before), for scale.
 
 faiss  An LMDB of --items (1M) x 512 synthetic unit vectors (drawn around 1,000 centres, closer to real
        embeddings than uniform noise) is written through the store API, as scripts/bench_query.py does. Each
@@ -18,8 +27,8 @@ ray    --images JPEGs (1024x768) indexed with lite0 by `python cli.py index` on 
        DB; batches of 16 for both), and the encode stage's overall rate (for Ray including its actors'
        start-up, loading the model).
 
-    python scripts/bench_scale.py [--items 1000000] [--images 256] [--rounds 2] [--skip faiss|ray]
-                                  [--work DIR]
+    python scripts/bench_scale.py [--items 1000000] [--images 256] [--rounds 2] [--skip scan|faiss|ray]
+                                  [--scan-items 100000,1000000,10000000] [--work DIR]
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +101,101 @@ def _rss_anon() -> int:
     return 0
 
 
+FILES_PER_FOLDER = 1000
+SCAN_DIM = 4
+
+
+def _scan_rel(j: int, new: bool = False) -> str:
+    return f"d{j // FILES_PER_FOLDER:05d}/img{j:08d}{'n' if new else ''}.jpg"
+
+
+def write_scan_db(db: Path, n: int, batch: int = 20_000) -> None:
+    """Commit n items with the synthetic tree's paths (all with size 50,000 and mtime 1) through the store API."""
+    from indexer.layout import EncoderInfo, NewItem
+    from indexer.store import Store
+
+    vector = np.full(SCAN_DIM, 0.5, dtype=np.float32)
+    with Store.open(db, readonly=False) as store:
+        store.begin_run(EncoderInfo("synthetic", "f" * 64, SCAN_DIM, 224), str(db.parent / "tree"), reembed=False)
+        for at in range(0, n, batch):
+            store.commit_batch([NewItem(_scan_rel(j), f"d{j // FILES_PER_FOLDER:05d}", 50_000, 1, 640, 480,
+                                        j.to_bytes(16, "little"), vector) for j in range(at, min(at + batch, n))], [])
+
+
+def synthetic_walk(n: int) -> Iterator:
+    """What retrieval.data.walk.walk would yield for the synthetic tree of n files, one folder listed (with
+    real os.stat_result records) at a time: of the DB's files, j % 100 == 1 is gone, == 2 changed (mtime 2),
+    and == 3 has a new file beside it."""
+    from retrieval.data.walk import Found
+
+    def stat(mtime: int) -> os.stat_result:
+        return os.stat_result((0o100644, 0, 0, 1, 0, 0, 50_000, 0, mtime, mtime),
+                              {"st_mtime_ns": mtime, "st_ctime_ns": mtime})
+
+    for first in range(0, n, FILES_PER_FOLDER):
+        listing = []
+        for j in range(first, min(first + FILES_PER_FOLDER, n)):
+            if j % 100 != 1:
+                listing.append(Found(_scan_rel(j), stat(2 if j % 100 == 2 else 1)))
+            if j % 100 == 3:
+                listing.append(Found(_scan_rel(j, new=True), stat(1)))
+        listing.sort(key=lambda found: os.fsencode(found.relpath))
+        yield from listing
+
+
+def scan_step(name: str, db: Path, n: int) -> dict:
+    """The scan + plan of `index` over the synthetic tree against the DB, measured in this (fresh) process."""
+    from indexer import pipeline, scan
+    from indexer.store import Store
+
+    scan.walk = lambda root: synthetic_walk(n)  # the walker boundary: everything past it is the real code
+    cfg = pipeline.IndexConfig(folder=db.parent / "tree", db_dir=db)
+    out: dict = {"step": name, "entries": n}
+    with Store.open(db, readonly=False) as store:
+        memory = _Memory()
+        start = time.perf_counter()
+        if name == "scan-list":
+            listed = scan.scan_folder(cfg.folder)
+            out["files"] = len(listed.files)
+        else:
+            plan, _ = pipeline._plan(store, cfg.folder, cfg)
+            out["plan_s"] = round(time.perf_counter() - start, 2)
+            out["plan_peak_heap_mb"] = round((max(memory.peak, _rss_anon()) - memory.start) / 2**20, 1)
+            with plan:
+                todo = sum(len(batch) for batch in plan.todo.batches(64))
+                removed = sum(len(keys) for keys in plan.removed.batches(pipeline.REMOVE_BATCH))
+                out.update(todo=todo, removed=removed, unchanged=plan.unchanged, spool_mb=round(
+                    sum(spool._file.tell() for spool in (plan.todo, plan.removed)) / 2**20, 1))
+            expected = (n // 100 + (n % 100 > 2)) + (n // 100 + (n % 100 > 3)), n // 100 + (n % 100 > 1)
+            assert (todo, removed) == expected, (todo, removed, expected)
+        out["seconds"] = round(time.perf_counter() - start, 2)
+        out["peak_heap_mb"] = round(memory.stop() / 2**20, 1)
+    return out
+
+
+def bench_scan(work: Path, sizes: list[int]) -> list[dict]:
+    results = []
+    for n in sizes:
+        db = work / f"db-scan-{n}"
+        if not (db / "data.mdb").exists():
+            start = time.perf_counter()
+            write_scan_db(db, n)
+            print(json.dumps({"step": "write LMDB", "items": n, "seconds": round(time.perf_counter() - start, 1),
+                              "lmdb_mb": round((db / "data.mdb").stat().st_size / 2**20, 1)}), flush=True)
+        results.append(_run_step("scan", db, "auto", n))
+        if n <= 1_000_000:
+            results.append(_run_step("scan-list", db, "auto", n))
+    return results
+
+
 def step(name: str, db: Path, kind: str, items: int) -> dict:
     """One measured step, run in this (fresh) process."""
     from indexer import ann
     from indexer.search import SearchIndex
     from indexer.store import Store
 
+    if name.startswith("scan"):
+        return scan_step(name, db, items)
     out: dict = {"step": name}
     memory = _Memory()
     start = time.perf_counter()
@@ -219,7 +318,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--skip", choices=["faiss", "ray"], action="append", default=[])
+    parser.add_argument("--skip", choices=["scan", "faiss", "ray"], action="append", default=[])
+    parser.add_argument("--scan-items", default="100000,1000000,10000000",
+                        help="comma-separated sizes of the scan part")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
@@ -231,6 +332,8 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     print(json.dumps({"cpu": _cpu(), "threads": os.cpu_count(), "load_1min": os.getloadavg()[0]}), flush=True)
+    if "scan" not in args.skip:
+        bench_scan(work, [int(x) for x in args.scan_items.split(",")])
     if "faiss" not in args.skip:
         bench_faiss(work, args.items)
     if "ray" not in args.skip:

@@ -5,6 +5,7 @@
 POINT:
   begin_run    inside begin_run's transaction, after the header is written, before the commit
   removals     inside remove_paths' transaction, after the items are deleted, before the commit
+  removals_2nd the same in the second removal transaction, removals committed 4 at a time
   ann_renames  after ann.faiss is renamed into place, before ann.json is
   map_resize   at the 2nd "LMDB map full" (the DB starts with a 48 KiB map), before the map grows
 The process kills itself with SIGKILL, as `kill -9` would: no cleanup runs.
@@ -41,11 +42,17 @@ def arm(point: str) -> None:
             return real_begin(self, *args, **kwargs)
 
         store.Store.begin_run = begin_run
-    elif point == "removals":
+    elif point in ("removals", "removals_2nd"):
+        from indexer import pipeline
+
+        nth = 1 if point == "removals" else 2
+        pipeline.REMOVE_BATCH = 4 if nth == 2 else pipeline.REMOVE_BATCH
         real_remove, real_update = store.Store.remove_paths, store.Store._update_header
+        calls = []
 
         def remove_paths(self, keys):
-            self._dying = True
+            calls.append(len(keys))
+            self._dying = len(calls) == nth
             return real_remove(self, keys)
 
         def update_header(self, txn, added, removed, **changes):

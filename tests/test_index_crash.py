@@ -203,7 +203,7 @@ def _mutate(folder: Path, rels: list[str]) -> None:
     (folder / "class2/also_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
 
 
-@pytest.mark.parametrize("point", ["begin_run", "removals", "ann_renames", "map_resize"])
+@pytest.mark.parametrize("point", ["begin_run", "removals", "removals_2nd", "ann_renames", "map_resize"])
 def test_killed_outside_the_encode_phase_then_resumed_equals_a_clean_run(tmp_path, tiny_run_dir, point):
     folder, db = tmp_path / "images", tmp_path / "db"
     rels = make_folder(folder, classes=4, per_class=15)
@@ -213,6 +213,8 @@ def test_killed_outside_the_encode_phase_then_resumed_equals_a_clean_run(tmp_pat
     _mutate(folder, rels)
     killed = cli_index(folder, db, tiny_run_dir, *ARGS, kill_point=point)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
+    if point == "removals_2nd":  # the first 4 of the 10 removals were committed, the rest were not
+        assert sum(rel not in db_state(db) for rel in rels[:10]) == 4
     done = cli_index(folder, db, tiny_run_dir, *ARGS)
     assert done.returncode == 0, done.stderr
     state, failures = full_state(db)

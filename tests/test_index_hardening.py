@@ -243,7 +243,7 @@ def test_a_vanished_subtree_is_kept_and_mass_removal_needs_confirmation(tmp_path
 def test_an_unlistable_folder_keeps_its_items(tmp_path, tiny_run_dir):
     """A folder that cannot be listed (mode 000; as root the scan runs as `nobody`, who is refused)."""
     from indexer.plan import make_plan
-    from indexer.scan import scan_folder
+    from indexer.scan import FileEntry, ScanFailure, Unreachable, scan_stream
 
     base = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
@@ -257,14 +257,14 @@ def test_an_unlistable_folder_keeps_its_items(tmp_path, tiny_run_dir):
         if os.geteuid() == 0:
             os.seteuid(65534)
         try:
-            scan = scan_folder(base)
+            scan = list(scan_stream(base))
         finally:
             if os.getuid() == 0:
                 os.seteuid(0)
-        assert scan.unreachable == ["class1"] and scan.failures[0].reason == "cannot list folder: Permission denied"
-        with Store.open(db) as store, store.snapshot() as snap:
-            plan = make_plan(scan, snap.paths(), snap.failures())
-        assert (plan.removed, plan.unreachable_kept, plan.unchanged) == ([], 3, 6)
+        assert [e for e in scan if not isinstance(e, FileEntry)] == [
+            ScanFailure("class1", "cannot list folder: Permission denied"), Unreachable("class1")]
+        with Store.open(db) as store, store.snapshot() as snap, make_plan(scan, snap.paths(), snap.failures()) as plan:
+            assert (list(plan.removed), plan.unreachable_kept, plan.unchanged) == ([], 3, 6)
     finally:
         (base / "class1").chmod(0o755)
         shutil.rmtree(base)

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 import cli
 from indexer import ann
-from indexer.pipeline import IndexConfig, run_index
 from indexer.layout import NewItem
+from indexer.pipeline import IndexConfig, run_index
 from indexer.search import SearchIndex
 from indexer.store import Store
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
@@ -311,3 +311,63 @@ def test_unknown_ann_kind_fails_before_any_encoding(tmp_path, tiny_run_dir):
     with pytest.raises(IndexStoreError, match="not an index faiss can build"):
         run_index(_cfg(folder, db, tiny_run_dir, ann="flatt"))
     assert db_state(db) == {}
+
+
+def test_removals_and_scan_failures_commit_in_bounded_transactions(tmp_path, tiny_run_dir, monkeypatch):
+    """More removals (and scan failures) than one transaction takes: several transactions, the same DB as a
+    fresh index of the folder."""
+    from indexer import pipeline
+
+    folder, db = tmp_path / "images", tmp_path / "db"
+    rels = make_folder(folder, classes=3, per_class=6)
+    run_index(_cfg(folder, db, tiny_run_dir))
+    for rel in rels[:7]:
+        (folder / rel).unlink()
+    for i in range(5):
+        os.symlink(tmp_path / f"missing{i}.jpg", folder / f"class1/broken{i}.jpg")
+    monkeypatch.setattr(pipeline, "REMOVE_BATCH", 3)
+    removals, failure_batches = [], []
+    real_remove, real_commit = Store.remove_paths, Store.commit_batch
+    monkeypatch.setattr(Store, "remove_paths", lambda self, keys: removals.append(len(keys)) or real_remove(self, keys))
+    monkeypatch.setattr(Store, "commit_batch", lambda self, items, failures: (
+        failure_batches.append(len(failures)) if not items else None) or real_commit(self, items, failures))
+    done = run_index(_cfg(folder, db, tiny_run_dir))
+    assert removals == [3, 3, 1] and failure_batches == [3, 2]
+    assert (done.removed, done.total, done.new_failures, done.files) == (7, 11, 5, 16)
+    assert_same_state(db_state(db), _fresh_state(folder, tmp_path, tiny_run_dir))
+
+
+def test_the_files_to_encode_are_taken_one_batch_at_a_time(tmp_path, tiny_run_dir, monkeypatch):
+    """encode_files takes its files from an iterator as the decode workers need them (the workers receive
+    them batch by batch): at every commit, only a few batches have been taken beyond what is committed."""
+    from indexer.encode import _PREFETCH, Embedder, encode_files
+    from indexer.layout import EncoderInfo
+    from indexer.scan import scan_folder
+    from retrieval.encoder import load_encoder
+
+    folder = tmp_path / "images"
+    make_folder(folder, classes=2, per_class=20)
+    encoder = load_encoder(str(tiny_run_dir), device="cpu")
+    taken, ahead, committed = [0], [], [0]
+
+    def files():
+        for entry in scan_folder(folder).files:
+            taken[0] += 1
+            yield entry
+
+    real_commit = Store.commit_batch
+
+    def commit(self, items, failures):
+        ahead.append(taken[0] - committed[0])
+        committed[0] += len(items) + len(failures)
+        return real_commit(self, items, failures)
+
+    monkeypatch.setattr(Store, "commit_batch", commit)
+    with Store.open(tmp_path / "db", readonly=False) as store:
+        store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=False)
+        counts = encode_files(store, folder, files(), Embedder(encoder, "cpu", "fp32"), batch_size=2, workers=1,
+                              max_pixels=10**7, checkpoint=lambda: None, checkpoint_seconds=1e9, progress=False)
+    assert counts.encoded == committed[0] == taken[0] == 40
+    # in flight at most: the worker's prefetched batches, the one encoding, the writer's queue (2) and its commit
+    assert max(ahead) <= 2 * (_PREFETCH + 4)
+    assert_same_state(db_state(tmp_path / "db"), _fresh_state(folder, tmp_path, tiny_run_dir))
