@@ -17,7 +17,7 @@ import click
 from retrieval import __version__
 from retrieval.errors import RetrievalError
 from retrieval.eval_config import DEFAULT_KS
-from retrieval.finetune_config import HEAD_INITS, SCHEDULES
+from retrieval.finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES
 from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
 DEFAULT_MODEL = "lite0"
@@ -449,10 +449,10 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
               help="Epochs at the start that train only the head (and proxies).")
 @click.option("--freeze-bn/--train-bn", default=_ft("freeze_bn"), show_default=True,
               help="Keep BatchNorm's pretrained running statistics (small P x K batches corrupt them).")
-@click.option("--unlocked-groups", type=click.IntRange(min=0), default=None,
-              help="Train only the tower's last N layer groups (open_clip's lock: blocks for timm towers, "
-                   "residual blocks for ViTs; lite0 has 17); the earlier ones stay frozen, which saves memory "
-                   "and time per step [default: all trainable].")
+@click.option("--locked-groups", type=click.IntRange(min=0), default=None,
+              help=f"Keep the tower's first N layer groups frozen (open_clip's lock: stem, blocks, head for timm "
+                   f"towers, of which lite0 has 17; stem, residual blocks, projection for ViTs): half the memory "
+                   f"and time per step; 0 trains all [default: {AUTO_LOCKED}, at most half the groups].")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
@@ -475,7 +475,7 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
                  m: float | None, gamma: float | None, margin: float | None, loss_params: dict, p: int, k: int,
                  epochs: int, steps_per_epoch: int | None, lr_backbone: float, lr_head: float,
                  lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
-                 freeze_backbone_epochs: int, freeze_bn: bool, unlocked_groups: int | None, image_size: int | None,
+                 freeze_backbone_epochs: int, freeze_bn: bool, locked_groups: int | None, image_size: int | None,
                  workers: int | None, seed: int, resume: bool, device: str, amp: bool, eval_batch_size: int,
                  progress: bool | None, as_json: bool) -> None:
     """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and
@@ -496,7 +496,7 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
         loss_params={**{k_: v for k_, v in named.items() if v is not None}, **loss_params},
         p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
-        freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, unlocked_groups=unlocked_groups,
+        freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, locked_groups=locked_groups,
         image_size=image_size, workers=workers, seed=seed, resume=resume, device=device, amp=amp,
         eval_batch_size=eval_batch_size)
     result = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)

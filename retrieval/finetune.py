@@ -49,7 +49,7 @@ from .encoder import Encoder, load_encoder
 from .encoder.model import init_head
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
-from .finetune_config import HEAD_INITS, SCHEDULES, FinetuneConfig
+from .finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES, FinetuneConfig
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
 from .metrics import rank_leave_one_out, ranking_metrics
 from .pairs import hardest_pairs
@@ -202,7 +202,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         (cfg.steps_per_epoch is None or cfg.steps_per_epoch >= 1, "steps per epoch must be at least 1"),
         (min(cfg.lr_backbone, cfg.lr_head, cfg.weight_decay, cfg.warmup_epochs) >= 0, "rates must not be negative"),
         (0 <= cfg.freeze_backbone_epochs, "freeze-backbone epochs must not be negative"),
-        (cfg.unlocked_groups is None or cfg.unlocked_groups >= 0, "unlocked groups must not be negative"),
+        (cfg.locked_groups is None or cfg.locked_groups >= 0, "locked groups must not be negative"),
         ((cfg.workers or 0) >= 0 and cfg.eval_batch_size >= 1, "workers must be >= 0 and the eval batch size >= 1"),
     ]
     for ok, message in checks:
@@ -222,6 +222,14 @@ def _setup_distributed(device_name: str) -> _Dist:
     if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
+
+
+def locked_groups(requested: int | None, groups: int | None) -> int:
+    """The tower's leading layer groups to freeze: as requested, or by default AUTO_LOCKED but at most half
+    of them (none when the tower cannot be locked in part)."""
+    if requested is None:
+        return min(AUTO_LOCKED, groups // 2) if groups else 0
+    return requested
 
 
 def train_mode(module: nn.Module, *, freeze_bn: bool) -> None:
@@ -335,8 +343,10 @@ class Trainer:
 
     def _encoder(self) -> Encoder:
         encoder = load_encoder(self.cfg.model, embed_dim=self.cfg.embed_dim, device=self.ctx.device)
-        if self.cfg.unlocked_groups is not None:
-            encoder.lock_tower(self.cfg.unlocked_groups)
+        self.layer_groups = encoder.layer_groups()
+        self.locked_groups = locked_groups(self.cfg.locked_groups, self.layer_groups)
+        if self.locked_groups:
+            encoder.lock_tower(self.locked_groups)
         if self.cfg.image_size is not None and self.cfg.image_size != encoder.image_size:
             # The config is the encoder's preprocessing contract: a new input size is a new config, saved as such.
             encoder.config = dataclasses.replace(encoder.config, image_size=self.cfg.image_size)
@@ -369,7 +379,7 @@ class Trainer:
                 "seed": cfg.seed, "world_size": self.ctx.world_size, "lr_backbone": cfg.lr_backbone,
                 "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
                 "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init,
-                "unlocked_groups": cfg.unlocked_groups}
+                "locked_groups": self.locked_groups}
 
     def _run_config(self) -> dict:
         """The full configuration as plain JSON values (written to metrics.json and the checkpoint)."""
@@ -390,6 +400,9 @@ class Trainer:
             self.log(self._selection_note())
             if self.batch_note:
                 self.log(self.batch_note)
+            if self.locked_groups:
+                self.log(f"trunk: its first {self.locked_groups} of {self.layer_groups} layer groups stay frozen "
+                         f"(--locked-groups)")
             self._init_head()
         start = time.perf_counter()
         try:

@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=None, help="Default: the embedded generated set.")
     parser.add_argument("--model", default=default("model"))
     parser.add_argument("--image-size", type=int, default=None, help="Default: the encoder's.")
-    parser.add_argument("--unlocked-groups", type=int, default=None,
-                        help="Train only the tower's last N layer groups (finetune --unlocked-groups); default: all.")
+    parser.add_argument("--locked-groups", type=int, default=0,
+                        help="Keep the tower's first N layer groups frozen (finetune --locked-groups); default: 0.")
     parser.add_argument("-P", type=int, default=default("p"), dest="p")
     parser.add_argument("-K", type=int, default=default("k"), dest="k")
     parser.add_argument("--steps", type=int, default=18, help="Timed steps per measurement.")
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         from dataclasses import replace
 
         encoder.config = replace(encoder.config, image_size=args.image_size)
-    if args.unlocked_groups is not None:
-        encoder.lock_tower(args.unlocked_groups)
+    if args.locked_groups:
+        encoder.lock_tower(args.locked_groups)
     classes = sorted({r.label for r in records})
     label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
     label_map[classes] = torch.arange(len(classes))
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                  device=device))))
     bare_rate = statistics.median(bare)
     results = {"device": str(device), "threads": torch.get_num_threads(), "batch": batch,
-               "unlocked_groups": args.unlocked_groups,
+               "locked_groups": args.locked_groups,
                "image_size": encoder.image_size, "steps": args.steps, "rounds": args.rounds,
                "bare_images_per_s": round(bare_rate, 2), "bare_rounds": [round(r, 2) for r in bare], "full": {},
                "malloc": args.malloc, "minor_faults_per_step": round(usage["faults"] / usage["steps"]),
@@ -141,8 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    unlocked = "all" if args.unlocked_groups is None else args.unlocked_groups
-    print(f"{args.model} {encoder.image_size}px, batch {args.p}x{args.k}, unlocked groups {unlocked}, "
+    print(f"{args.model} {encoder.image_size}px, batch {args.p}x{args.k}, locked groups {args.locked_groups}, "
           f"{args.steps} steps, {device}, "
           f"{results['threads']} threads, medians of {args.rounds} interleaved rounds")
     print(f"bare forward+backward+step on preloaded tensors: {results['bare_images_per_s']:.1f} images/s")

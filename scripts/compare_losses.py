@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base = FinetuneConfig(out=args.out, dataset=args.dataset, root=args.root, model=args.model, epochs=args.epochs,
                           steps_per_epoch=args.steps_per_epoch, image_size=args.image_size, p=args.p, k=args.k,
-                          workers=args.workers, device=args.device, seed=args.seed)
+                          workers=args.workers, device=args.device, seed=args.seed,
+                          patience=0)   # one budget: every loss trains all --epochs
     results = {}
     for loss in args.losses.split(","):
         out = args.out / loss

@@ -29,7 +29,7 @@ from retrieval.finetune import (
     recall_lost_warning,
     run_finetune,
 )
-from retrieval.finetune_config import FinetuneConfig
+from retrieval.finetune_config import AUTO_LOCKED, FinetuneConfig
 from retrieval.run_dir import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def _config(data: Path, tiny_dir: Path, out: Path, **kw) -> FinetuneConfig:
     """Fast settings: 2 steps of 3 x 4 per epoch, no frozen phase, constant rates, no worker processes."""
     base = FinetuneConfig(out=out, dataset="cub", root=data, model=str(tiny_dir), p=3, k=4, epochs=4,
                           lr_backbone=1e-4, lr_head=1e-3, warmup_epochs=0, schedule="constant",
-                          freeze_backbone_epochs=0, workers=0, device="cpu", eval_batch_size=16)
+                          freeze_backbone_epochs=0, locked_groups=0, workers=0, device="cpu", eval_batch_size=16)
     return replace(base, **kw)
 
 
@@ -154,17 +154,33 @@ def test_frozen_backbone_epochs_train_only_the_head_and_train_bn_updates_statist
     assert True in _changed(before, after, part="running_mean")     # --train-bn: batch statistics flow in
 
 
-def test_unlocked_groups_train_only_the_towers_last_groups(data, tiny_dir, tmp_path):
-    """test_efficientnet's groups: stem, blocks.0 ... blocks.4 (+ conv_head): 2 unlocked = blocks.3 and on."""
+def test_locked_groups_freeze_the_towers_first_groups(data, tiny_dir, tmp_path):
+    """test_efficientnet's 6 groups: stem, blocks.0 ... blocks.3, blocks.4 + conv_head. By default half of
+    them (3, below AUTO_LOCKED) stay frozen; an explicit count is taken as given."""
+    from retrieval.finetune import locked_groups
+
+    assert [locked_groups(None, n) for n in (None, 6, 17, 40)] == [0, 3, AUTO_LOCKED, AUTO_LOCKED]
+    assert locked_groups(4, 6) == 4 and locked_groups(0, 17) == 0
     out = tmp_path / "run"
-    run_finetune(_config(data, tiny_dir, out, epochs=1, unlocked_groups=2), progress=False)
+    run_finetune(_config(data, tiny_dir, out, epochs=1, locked_groups=None), progress=False)
     before, after = _weights(tiny_dir), _weights(out)
-    for frozen in ("conv_stem", "blocks.0.", "blocks.1.", "blocks.2."):
+    for frozen in ("conv_stem", "blocks.0.", "blocks.1."):
         assert _changed(before, after, part=frozen) == {False}, frozen
-    for trained in ("blocks.3.0.conv_pw", "blocks.4.0.conv_pw", "conv_head", "head."):
+    for trained in ("blocks.2.0.conv_exp", "blocks.3.0.conv_pw", "blocks.4.0.conv_pw", "conv_head", "head."):
         assert _changed(before, after, part=trained) == {True}, trained
-    with pytest.raises(RetrievalError, match="unlocked groups"):
-        run_finetune(_config(data, tiny_dir, tmp_path / "bad", unlocked_groups=-1), progress=False)
+    assert "first 3 of 6 layer groups stay frozen" in (out / "train.log").read_text()
+    with pytest.raises(RetrievalError, match="locked groups"):
+        run_finetune(_config(data, tiny_dir, tmp_path / "bad", locked_groups=-1), progress=False)
+
+
+def test_locked_groups_on_a_vit_tower_follow_open_clips_grouping(tiny_model_spec):
+    """A 2-block ViT: stem, block 0, block 1 + ln_post, proj = 4 groups; locking 2 leaves block 1 on."""
+    encoder = load_encoder(tiny_model_spec)
+    assert encoder.layer_groups() == 4
+    encoder.lock_tower(2)
+    trainable = {name.split(".")[0] + (name.split(".")[2] if name.startswith("transformer.") else "")
+                 for name, p in encoder.visual.named_parameters() if p.requires_grad}
+    assert trainable == {"transformer1", "ln_post", "proj"}
 
 
 def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(data, tiny_dir, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import numpy as np
 import torch
@@ -80,16 +81,29 @@ class Encoder(nn.Module):
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return self.visual.parameters()
 
-    def lock_tower(self, unlocked_groups: int) -> None:
-        """Freeze the tower except its last `unlocked_groups` layer groups, with open_clip's own `lock` (the
-        grouping its `--lock-image-unlocked-groups` uses: per block for timm towers, per residual block for
-        ViTs). Frozen leading layers build no autograd graph: less memory and time per step."""
-        lock = getattr(self.visual, "lock", None)
-        if lock is None:
-            raise EncoderError(f"{type(self.visual).__name__} towers cannot be partly locked")
+    def layer_groups(self) -> int | None:
+        """How many layer groups open_clip's `lock` sees in the tower (timm: stem, one per block, head; ViT:
+        stem, one per residual block, ln_post + proj), or None when it cannot lock the tower in part."""
+        trunk = getattr(self.visual, "trunk", None)
+        if trunk is not None and hasattr(trunk, "group_matcher"):
+            from timm.models import group_parameters
+
+            return len(group_parameters(trunk, trunk.group_matcher()))
+        blocks = getattr(getattr(self.visual, "transformer", None), "resblocks", None)
+        return len(blocks) + 2 if blocks is not None and hasattr(self.visual, "lock") else None
+
+    def lock_tower(self, locked_groups: int) -> None:
+        """Freeze the tower's first `locked_groups` layer groups with open_clip's own `lock` (the grouping of
+        its `--lock-image-unlocked-groups`). Frozen leading layers build no autograd graph: less memory and
+        time per step, and the generic low-level features stay as pretrained."""
+        groups = self.layer_groups()
+        if groups is None:
+            raise EncoderError(f"open_clip cannot lock {type(self.visual).__name__} towers in part; "
+                               f"pass --locked-groups 0")
         with warnings.catch_warnings():   # open_clip imports timm's grouping helpers from a deprecated path
             warnings.simplefilter("ignore", FutureWarning)
-            lock(unlocked_groups=unlocked_groups, freeze_bn_stats=False)
+            lock = cast("Callable[..., None]", self.visual.lock)   # nn.Module's __getattr__ types it as a tensor
+            lock(unlocked_groups=max(groups - locked_groups, 0), freeze_bn_stats=False)
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         return self.head.parameters()
