@@ -122,7 +122,7 @@ def encode_files_ray(store: Store, root: Path, todo: Iterable[FileEntry], encode
             held = _held_content(ray, store.db_dir)
 
             def encode(files: Iterable[FileEntry], skip_held: bool) -> list[FileEntry]:
-                """Encode and commit `files` window by window; returns those left for a pass that does not skip."""
+                """Encode and commit `files` window by window; returns the files left out (see _embed_batch)."""
                 left: list[FileEntry] = []
                 for window in _windows(files, window_files or plan.window_files):
                     dataset = _dataset(ray, root, window, encoder, embedder, precision, batch_size, max_pixels,
@@ -131,8 +131,11 @@ def encode_files_ray(store: Store, root: Path, todo: Iterable[FileEntry], encode
                         left += [window[x.index] for x in committer.take(window, loaded, rows)]
                 return left
 
-            left = encode(encode(todo, skip_held=True), skip_held=False)
-            assert not left, "a pass that does not skip leaves no file out"
+            left = encode(todo, skip_held=True)
+            if left:
+                log.info("ray: %d files skipped as stored were not found at commit (their content was replaced "
+                         "meanwhile): encoding them", len(left))
+                encode(left, skip_held=False)
         except ray.exceptions.RayError as exc:
             done = committer.counts.encoded + committer.counts.reused
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
