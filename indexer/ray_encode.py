@@ -221,11 +221,19 @@ def _dataset(ray: Any, root: Path, todo: list[FileEntry], encoder: Encoder, embe
     return decoded.map_batches(
         _EncodeActor, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_gpus=plan.gpus_per_actor, num_cpus=1,
-        # the local path's OpenMP policy (pipeline.prefer_passive_openmp): idle threads sleep, beside decode tasks
-        runtime_env={"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}},
+        num_gpus=plan.gpus_per_actor, num_cpus=1, runtime_env={"env_vars": _actor_openmp(plan.threads_per_actor)},
         fn_constructor_kwargs={"encoder": encoder, "precision": precision, "threads": plan.threads_per_actor,
                                "held": held})
+
+
+def _actor_openmp(threads: int) -> dict[str, str]:
+    """The encode actors' OpenMP settings. Ray calls a map actor's batches on a thread of its own, whose
+    OpenMP team takes its size from OMP_NUM_THREADS, which Ray sets to the actor's num_cpus (1):
+    torch.set_num_threads in __init__ does not reach it, so a CPU actor encoded on one core (measured: all of a
+    batch's CPU time in one thread, against two in __init__). Hence the size is set here; also the local path's
+    wait policy (pipeline.prefer_passive_openmp): idle threads sleep, beside the decode tasks."""
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    return {**env, "OMP_NUM_THREADS": str(threads)} if threads else env
 
 
 def _blank(size: int) -> Image.Image:

@@ -17,7 +17,7 @@ import pytest
 from indexer.encode import Committer, _Loaded
 from indexer.layout import EncoderInfo
 from indexer.pipeline import IndexConfig, IndexSummary, run_index
-from indexer.ray_encode import ActorReport, RayPlan, encode_files_ray, plan_actors
+from indexer.ray_encode import ActorReport, RayPlan, _actor_openmp, encode_files_ray, plan_actors
 from indexer.scan import FileEntry, scan_folder
 from indexer.store import Store
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
@@ -111,6 +111,49 @@ def test_ray_path_gives_the_local_db_item_by_item(tmp_path, tiny_run_dir, ray_ad
     assert _summary(run_index(_cfg(folder, on_ray, tiny_run_dir, ray=True))) == _summary(second)
     assert_same_state(db_state(on_ray), db_state(local))
     assert_ann_matches_lmdb(on_ray)
+
+
+class _ThreadsAtWork:
+    """A map_batches actor that reports how many of its threads a convolution kept busy in a batch call."""
+
+    def __init__(self):
+        import torch
+
+        torch.set_num_threads(2)  # as _EncodeActor does: in __init__, on another thread than the batch calls
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        def cpu_ticks() -> dict[str, int]:
+            out = {}
+            for task in Path("/proc/self/task").iterdir():
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                out[task.name] = int(fields[11]) + int(fields[12])
+            return out
+
+        x, conv = torch.randn(32, 3, 160, 160), torch.nn.Conv2d(3, 64, 7, stride=2)
+        with torch.inference_mode():
+            before = cpu_ticks()
+            while max(t - before.get(k, 0) for k, t in cpu_ticks().items()) < 100:  # 1 s of CPU in some thread
+                conv(x)
+        spent = sorted((t - before.get(k, 0) for k, t in cpu_ticks().items()), reverse=True)
+        batch["busy"] = np.full(len(batch["id"]), sum(t > spent[0] // 3 for t in spent))
+        return batch
+
+
+@pytest.mark.slow
+def test_a_cpu_encode_actor_encodes_on_all_its_threads(ray_address):
+    """Ray calls a map actor's batches on a thread whose OpenMP team is as large as OMP_NUM_THREADS, which
+    Ray sets to the actor's num_cpus (1); _actor_openmp sets it to the actor's threads."""
+    import ray
+
+    def busy(env: dict) -> int:
+        return int(ray.data.range(1).map_batches(
+            _ThreadsAtWork, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+            runtime_env={"env_vars": env}).take_all()[0]["busy"])
+
+    assert busy(_actor_openmp(2)) == 2
+    assert busy({}) == 1  # what Ray gives without it
 
 
 def _encode_on_ray(store: Store, folder: Path, todo, model: Path, **kw) -> tuple:
