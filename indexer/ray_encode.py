@@ -221,18 +221,25 @@ def _dataset(ray: Any, root: Path, todo: list[FileEntry], encoder: Encoder, embe
     return decoded.map_batches(
         _EncodeActor, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.actors),
-        num_gpus=plan.gpus_per_actor, num_cpus=1, runtime_env={"env_vars": _actor_openmp(plan.threads_per_actor)},
+        num_gpus=plan.gpus_per_actor, num_cpus=1, runtime_env={"env_vars": _actor_env(plan.threads_per_actor)},
         fn_constructor_kwargs={"encoder": encoder, "precision": precision, "threads": plan.threads_per_actor,
                                "held": held})
 
 
-def _actor_openmp(threads: int) -> dict[str, str]:
-    """The encode actors' OpenMP settings. Ray calls a map actor's batches on a thread of its own, whose
-    OpenMP team takes its size from OMP_NUM_THREADS, which Ray sets to the actor's num_cpus (1):
-    torch.set_num_threads in __init__ does not reach it, so a CPU actor encoded on one core (measured: all of a
-    batch's CPU time in one thread, against two in __init__). Hence the size is set here; also the local path's
-    wait policy (pipeline.prefer_passive_openmp): idle threads sleep, beside the decode tasks."""
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+def _actor_env(threads: int) -> dict[str, str]:
+    """Environment of the encode actors' processes. Ray calls a map actor's batches on a thread of its own:
+    - its OpenMP team takes its size from OMP_NUM_THREADS, which Ray sets to the actor's num_cpus (1), and
+      torch.set_num_threads in __init__ (another thread) does not reach it: a CPU actor encoded on one core;
+    - glibc gives that thread an arena of its own, whose heaps are trimmed as blocks are freed (and blocks
+      over its 64 MB heaps, or over the mmap threshold, are mapped and unmapped each time): every batch's
+      activations were faulted in again (measured: 6,000 minor faults and 12.6 of 33.5 CPU-ms per image in
+      the kernel). One arena, no mmap and no trimming (retrieval.allocator.keep_freed_memory's settings,
+      as glibc tunables so they hold from the process's start) make one batch's freed memory the next's.
+    Also the local path's OpenMP wait policy (pipeline.prefer_passive_openmp): idle threads sleep, beside the
+    decode tasks. A wait policy or glibc tunables set in the driver's environment are passed on instead."""
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+           "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                                                              f"glibc.malloc.trim_threshold={2**31 - 1}")}
     return {**env, "OMP_NUM_THREADS": str(threads)} if threads else env
 
 

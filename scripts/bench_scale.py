@@ -25,7 +25,10 @@ ray    --images JPEGs (1024x768) indexed with lite0 by `python cli.py index` on 
        worker) and with `--ray-address` on a local 2-CPU Ray started once (as `ray start` would be),
        alternating, --rounds each: the steady rate (images/s between 10% and 90% committed, polled from the
        DB; batches of 16 for both), and the encode stage's overall rate (for Ray including its actors'
-       start-up, loading the model).
+       start-up, loading the model). On a machine shared with other jobs the rates follow the load; what
+       does not is the CPU the run cost between those marks: CPU-ms per image and the cores it kept busy,
+       summed over every process below this one (the `index` process, its decode workers, and Ray's
+       processes: raylet, GCS, decode tasks, actors; other users' processes are not counted).
 
     python scripts/bench_scale.py [--items 1000000] [--images 256] [--rounds 2] [--skip scan|faiss|ray]
                                   [--scan-items 100000,1000000,10000000] [--work DIR]
@@ -78,7 +81,7 @@ def write_db(db: Path, n: int, start: int = 0, batch: int = 10_000) -> None:
 class _Memory:
     """Peak anonymous memory (RssAnon) of this process, sampled in a thread."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.start = self.peak = _rss_anon()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -259,12 +262,14 @@ def bench_ray(work: Path, images: int, rounds: int) -> dict:
         for i in range(images):  # smooth content (upscaled noise): JPEG decoding costs what a photo's does
             path = folder / f"c{i % 8}" / f"{i:05d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.roll(small, i, axis=1)).resize((1024, 768), Image.BICUBIC).save(path, quality=90)
+            image = Image.fromarray(np.roll(small, i, axis=1)).resize((1024, 768), Image.Resampling.BICUBIC)
+            image.save(path, quality=90)
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     ray_start = time.perf_counter() - start
     rates: dict[str, list[float]] = {"local": [], "ray": []}
+    cpu_ms: dict[str, list[float]] = {"local": [], "ray": []}
     try:
         for _ in range(rounds):
             for mode in ("local", "ray"):
@@ -273,12 +278,15 @@ def bench_ray(work: Path, images: int, rounds: int) -> dict:
                 extra = ["--ray-address", address] if mode == "ray" else []
                 row = _timed_index(folder, db, images, extra)
                 rates[mode].append(row["steady_images_per_s"] or 0.0)
+                cpu_ms[mode].append(row["steady_cpu_ms_per_image"] or 0.0)
                 print(json.dumps({"mode": mode, "images": images, **row}), flush=True)
     finally:
         ray.shutdown()
     local, on_ray = (statistics.median(r for r in rates[mode] if r) for mode in ("local", "ray"))
     result = {"ray_start_s": round(ray_start, 1), "local_steady_images_per_s": rates["local"],
-              "ray_steady_images_per_s": rates["ray"], "ratio_of_medians": round(on_ray / local, 3)}
+              "ray_steady_images_per_s": rates["ray"], "ratio_of_medians": round(on_ray / local, 3),
+              "cpu_ms_per_image": cpu_ms, "cpu_ratio_of_medians": round(statistics.median(cpu_ms["local"])
+                                                                         / statistics.median(cpu_ms["ray"]), 3)}
     print(json.dumps(result), flush=True)
     return result
 
@@ -293,6 +301,7 @@ def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     marks: dict[float, float] = {}
+    cpu: dict[float, float] = {}
     store = None
     while proc.poll() is None and len(marks) < 2 and time.perf_counter() - start < 1800:
         try:
@@ -303,14 +312,36 @@ def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
             count = 0
         for share in (0.1, 0.9):
             if share not in marks and count >= share * images:
-                marks[share] = time.perf_counter()
+                marks[share], cpu[share] = time.perf_counter(), _cpu_seconds_below(os.getpid())
         time.sleep(0.05)
     if store is not None:
         store.close()
     summary = json.loads(proc.communicate()[0])
     steady = 0.8 * images / (marks[0.9] - marks[0.1]) if len(marks) == 2 and marks[0.9] > marks[0.1] else None
-    return {"steady_images_per_s": steady and round(steady, 2), "encode_stage_images_per_s": summary["images_per_s"],
-            "wall_s": round(time.perf_counter() - start, 1)}
+    used = cpu[0.9] - cpu[0.1] if steady else None
+    return {"steady_images_per_s": steady and round(steady, 2),
+            "steady_cpu_ms_per_image": used and round(1000 * used / (0.8 * images), 1),
+            "steady_cores_busy": used and round(used / (marks[0.9] - marks[0.1]), 2),
+            "encode_stage_images_per_s": summary["images_per_s"], "wall_s": round(time.perf_counter() - start, 1)}
+
+
+def _cpu_seconds_below(root: int) -> float:
+    """CPU seconds (user + system, with reaped children's) of every live process below `root` (Linux /proc)."""
+    parents, spent = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid], spent[pid] = int(fields[1]), sum(int(f) for f in fields[11:15])
+    below, frontier = set(), [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in below]
+        below.update(children)
+        frontier += children
+    return sum(spent[pid] for pid in below) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import pytest
 from indexer.encode import Committer, _Loaded
 from indexer.layout import EncoderInfo
 from indexer.pipeline import IndexConfig, IndexSummary, run_index
-from indexer.ray_encode import ActorReport, RayPlan, _actor_openmp, encode_files_ray, plan_actors
+from indexer.ray_encode import ActorReport, RayPlan, _actor_env, encode_files_ray, plan_actors
 from indexer.scan import FileEntry, scan_folder
 from indexer.store import Store
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
@@ -113,8 +113,22 @@ def test_ray_path_gives_the_local_db_item_by_item(tmp_path, tiny_run_dir, ray_ad
     assert_ann_matches_lmdb(on_ray)
 
 
-class _ThreadsAtWork:
-    """A map_batches actor that reports how many of its threads a convolution kept busy in a batch call."""
+def _cpu_ticks() -> dict[str, int]:
+    """CPU clock ticks (user + system) of each thread of this process."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        out[task.name] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def _minor_faults() -> int:
+    return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
+class _BatchThread:
+    """A map_batches actor that reports, from the thread Ray calls its batches on, how many threads a
+    convolution kept busy and how many pages faulted in while 200 MB were allocated and freed 5 times."""
 
     def __init__(self):
         import torch
@@ -124,36 +138,36 @@ class _ThreadsAtWork:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        def cpu_ticks() -> dict[str, int]:
-            out = {}
-            for task in Path("/proc/self/task").iterdir():
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                out[task.name] = int(fields[11]) + int(fields[12])
-            return out
-
         x, conv = torch.randn(32, 3, 160, 160), torch.nn.Conv2d(3, 64, 7, stride=2)
         with torch.inference_mode():
-            before = cpu_ticks()
-            while max(t - before.get(k, 0) for k, t in cpu_ticks().items()) < 100:  # 1 s of CPU in some thread
+            before = _cpu_ticks()
+            while max(t - before.get(k, 0) for k, t in _cpu_ticks().items()) < 100:  # 1 s of CPU in a thread
                 conv(x)
-        spent = sorted((t - before.get(k, 0) for k, t in cpu_ticks().items()), reverse=True)
-        batch["busy"] = np.full(len(batch["id"]), sum(t > spent[0] // 3 for t in spent))
+        spent = sorted((t - before.get(k, 0) for k, t in _cpu_ticks().items()), reverse=True)
+        np.ones(200 << 17)  # 200 MB (float64), touched, freed: the process's first time
+        faults = _minor_faults()
+        for _ in range(5):
+            np.ones(200 << 17)
+        batch["busy"] = np.array([sum(t > spent[0] // 3 for t in spent)])
+        batch["pages"] = np.array([(_minor_faults() - faults) // 5])
         return batch
 
 
 @pytest.mark.slow
-def test_a_cpu_encode_actor_encodes_on_all_its_threads(ray_address):
+def test_a_cpu_encode_actor_uses_its_threads_and_reuses_freed_memory(ray_address):
     """Ray calls a map actor's batches on a thread whose OpenMP team is as large as OMP_NUM_THREADS, which
-    Ray sets to the actor's num_cpus (1); _actor_openmp sets it to the actor's threads."""
+    Ray sets to the actor's num_cpus (1), and whose glibc arena maps and faults in large blocks each time:
+    _actor_env sets the actor's threads, one arena, no mmap and no trimming."""
     import ray
 
-    def busy(env: dict) -> int:
-        return int(ray.data.range(1).map_batches(
-            _ThreadsAtWork, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
-            runtime_env={"env_vars": env}).take_all()[0]["busy"])
+    def batch_thread(env: dict) -> dict:
+        return ray.data.range(1).map_batches(
+            _BatchThread, batch_size=1, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
+            runtime_env={"env_vars": env}).take_all()[0]
 
-    assert busy(_actor_openmp(2)) == 2
-    assert busy({}) == 1  # what Ray gives without it
+    tuned, default = batch_thread(_actor_env(2)), batch_thread({})
+    assert (tuned["busy"], default["busy"]) == (2, 1)
+    assert tuned["pages"] < 50 and default["pages"] >= 100  # 200 MB is 100 pages even if all were 2 MB ones
 
 
 def _encode_on_ray(store: Store, folder: Path, todo, model: Path, **kw) -> tuple:
