@@ -27,8 +27,8 @@ ray    --images JPEGs (1024x768) indexed with lite0 by `python cli.py index` on 
        DB; batches of 16 for both), and the encode stage's overall rate (for Ray including its actors'
        start-up, loading the model). On a machine shared with other jobs the rates follow the load; what
        does not is the CPU the run cost between those marks: CPU-ms per image and the cores it kept busy,
-       summed over every process below this one (the `index` process, its decode workers, and Ray's
-       processes: raylet, GCS, decode tasks, actors; other users' processes are not counted).
+       summed over every process below this one alive at the 90% mark (the `index` process, its decode
+       workers, and Ray's processes: raylet, GCS, decode tasks, actors; other users' are not counted).
 
     python scripts/bench_scale.py [--items 1000000] [--images 256] [--rounds 2] [--skip scan|faiss|ray]
                                   [--scan-items 100000,1000000,10000000] [--work DIR]
@@ -301,7 +301,7 @@ def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     marks: dict[float, float] = {}
-    cpu: dict[float, float] = {}
+    cpu: dict[float, dict[int, float]] = {}
     store = None
     while proc.poll() is None and len(marks) < 2 and time.perf_counter() - start < 1800:
         try:
@@ -318,15 +318,15 @@ def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
         store.close()
     summary = json.loads(proc.communicate()[0])
     steady = 0.8 * images / (marks[0.9] - marks[0.1]) if len(marks) == 2 and marks[0.9] > marks[0.1] else None
-    used = cpu[0.9] - cpu[0.1] if steady else None
+    used = _cpu_between(cpu[0.1], cpu[0.9]) if steady else None
     return {"steady_images_per_s": steady and round(steady, 2),
             "steady_cpu_ms_per_image": used and round(1000 * used / (0.8 * images), 1),
             "steady_cores_busy": used and round(used / (marks[0.9] - marks[0.1]), 2),
             "encode_stage_images_per_s": summary["images_per_s"], "wall_s": round(time.perf_counter() - start, 1)}
 
 
-def _cpu_seconds_below(root: int) -> float:
-    """CPU seconds (user + system, with reaped children's) of every live process below `root` (Linux /proc)."""
+def _cpu_seconds_below(root: int) -> dict[int, float]:
+    """pid -> CPU seconds (user + system) of every live process below `root` (Linux /proc)."""
     parents, spent = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -334,14 +334,20 @@ def _cpu_seconds_below(root: int) -> float:
         except OSError:
             continue
         pid = int(stat.parent.name)
-        parents[pid], spent[pid] = int(fields[1]), sum(int(f) for f in fields[11:15])
+        parents[pid], spent[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     below, frontier = set(), [root]
     while frontier:
         parent = frontier.pop()
         children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in below]
         below.update(children)
         frontier += children
-    return sum(spent[pid] for pid in below) / os.sysconf("SC_CLK_TCK")
+    return {pid: spent[pid] for pid in below}
+
+
+def _cpu_between(start: dict[int, float], end: dict[int, float]) -> float:
+    """CPU seconds spent between two _cpu_seconds_below snapshots by the processes alive at the end (one that
+    ended between them, such as the last run's actor, is left out rather than subtracted)."""
+    return sum(seconds - start.get(pid, 0.0) for pid, seconds in end.items())
 
 
 def main() -> None:
