@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 _CPU_THREADS = 4  # torch threads per encode actor on a CPU-only cluster (fewer when the cluster is smaller)
 _DECODE_CPUS = 0.5  # CPUs a decode task reserves: decoding a photo costs about 1/10 of encoding it on a CPU
-_WINDOW_BATCHES = 512  # batches per actor in one window (a new window starts the actor pool again)
-_MAX_WINDOW = 1 << 20  # files in one window at most, whatever the cluster (~100 MB of paths in the object store)
+_WINDOW_BATCHES = 512  # batches per actor in one window (a new window starts the actor pool again) ...
+_MIN_WINDOW = 1 << 16  # ... but at least this many files (on 2 CPUs ~15 minutes of lite0, against ~10 s)
+_MAX_WINDOW = 1 << 20  # ... and at most this many (~0.1 GB of paths in the object store, ~0.3 GB of entries)
 
 
 @dataclass
@@ -87,8 +88,8 @@ def plan_actors(cluster: dict[str, float], batch_size: int, actors: int | None =
     3 CPU-ms per photo against 34 to encode it on a CPU) but running _CPU_THREADS torch threads. Decode tasks
     run at most as many at a time as there are CPUs the actors do not keep busy (on a CPU-only cluster at least
     1/8 of the CPUs), so they do not take the encoder's cores (on 2 CPUs: one decode task beside one 2-thread
-    actor, as the local path's one worker). A window holds _WINDOW_BATCHES batches per actor (on 2 CPUs and
-    batches of 64, 32,768 files: ~12 minutes of work against the ~20 s the pool takes to start)."""
+    actor, as the local path's one worker). A window holds _WINDOW_BATCHES batches per actor, within
+    [_MIN_WINDOW, _MAX_WINDOW] files: each window starts the actor pool again (~10 s on 2 CPUs)."""
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
     if gpus:
         n = actors or gpus
@@ -97,7 +98,8 @@ def plan_actors(cluster: dict[str, float], batch_size: int, actors: int | None =
         n = actors or max(1, cpus // _CPU_THREADS)
         threads = max(1, min(_CPU_THREADS, cpus // n))
         decode = max(1, cpus - n * threads, cpus // 8)  # decoding: ~1/10 of encoding's CPU
-    return RayPlan(n, 1 if gpus else 0, threads, decode, min(_MAX_WINDOW, n * batch_size * _WINDOW_BATCHES))
+    window = min(_MAX_WINDOW, max(_MIN_WINDOW, n * batch_size * _WINDOW_BATCHES))
+    return RayPlan(n, 1 if gpus else 0, threads, decode, window)
 
 
 def encode_files_ray(store: Store, root: Path, todo: Iterable[FileEntry], encoder: Encoder, *, precision: str,
@@ -193,11 +195,13 @@ class _HeldContent:
 
 
 def _held_content(ray: Any, db_dir: Path) -> Any:
-    """A _HeldContent actor pinned to this (the driver's) node."""
+    """A _HeldContent actor pinned to this (the driver's) node; it holds no state, so Ray restarts it and
+    retries its calls if its process dies."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0, scheduling_strategy=here)(_HeldContent).remote(str(Path(db_dir).resolve()))
+    held = ray.remote(num_cpus=0, scheduling_strategy=here, max_restarts=-1, max_task_retries=-1)(_HeldContent)
+    return held.remote(str(Path(db_dir).resolve()))
 
 
 def _dataset(ray: Any, root: Path, todo: list[FileEntry], encoder: Encoder, embedder: Embedder, precision: str,

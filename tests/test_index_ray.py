@@ -40,7 +40,7 @@ def test_actor_plan_follows_the_cluster():
     assert plan_actors({"CPU": 64.0, "GPU": 8.0}, 256) == RayPlan(
         actors=8, gpus_per_actor=1, threads_per_actor=0, decode_tasks=56, window_files=8 * 256 * 512)
     assert plan_actors({"CPU": 2.0}, 64) == RayPlan(
-        actors=1, gpus_per_actor=0, threads_per_actor=2, decode_tasks=1, window_files=64 * 512)
+        actors=1, gpus_per_actor=0, threads_per_actor=2, decode_tasks=1, window_files=2**16)  # the floor
     assert plan_actors({"CPU": 64.0}, 64) == RayPlan(
         actors=16, gpus_per_actor=0, threads_per_actor=4, decode_tasks=8, window_files=16 * 64 * 512)
     assert plan_actors({"CPU": 64.0}, 64, actors=3) == RayPlan(3, 0, 4, 52, 3 * 64 * 512)
