@@ -236,9 +236,10 @@ def _actor_env(threads: int) -> dict[str, str]:
       torch.set_num_threads in __init__ (another thread) does not reach it: a CPU actor encoded on one core;
     - glibc gives that thread an arena of its own, whose heaps are trimmed as blocks are freed (and blocks
       over its 64 MB heaps, or over the mmap threshold, are mapped and unmapped each time): every batch's
-      activations were faulted in again (measured: 6,000 minor faults and 12.6 of 33.5 CPU-ms per image in
-      the kernel). One arena, no mmap and no trimming (retrieval.allocator.keep_freed_memory's settings,
-      as glibc tunables so they hold from the process's start) make one batch's freed memory the next's.
+      activations were faulted in again (measured with lite0 at batch 16: ~5,000 minor faults and 9 of 25
+      CPU-ms per image in the kernel; README "Scaling out"). One arena, no mmap and no trimming
+      (retrieval.allocator.keep_freed_memory's settings, as glibc tunables so they hold from the process's
+      start) make one batch's freed memory the next's.
     Also the local path's OpenMP wait policy (pipeline.prefer_passive_openmp): idle threads sleep, beside the
     decode tasks. A wait policy or glibc tunables set in the driver's environment are passed on instead."""
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
