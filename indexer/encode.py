@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -275,26 +276,14 @@ def encode_files(store: Store, root: Path, todo: Iterable[FileEntry], embedder: 
     several files crashing in a row (the machine, not the files) stop the run. With workers=0 the files are
     decoded in this process, which no decoder crash survives.
     """
-    from tqdm import tqdm
-
-    counts = EncodeCounts()
     dataset = _Files(root, (), embedder.transform, embedder.draft_size, max_pixels, max_file_bytes)
     handout = _Handout(todo, batch_size)
-    bar: tqdm | None = None  # created after the first fork (tqdm may start a monitor thread)
-    writer: _Writer | None = None
-    last_checkpoint = time.monotonic()
+    committer = Committer(store, total=total, limits=dataset.limits, checkpoint=checkpoint,
+                          checkpoint_seconds=checkpoint_seconds, progress=progress)
 
     def take(loaded: list[_Loaded], stacked: torch.Tensor | None) -> None:
-        nonlocal last_checkpoint
-        assert writer is not None and bar is not None
-        writer.put(*_embed_batch(store, handout.in_flight, loaded, stacked, embedder, counts, dataset.limits))
+        committer.take(handout.in_flight, loaded, functools.partial(_encode_rows, embedder, stacked))
         handout.done(loaded)
-        bar.set_postfix(encoded=counts.encoded, reused=counts.reused, failed=len(counts.failures), refresh=False)
-        bar.update(len(loaded))
-        if time.monotonic() - last_checkpoint > checkpoint_seconds:
-            writer.flush()
-            checkpoint()
-            last_checkpoint = time.monotonic()
 
     try:
         while not handout.exhausted:
@@ -302,11 +291,8 @@ def encode_files(store: Store, root: Path, todo: Iterable[FileEntry], embedder: 
                 dataset, batch_sampler=handout, num_workers=workers, collate_fn=_collate,
                 prefetch_factor=_PREFETCH if workers else None, pin_memory=embedder.device.type == "cuda",
                 worker_init_fn=functools.partial(_die_with_parent, os.getpid()) if workers else None)
-            if writer is not None:
-                writer.flush()  # fork while the writer thread is idle (it holds no lock then)
+            committer.flush()  # fork while the writer thread is idle (it holds no lock then)
             batches = iter(loader)  # workers fork here (the first time, before the writer thread exists)
-            writer = writer or _Writer(store)
-            bar = bar or tqdm(total=total, unit="img", disable=not progress, smoothing=0.1, dynamic_ncols=True)
             try:
                 for loaded, stacked in batches:
                     take(loaded, stacked)
@@ -317,16 +303,13 @@ def encode_files(store: Store, root: Path, todo: Iterable[FileEntry], embedder: 
                 _shutdown(batches)
                 log.warning("a decode worker died (%s); decoding the files in flight one by one",
                             ", ".join(f"pid {w.pid} exit code {w.exitcode}" for w in dead))
-                writer.flush()  # fork while the writer thread is idle
+                committer.flush()  # fork while the writer thread is idle
                 suspects = [(i, entry.relpath) for i, entry in sorted(handout.in_flight.items())]
-                for loaded, stacked in _isolated_batches(dataset, suspects, batch_size, counts, exc):
+                for loaded, stacked in _isolated_batches(dataset, suspects, batch_size, committer.counts, exc):
                     take(loaded, stacked)
     finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-    return counts
+        committer.close()
+    return committer.counts
 
 
 class _Handout:
@@ -451,12 +434,69 @@ def _dead_workers(workers: list, wait: float = 2.0) -> list:
             continue
 
 
+class Committer:
+    """The commit end of both encode paths (encode_files here, indexer.ray_encode on Ray): each batch's items
+    come from _embed_batch (content reused by hash, failures recorded) and go to the writer thread, the
+    progress bar moves, and `checkpoint()` runs every checkpoint_seconds once everything so far is committed.
+    The writer thread and the bar start with the first batch: encode_files' decode workers fork before it."""
+
+    def __init__(self, store: Store, *, total: int | None, limits: str, checkpoint: Callable[[], object],
+                 checkpoint_seconds: float, progress: bool):
+        self.counts = EncodeCounts()
+        self._store, self._total, self._limits, self._progress = store, total, limits, progress
+        self._checkpoint, self._checkpoint_seconds = checkpoint, checkpoint_seconds
+        self._last_checkpoint = time.monotonic()
+        self._writer: _Writer | None = None
+        self._bar: Any = None
+
+    def take(self, todo: Sequence[FileEntry] | Mapping[int, FileEntry], loaded: list[_Loaded],
+             encode: Callable[[list[int]], Iterable[np.ndarray | None]]) -> list[_Loaded]:
+        """Commit one batch (`loaded[i].index` indexes `todo`; `encode` as in _embed_batch); returns the
+        files left out because `encode` had no embedding for them."""
+        from tqdm import tqdm
+
+        if self._writer is None:
+            self._writer = _Writer(self._store)
+            self._bar = tqdm(total=self._total, unit="img", disable=not self._progress, smoothing=0.1,
+                             dynamic_ncols=True)
+        items, failures, missing = _embed_batch(self._store, todo, loaded, encode, self.counts, self._limits)
+        self._writer.put(items, failures)
+        self._bar.set_postfix(encoded=self.counts.encoded, reused=self.counts.reused,
+                              failed=len(self.counts.failures), refresh=False)
+        self._bar.update(len(loaded) - len(missing))
+        if time.monotonic() - self._last_checkpoint > self._checkpoint_seconds:
+            self.flush()
+            self._checkpoint()
+            self._last_checkpoint = time.monotonic()
+        return missing
+
+    def flush(self) -> None:
+        """Wait until every batch taken so far is committed."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Commit what is queued and stop the writer thread (raising its error if it had one)."""
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _encode_rows(embedder: Embedder, stacked: torch.Tensor | None, rows: list[int]) -> np.ndarray:
+    """The local path's `encode` for _embed_batch: embeddings of the batch's decoded images at `rows`."""
+    assert stacked is not None  # rows are asked for only when some image of the batch decoded
+    return embedder(stacked[rows])
+
+
 def _embed_batch(store: Store, todo: Sequence[FileEntry] | Mapping[int, FileEntry], loaded: list[_Loaded],
-                 stacked: torch.Tensor | None, embedder: Callable[[torch.Tensor], np.ndarray], counts: EncodeCounts,
-                 limits: str) -> tuple[list[NewItem], list[Failure]]:
-    """Items for one batch: the embedding reused by content hash where the DB has it, else encoded (the Ray
-    path, indexer.ray_encode, passes embeddings already computed as `stacked` and the identity as `embedder`).
-    `todo[x.index]` is the file of a loaded `x`: a list on the Ray path, the files in flight on the local one."""
+                 encode: Callable[[list[int]], Iterable[np.ndarray | None]], counts: EncodeCounts,
+                 limits: str) -> tuple[list[NewItem], list[Failure], list[_Loaded]]:
+    """(items, failures, missing) for one batch: an embedding is reused by content hash where the DB has it,
+    else taken from `encode(rows)` (rows: positions among the batch's decoded files). A None from `encode`
+    (on Ray: the actor skipped content the DB held when it looked, which is gone by now) leaves that file out
+    of the items; it comes back in `missing`, to be encoded again. `todo[x.index]` is the file of a loaded `x`:
+    a window's list on the Ray path, the files in flight on the local one."""
     good = [x for x in loaded if x.error is None]
     failures = [Failure(todo[x.index].relpath, x.error, todo[x.index].size, todo[x.index].mtime_ns,
                         todo[x.index].ctime_ns, x.transient,  # the scan's stat: an unchanged bad file is not retried
@@ -467,17 +507,18 @@ def _embed_batch(store: Store, todo: Sequence[FileEntry] | Mapping[int, FileEntr
         known = snap.find_hashes({x.content_hash for x in good})
         reused = dict(zip(known, snap.vectors(list(known.values())), strict=True)) if known else {}
     fresh = [i for i, x in enumerate(good) if x.content_hash not in reused]
-    # stacked holds the images that decoded (None when none did, and then nothing is fresh either)
-    vectors = dict(zip(fresh, embedder(stacked[fresh]), strict=True)) if fresh and stacked is not None else {}
-    counts.encoded += len(fresh)
+    vectors = dict(zip(fresh, encode(fresh), strict=True)) if fresh else {}
+    missing = [good[i] for i in fresh if vectors[i] is None]
+    counts.encoded += len(fresh) - len(missing)
     counts.reused += len(good) - len(fresh)
     items = []
     for i, x in enumerate(good):
-        entry = todo[x.index]
         embedding = vectors[i] if i in vectors else reused[x.content_hash]
-        items.append(NewItem(entry.relpath, entry.label, x.size, x.mtime_ns, x.width, x.height, x.content_hash,
-                             embedding))
-    return items, failures
+        if embedding is not None:
+            entry = todo[x.index]
+            items.append(NewItem(entry.relpath, entry.label, x.size, x.mtime_ns, x.width, x.height, x.content_hash,
+                                 embedding))
+    return items, failures, missing
 
 
 def _require_precision(precision: str, device: torch.device) -> None:

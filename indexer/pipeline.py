@@ -256,8 +256,7 @@ def _max_file_bytes(cfg: IndexConfig) -> int:
 def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: Encoder,
             progress: bool) -> tuple[EncodeCounts, str, float | None]:
     """Encode and commit plan.todo here or on Ray: (counts, the precision encoded at, its min cosine to fp32).
-    The local path streams the files from the plan's spool; the Ray path takes them as one list (its
-    driver builds the Dataset's blocks from it; the decode tasks receive one block each)."""
+    Both stream the files from the plan's spool (the Ray path one window of files at a time)."""
     from retrieval.device import resolve_device
 
     def checkpoint() -> None:
@@ -267,10 +266,10 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: E
         from .ray_encode import encode_files_ray
 
         counts, used = encode_files_ray(
-            store, folder, list(plan.todo), encoder, precision=cfg.precision, batch_size=cfg.batch_size,
+            store, folder, plan.todo, encoder, precision=cfg.precision, batch_size=cfg.batch_size,
             max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg), address=cfg.ray_address, actors=None,
             checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
-        return counts, used.name, used.min_cosine
+        return counts, used.precision, used.min_cosine
     from .encode import Embedder, encode_files
 
     device = resolve_device(cfg.device)

@@ -25,10 +25,14 @@ ray    --images JPEGs (1024x768) indexed with lite0 by `python cli.py index` on 
        worker) and with `--ray-address` on a local 2-CPU Ray started once (as `ray start` would be),
        alternating, --rounds each: the steady rate (images/s between 10% and 90% committed, polled from the
        DB; batches of 16 for both), and the encode stage's overall rate (for Ray including its actors'
-       start-up, loading the model).
+       start-up, loading the model). On a machine shared with other jobs the rates follow the load; what
+       does not is the CPU the run cost between those marks: CPU-ms per image and the cores it kept busy,
+       summed over every process below this one alive at the 90% mark (the `index` process, its decode
+       workers, and Ray's processes: raylet, GCS, decode tasks, actors; other users' are not counted);
+       with --by-process also per process: user and system CPU-ms and minor page faults per image.
 
     python scripts/bench_scale.py [--items 1000000] [--images 256] [--rounds 2] [--skip scan|faiss|ray]
-                                  [--scan-items 100000,1000000,10000000] [--work DIR]
+                                  [--scan-items 100000,1000000,10000000] [--work DIR] [--by-process]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +83,7 @@ def write_db(db: Path, n: int, start: int = 0, batch: int = 10_000) -> None:
 class _Memory:
     """Peak anonymous memory (RssAnon) of this process, sampled in a thread."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.start = self.peak = _rss_anon()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -248,7 +253,7 @@ def bench_faiss(work: Path, n: int) -> list[dict]:
     return results
 
 
-def bench_ray(work: Path, images: int, rounds: int) -> dict:
+def bench_ray(work: Path, images: int, rounds: int, by_process: bool = False) -> dict:
     import ray
     from PIL import Image
 
@@ -259,31 +264,36 @@ def bench_ray(work: Path, images: int, rounds: int) -> dict:
         for i in range(images):  # smooth content (upscaled noise): JPEG decoding costs what a photo's does
             path = folder / f"c{i % 8}" / f"{i:05d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(np.roll(small, i, axis=1)).resize((1024, 768), Image.BICUBIC).save(path, quality=90)
+            image = Image.fromarray(np.roll(small, i, axis=1)).resize((1024, 768), Image.Resampling.BICUBIC)
+            image.save(path, quality=90)
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False)
     address = ray.get_runtime_context().gcs_address
     ray_start = time.perf_counter() - start
     rates: dict[str, list[float]] = {"local": [], "ray": []}
+    cpu_ms: dict[str, list[float]] = {"local": [], "ray": []}
     try:
         for _ in range(rounds):
             for mode in ("local", "ray"):
                 db = work / f"db-{mode}"
                 shutil.rmtree(db, ignore_errors=True)
                 extra = ["--ray-address", address] if mode == "ray" else []
-                row = _timed_index(folder, db, images, extra)
+                row = _timed_index(folder, db, images, extra, by_process)
                 rates[mode].append(row["steady_images_per_s"] or 0.0)
+                cpu_ms[mode].append(row["steady_cpu_ms_per_image"] or 0.0)
                 print(json.dumps({"mode": mode, "images": images, **row}), flush=True)
     finally:
         ray.shutdown()
     local, on_ray = (statistics.median(r for r in rates[mode] if r) for mode in ("local", "ray"))
     result = {"ray_start_s": round(ray_start, 1), "local_steady_images_per_s": rates["local"],
-              "ray_steady_images_per_s": rates["ray"], "ratio_of_medians": round(on_ray / local, 3)}
+              "ray_steady_images_per_s": rates["ray"], "ratio_of_medians": round(on_ray / local, 3),
+              "cpu_ms_per_image": cpu_ms, "cpu_ratio_of_medians": round(statistics.median(cpu_ms["local"])
+                                                                         / statistics.median(cpu_ms["ray"]), 3)}
     print(json.dumps(result), flush=True)
     return result
 
 
-def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
+def _timed_index(folder: Path, db: Path, images: int, extra: list[str], by_process: bool = False) -> dict:
     """`python cli.py index` in a subprocess, the DB polled from here: the steady rate is images/s between
     10% and 90% committed (start-up, model loading and the last batches left out)."""
     from indexer.store import Store
@@ -293,6 +303,7 @@ def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     marks: dict[float, float] = {}
+    cpu: dict[float, dict[int, _Usage]] = {}
     store = None
     while proc.poll() is None and len(marks) < 2 and time.perf_counter() - start < 1800:
         try:
@@ -303,14 +314,67 @@ def _timed_index(folder: Path, db: Path, images: int, extra: list[str]) -> dict:
             count = 0
         for share in (0.1, 0.9):
             if share not in marks and count >= share * images:
-                marks[share] = time.perf_counter()
+                marks[share], cpu[share] = time.perf_counter(), _usage_below(os.getpid())
         time.sleep(0.05)
     if store is not None:
         store.close()
     summary = json.loads(proc.communicate()[0])
     steady = 0.8 * images / (marks[0.9] - marks[0.1]) if len(marks) == 2 and marks[0.9] > marks[0.1] else None
-    return {"steady_images_per_s": steady and round(steady, 2), "encode_stage_images_per_s": summary["images_per_s"],
-            "wall_s": round(time.perf_counter() - start, 1)}
+    processes = _between(cpu[0.1], cpu[0.9], 0.8 * images) if steady else {}
+    ms = sum(user + system for user, system, _ in processes.values())
+    row = {"steady_images_per_s": steady and round(steady, 2),
+           "steady_cpu_ms_per_image": round(ms, 1) if steady else None,
+           "steady_cores_busy": round(ms * steady / 1000, 2) if steady else None,
+           "encode_stage_images_per_s": summary["images_per_s"], "wall_s": round(time.perf_counter() - start, 1)}
+    if by_process:
+        row["processes_user_system_ms_faults_per_image"] = dict(sorted(processes.items(), key=lambda x: -sum(x[1][:2])))
+    return row
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """One process's counters from /proc/PID/stat."""
+
+    name: str  # its command line, shortened
+    user_s: float
+    system_s: float
+    minor_faults: int
+
+
+def _usage_below(root: int) -> dict[int, _Usage]:
+    """pid -> _Usage of every live process below `root` (Linux /proc)."""
+    parents, usage = {}, {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            name = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:48]
+        except OSError:
+            continue
+        pid = int(stat.parent.name)
+        parents[pid] = int(fields[1])
+        usage[pid] = _Usage(name, int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7]))
+    below, frontier = set(), [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in below]
+        below.update(children)
+        frontier += children
+    return {pid: usage[pid] for pid in below}
+
+
+def _between(start: dict[int, _Usage], end: dict[int, _Usage], images: float) -> dict[str, list[float]]:
+    """Per command line: [user, system CPU-ms, minor faults] per image between two _usage_below snapshots,
+    over the processes alive at the end (one that ended between them, such as the last run's actor, is left
+    out rather than subtracted)."""
+    out: dict[str, list[float]] = {}
+    for pid, u in end.items():
+        s = start.get(pid, _Usage(u.name, 0.0, 0.0, 0))
+        row = out.setdefault(u.name.strip(), [0.0, 0.0, 0.0])
+        row[0] += 1000 * (u.user_s - s.user_s) / images
+        row[1] += 1000 * (u.system_s - s.system_s) / images
+        row[2] += (u.minor_faults - s.minor_faults) / images
+    return {name: [round(x, 1) for x in row] for name, row in out.items() if row[0] + row[1] >= 0.05}
 
 
 def main() -> None:
@@ -322,6 +386,7 @@ def main() -> None:
     parser.add_argument("--scan-items", default="100000,1000000,10000000",
                         help="comma-separated sizes of the scan part")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--by-process", action="store_true", help="ray: also each process's CPU and faults")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--kind", default="auto", help=argparse.SUPPRESS)
@@ -337,7 +402,7 @@ def main() -> None:
     if "faiss" not in args.skip:
         bench_faiss(work, args.items)
     if "ray" not in args.skip:
-        bench_ray(work, args.images, args.rounds)
+        bench_ray(work, args.images, args.rounds, args.by_process)
     print(json.dumps({"load_1min_after": os.getloadavg()[0]}), flush=True)
 
 
