@@ -52,6 +52,11 @@ _DECODE_CPUS = 0.5  # CPUs a decode task reserves: decoding a photo costs about 
 _WINDOW_BATCHES = 512  # batches per actor in one window (a new window starts the actor pool again) ...
 _MIN_WINDOW = 1 << 16  # ... but at least this many files (on 2 CPUs ~15 minutes of lite0, against ~10 s)
 _MAX_WINDOW = 1 << 20  # ... and at most this many (~0.1 GB of paths in the object store, ~0.3 GB of entries)
+# Ray runs its workers at nice 15 (worker_niceness), below the driver and anything else on the machine: beside
+# other busy processes at nice 0 (on a shared node, two trainings on 2 cores) the decode tasks and the encode
+# actors got ~3% of a core, an actor took ~4 minutes to start and `index --ray` looked hung. A Ray this process
+# starts runs its workers at the driver's priority, as the local path's worker processes do.
+RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 
 @dataclass
@@ -172,7 +177,7 @@ def _connect(ray: Any, address: str | None) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is None:
-        kwargs["include_dashboard"] = False
+        kwargs.update(include_dashboard=False, _system_config=RAY_SYSTEM_CONFIG)
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -17,7 +17,7 @@ import pytest
 from indexer.encode import Committer, _Loaded
 from indexer.layout import EncoderInfo
 from indexer.pipeline import IndexConfig, IndexSummary, run_index
-from indexer.ray_encode import ActorReport, RayPlan, _actor_env, encode_files_ray, plan_actors
+from indexer.ray_encode import RAY_SYSTEM_CONFIG, ActorReport, RayPlan, _actor_env, encode_files_ray, plan_actors
 from indexer.scan import FileEntry, scan_folder
 from indexer.store import Store
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
@@ -69,7 +69,8 @@ def test_a_file_the_encode_step_has_no_embedding_for_is_left_to_the_caller(tmp_p
 @pytest.fixture(scope="module")
 def ray_address():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, log_to_driver=False,
+             _system_config=RAY_SYSTEM_CONFIG)  # workers at the driver's priority, as a local `index --ray`
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
