@@ -123,6 +123,7 @@ def encode_files_ray(store: Store, root: Path, todo: Iterable[FileEntry], encode
     # Ray prints its cluster's messages (a worker died, ...) on stdout: keep them off `index --json`'s output
     with contextlib.redirect_stdout(sys.stderr):
         started = _connect(ray, address)
+        held = None
         try:
             plan = plan_actors(ray.cluster_resources(), batch_size, actors)
             log.info("ray: %s, %s", plan, ray.cluster_resources())
@@ -150,6 +151,8 @@ def encode_files_ray(store: Store, root: Path, todo: Iterable[FileEntry], encode
                                   "are kept: run the same command again to continue") from exc
         finally:
             committer.close()
+            if held is not None:   # the encode actors hold its handle too, so it would outlive the run
+                ray.kill(held)
             if started:
                 ray.shutdown()
     return committer.counts, report
