@@ -451,8 +451,9 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
               help="Keep BatchNorm's pretrained running statistics (small P x K batches corrupt them).")
 @click.option("--locked-groups", type=click.IntRange(min=0), default=None,
               help=f"Keep the tower's first N layer groups frozen (open_clip's lock: stem, blocks, head for timm "
-                   f"towers, of which lite0 has 17; stem, residual blocks, projection for ViTs): half the memory "
-                   f"and time per step; 0 trains all [default: {AUTO_LOCKED}, at most half the groups].")
+                   f"towers, of which lite0 has 17; stem, residual blocks, projection for ViTs): for lite0 half "
+                   f"the memory and 0.6 of the time per step; 0 trains all [default: {AUTO_LOCKED}, at most half "
+                   f"the groups].")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
