@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from retrieval.allocator import KEEP_FREED_TUNABLES
 from retrieval.encoder import Encoder
 from retrieval.errors import IndexStoreError
 
@@ -251,8 +252,7 @@ def _actor_env(threads: int) -> dict[str, str]:
     Also the local path's OpenMP wait policy (pipeline.prefer_passive_openmp): idle threads sleep, beside the
     decode tasks. A wait policy or glibc tunables set in the driver's environment are passed on instead."""
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-           "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                                                              f"glibc.malloc.trim_threshold={2**31 - 1}")}
+           "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", f"glibc.malloc.arena_max=1:{KEEP_FREED_TUNABLES}")}
     return {**env, "OMP_NUM_THREADS": str(threads)} if threads else env
 
 

@@ -1,4 +1,5 @@
-"""Keep freed memory for reuse: the CPU training loop's kernel time and page faults come from glibc's malloc.
+"""Keep freed memory for reuse: the kernel time and page faults of CPU training, evaluation and indexing
+come from glibc's malloc.
 
 PyTorch on CPU allocates every activation with malloc. glibc serves each block above its mmap threshold
 (at most 32 MiB; a P x K batch of 64 images at 224 px has activations of 100 MB) with a fresh mmap and
@@ -20,6 +21,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128 * 1024}   # glibc's own
 _NEVER_TRIM = 2**31 - 1
+# The same settings as glibc tunables, for processes that must have them from their start (Ray actors)
+KEEP_FREED_TUNABLES = f"glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold={_NEVER_TRIM}"
 
 
 def keep_freed_memory(enabled: bool = True) -> bool:
