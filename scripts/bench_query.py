@@ -55,7 +55,8 @@ def build_db(db: Path, n: int, model: str, *, batch: int = 10_000, seed: int = 0
             vectors = rng.standard_normal((min(batch, n - start), info.dim), dtype=np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
             items = [NewItem(f"c{i % 1000:04d}/img{i:07d}.jpg", f"c{i % 1000:04d}", 50_000, 0, 640, 480,
-                             i.to_bytes(16, "little"), v) for i, v in zip(range(start, start + len(vectors)), vectors)]
+                             i.to_bytes(16, "little"), v)
+                     for i, v in enumerate(vectors, start)]
             store.commit_batch(items, [])
         with store.snapshot() as snap:
             built = ann.refresh(db, snap, "auto")
@@ -76,6 +77,29 @@ def _reusable(db: Path, n: int, model: str) -> bool:
     return header is not None and count == n and header.encoder.fingerprint == load_encoder(model).fingerprint()
 
 
+def db_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every DB benchmark shares: collection size, encoder, work folder, JSON output."""
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--model", default="lite0")
+    parser.add_argument("--work", type=Path, default=None, help="Folder for the DB [default: a temp folder].")
+    parser.add_argument("--json", action="store_true")
+
+
+def prepare_db(args: argparse.Namespace, prefix: str) -> tuple[Path, dict]:
+    """(work folder, build figures): a DB of `args.items` under the work folder, reused when it still matches."""
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    db = work / "db"
+    start = time.perf_counter()
+    if _reusable(db, args.items, args.model):
+        built: dict = {"ann": "reused"}
+    else:
+        shutil.rmtree(db, ignore_errors=True)
+        built = build_db(db, args.items, args.model)
+    built["build_s"] = round(time.perf_counter() - start, 1)
+    return work, built
+
+
 def query_image(work: Path) -> Path:
     """A real photo-sized JPEG (scikit-image's cat, 451x300) to query with."""
     from PIL import Image
@@ -94,23 +118,12 @@ def wall(cmd: list[str]) -> tuple[float, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--model", default="lite0")
+    db_arguments(parser)
     parser.add_argument("--repeat", type=int, default=5, help="Runs of each measurement (medians reported).")
-    parser.add_argument("--work", type=Path, default=None, help="Folder for the DB [default: a temp folder].")
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-query-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, built = prepare_db(args, "bench-query-")
     db = work / "db"
-    start = time.perf_counter()
-    if _reusable(db, args.items, args.model):
-        built = {"ann": "reused"}
-    else:
-        shutil.rmtree(db, ignore_errors=True)
-        built = build_db(db, args.items, args.model)
-    built["build_s"] = round(time.perf_counter() - start, 1)
     image = query_image(work)
     py = sys.executable
     query_cmd = [py, "cli.py", "query", str(image), "--db", str(db), "-k", "10", "--json"]

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
-from bench_query import _reusable, build_db, query_image  # noqa: E402
+from bench_query import db_arguments, prepare_db, query_image  # noqa: E402
 
 LATENCY_REQUESTS = {1: 40, 4: 80, 16: 160}
 THROUGHPUT_CONCURRENCY = 8
@@ -111,19 +109,12 @@ def load(base: str, image: bytes, concurrency: int, requests: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--model", default="lite0")
+    db_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="Alternating throughput rounds per server.")
-    parser.add_argument("--work", type=Path, default=None, help="Folder for the DB [default: a temp folder].")
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work, _ = prepare_db(args, "bench-serve-")
     db = work / "db"
-    if not _reusable(db, args.items, args.model):
-        shutil.rmtree(db, ignore_errors=True)
-        build_db(db, args.items, args.model)
     image = query_image(work).read_bytes()
 
     servers = {"on": start_server(db), "off": start_server(db, "--max-batch", "1")}
