@@ -20,7 +20,7 @@ class FinetuneConfig:
     root: Path | None = None               # None: the embedded generated set (created on first use)
     crop: bool = False                     # CUB: crop to the bounding boxes
     train_fraction: float = 0.5            # folder: share of the sorted classes used for training
-    val_fraction: float = 0.2              # train classes moved to validation (chooses the kept epoch); 0: test
+    val_fraction: float = 0.1              # train classes moved to validation (chooses the kept epoch); 0: test
     patience: int = 2                      # stop after this many epochs without a better validation epoch; 0: never
     model: str = "lite0"                   # encoder spec (see retrieval.encoder.sources)
     embed_dim: int | None = None           # None: the encoder's default (512)

@@ -29,7 +29,7 @@ from retrieval.finetune import (
     recall_lost_warning,
     run_finetune,
 )
-from retrieval.finetune_config import AUTO_LOCKED, FinetuneConfig
+from retrieval.finetune_config import AUTO_LOCKED, FinetuneConfig, default
 from retrieval.run_dir import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,7 +331,7 @@ def test_kept_epoch_is_the_best_map_at_r_among_epochs_that_keep_the_baseline_rec
 
 @pytest.fixture(scope="module")
 def small_run(tiny_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """(data, run) of a run with the defaults (P 16, K 4, validation 0.2, PCA head) on a set too small for
+    """(data, run) of a run with the defaults (P 16, K 4, validation 0.1, PCA head) on a set too small for
     them: 8 classes x 3 images -> 4 train classes, of which 2 go to validation; 2 epochs, 32 px tiny CNN."""
     data = Path(make_dataset(GenerateConfig(out_dir=tmp_path_factory.mktemp("small"), classes=8, per_class=3,
                                             size=48)).root)
@@ -366,7 +366,7 @@ def test_pairs_plot_is_written_and_its_points_are_the_recomputed_hardest_similar
     assert pairs["split"] == "validation" and set(pairs["epochs"]) == {"0", "1", "2"}
     assert pairs["m"] == 0.4                                                # circle's default m
     # Recompute epoch 2 from the last state: the validation classes carved again, embedded, every pair looped.
-    _, val = carve_validation(split_records(load_records("cub", data), "train"), 0.2, seed=0)
+    _, val = carve_validation(split_records(load_records("cub", data), "train"), default("val_fraction"), seed=0)
     encoder = load_encoder(str(tiny_dir))
     encoder.load_state_dict(torch.load(out / CHECKPOINT, weights_only=True)["encoder"])
     embeddings, labels = embed_records(encoder, val, batch_size=5)
