@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         bare.append(run(lambda: iter([preloaded] * args.steps)))
         for workers in worker_counts:
             sampler.set_epoch(round_ * 100 + workers + 1)
-            full[workers].append(run(lambda: iter(train_loader(encoder, records, sampler, workers=workers,
-                                                                 device=device))))
+            full[workers].append(run(lambda w=workers: iter(train_loader(encoder, records, sampler, workers=w,
+                                                                           device=device))))
     bare_rate = statistics.median(bare)
     results = {"device": str(device), "threads": torch.get_num_threads(), "batch": batch,
                "locked_groups": args.locked_groups,

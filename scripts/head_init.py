@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     from retrieval.data import load_records, split_records
     from retrieval.data.records import carve_validation
     from retrieval.embed import embed_records
-    from retrieval.eval_config import DEFAULT_KS
     from retrieval.encoder import load_encoder
+    from retrieval.eval_config import DEFAULT_KS
     from retrieval.finetune import PCA_IMAGES
     from retrieval.finetune_config import default
     from retrieval.metrics import rank_leave_one_out, ranking_metrics

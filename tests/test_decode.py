@@ -39,7 +39,7 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def _close(pixel, expected, tol=6) -> bool:
-    return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, expected))
+    return all(abs(int(a) - int(b)) <= tol for a, b in zip(pixel, expected, strict=True))
 
 
 def test_truncated_images_are_not_loaded_silently():

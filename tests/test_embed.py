@@ -11,9 +11,9 @@ import torch
 from retrieval.data import load_records
 from retrieval.data.decode import load_image
 from retrieval.data.generate import GenerateConfig, make_dataset
+from retrieval.embed import embed_records, evaluate_records
 from retrieval.encoder import load_encoder
 from retrieval.errors import RetrievalError
-from retrieval.embed import embed_records, evaluate_records
 from retrieval.metrics import rank_leave_one_out, ranking_metrics
 
 

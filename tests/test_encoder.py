@@ -133,7 +133,8 @@ def test_pca_head_ranks_unseen_images_as_the_trunk_does_on_a_low_rank_toy_proble
     with torch.no_grad():
         low_rank.weight.copy_(torch.randn(32, 6, generator=generator) @ torch.randn(6, 32, generator=generator))
     encoder.visual = torch.nn.Sequential(encoder.visual, low_rank)
-    fit_images, images = torch.randn(20, 3, 32, 32, generator=generator), torch.randn(12, 3, 32, 32, generator=generator)
+    fit_images = torch.randn(20, 3, 32, 32, generator=generator)
+    images = torch.randn(12, 3, 32, 32, generator=generator)
 
     def rankings(embed):
         with torch.no_grad():

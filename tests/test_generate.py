@@ -74,14 +74,14 @@ def test_files_are_cub_format(tmp_path):
     class_folder = {int(r[0]): r[1] for r in classes}
     assert all(re.fullmatch(rf"{i:03d}\.[A-Z][a-z]+(_[A-Z][a-z]+)+", name) for i, name in class_folder.items())
     assert len(set(class_folder.values())) == 4
-    for (image_id, rel), (_, class_id), (_, is_train), (_, *box) in zip(images, labels, split, boxes):
+    for (_image_id, rel), (_, class_id), (_, is_train), (_, *box) in zip(images, labels, split, boxes, strict=True):
         assert rel.split("/")[0] == class_folder[int(class_id)]
         assert (root / "images" / rel).is_file()
         assert is_train in ("0", "1")
         x, y, w, h = map(float, box)
         assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 64 + 1e-6 and y + h <= 64 + 1e-6
     per_class_train = {}
-    for (_, class_id), (_, is_train) in zip(labels, split):
+    for (_, class_id), (_, is_train) in zip(labels, split, strict=True):
         per_class_train.setdefault(class_id, []).append(int(is_train))
     assert all(sum(v) == 2 for v in per_class_train.values())  # half of each class is CUB's "training image"
     marker = json.loads((root / "generate.json").read_text())
@@ -126,7 +126,7 @@ def test_classes_differ_subtly_instances_differ_a_lot():
         image = np.asarray(render_bird(bird, scene, 64)[0], dtype=np.float32)
         other_scene = sample_scene(np.random.default_rng([11, i, 1]))
         instance_change.append(np.abs(image - np.asarray(render_bird(bird, other_scene, 64)[0], np.float32)).mean())
-        for axis, values in zip(axes, generate._AXES):
+        for axis, values in zip(axes, generate._AXES, strict=True):
             variant = dataclasses.replace(bird, **{axis: (getattr(bird, axis) + 1) % len(values)})
             attribute_change.append(np.abs(image - np.asarray(render_bird(variant, scene, 64)[0], np.float32)).mean())
     assert min(attribute_change) > 0  # every attribute is visible

@@ -197,10 +197,10 @@ def test_circle_loss_decreases_as_sp_rises_and_sn_falls():
     loss_fn = CircleLoss()
     sweep = torch.linspace(-1, 1, 41).tolist()
     along_sp = [_loss_at(loss_fn, [s], [0.3]) for s in sweep]
-    assert all(a > b for a, b in zip(along_sp, along_sp[1:]))
+    assert all(a > b for a, b in zip(along_sp, along_sp[1:], strict=False))
     # The value's slope in s_n is gamma * a_n * 2 s_n (weights included), positive for s_n > 0 ...
     along_sn = [_loss_at(loss_fn, [0.5], [s]) for s in torch.linspace(0, 1, 21).tolist()]
-    assert all(a < b for a, b in zip(along_sn, along_sn[1:]))
+    assert all(a < b for a, b in zip(along_sn, along_sn[1:], strict=False))
     # ... while the optimisation direction (weights detached) always raises s_p and lowers s_n.
     for s_p, s_n in [(-0.9, -0.3), (0.0, -0.2), (0.5, 0.1), (0.95, 0.9), (0.2, 0.6)]:
         sim, pos, neg = _one_anchor([s_p], [s_n])
@@ -235,8 +235,8 @@ def test_larger_gamma_approaches_the_hardest_pair():
         gaps.append(gap)
         g_neg = sim.grad[0, 1 + len(s_pos) :].abs()
         shares.append(float(g_neg[0] / g_neg.sum()))  # s_n = 0.35 is the hardest negative
-    assert all(a > b for a, b in zip(gaps, gaps[1:]))
-    assert all(a < b for a, b in zip(shares, shares[1:])) and shares[-1] > 0.999
+    assert all(a > b for a, b in zip(gaps, gaps[1:], strict=False))
+    assert all(a < b for a, b in zip(shares, shares[1:], strict=False)) and shares[-1] > 0.999
 
 
 # ---------------------------------------------------------------- numerics

@@ -34,8 +34,8 @@ def _labels_with_singletons(n: int, seed: int) -> np.ndarray:
 def _brute_ranking(queries, database, exclude_self: bool) -> list[list[tuple[float, int]]]:
     rankings = []
     for i, q in enumerate(queries):
-        pairs = [(float(sum(float(a) * float(b) for a, b in zip(q, d))), j) for j, d in enumerate(database)
-                 if not (exclude_self and i == j)]
+        pairs = [(float(sum(float(a) * float(b) for a, b in zip(q, d, strict=True))), j)
+                 for j, d in enumerate(database) if not (exclude_self and i == j)]
         rankings.append(sorted(pairs, key=lambda p: (-p[0], p[1])))
     return rankings
 
@@ -89,7 +89,7 @@ def test_query_database_search_matches_brute_force(block):
     queries, database = _integer_embeddings(11, 3, seed=2), _integer_embeddings(23, 3, seed=3)
     scores, indices = knn_search(queries, database, 6, block=block)
     for i, ranking in enumerate(_brute_ranking(queries, database, exclude_self=False)):
-        assert [(float(s), int(j)) for s, j in zip(scores[i], indices[i])] == ranking[:6]
+        assert [(float(s), int(j)) for s, j in zip(scores[i], indices[i], strict=True)] == ranking[:6]
 
 
 def test_symmetric_shortcut_equals_the_general_path():

@@ -237,8 +237,8 @@ def test_eval_db_with_an_approximate_index_reports_exact_search_and_the_gap(tiny
 def test_eval_dataset_shares_finetunes_numbers_and_writes_a_compared_report(tiny_run, tmp_path):
     from retrieval.data import load_records, split_records
     from retrieval.data.generate import GenerateConfig, make_dataset
-    from retrieval.encoder import load_encoder
     from retrieval.embed import evaluate_records
+    from retrieval.encoder import load_encoder
 
     data = Path(make_dataset(GenerateConfig(tmp_path / "birds", classes=4, per_class=4, size=32)).root)
     other = tmp_path / "run"
