@@ -72,7 +72,7 @@ def test_cub_reads_labels_names_and_split(tmp_path):
     root = make_cub(tmp_path / "CUB_200_2011")
     records = read_cub(root)
     assert len(records) == 12
-    lines = (root / "images.txt").read_text().split("\n")
+    lines = (root / "images.txt").read_text().splitlines()
     for record, line in zip(records, lines, strict=True):  # images.txt order, absolute existing paths
         image_id, rel = line.split()
         assert record.path == root / "images" / rel and record.path.is_absolute() and record.path.is_file()
