@@ -54,6 +54,7 @@ from .encoder.model import init_head
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
 from .finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES, FinetuneConfig
+from .interrupt import sigint_latch
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
 from .metrics import rank_leave_one_out, ranking_metrics
 from .pairs import hardest_pairs
@@ -410,12 +411,14 @@ class Trainer:
             self._init_head()
         start = time.perf_counter()
         try:
-            if not self.state.history:
-                self._end_epoch(0, {"loss": None, "train_seconds": None, "images_per_s": None})
-            for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
-                if self._stopped_early():
-                    break
-                self._end_epoch(epoch, self._train_epoch(epoch))
+            with sigint_latch() as check_interrupt:
+                if not self.state.history:
+                    self._end_epoch(0, {"loss": None, "train_seconds": None, "images_per_s": None})
+                for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+                    check_interrupt()
+                    if self._stopped_early():
+                        break
+                    self._end_epoch(epoch, self._train_epoch(epoch, check_interrupt))
         except KeyboardInterrupt:
             if ctx.main:
                 self._save_checkpoint()
@@ -443,8 +446,11 @@ class Trainer:
         assert self.wrapped is not None
         return self.wrapped
 
-    def _train_epoch(self, epoch: int) -> dict:
-        """Train one epoch (or what is left of it): mean batch loss over all ranks, seconds, images/s."""
+    def _train_epoch(self, epoch: int, check_interrupt: Callable[[], None]) -> dict:
+        """Train one epoch (or what is left of it): mean batch loss over all ranks, seconds, images/s.
+
+        `check_interrupt` runs before each step, so a Ctrl-C that Python swallowed still stops the run there.
+        """
         cfg, ctx, state = self.cfg, self.ctx, self.state
         model = self._set_backbone_trainable(epoch > cfg.freeze_backbone_epochs)
         train_mode(self.step_module, freeze_bn=cfg.freeze_bn)
@@ -460,6 +466,7 @@ class Trainer:
         start, done_here = time.perf_counter(), 0
         with bar:
             for images, labels, _ in loader:
+                check_interrupt()
                 state.partial_loss += train_step(model, images, self.label_map[labels], self.optimizer,
                                                  self.scheduler, device=ctx.device, amp=self.amp)
                 state.step += 1

@@ -245,8 +245,9 @@ def _finetune_args(data: Path, tiny_dir: Path, out: Path, *extra: str) -> list[s
 @pytest.mark.slow
 def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(*_finetune_args(data, tiny_dir, out, "--epochs", "1000")), cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(*_finetune_args(data, tiny_dir, out, "--epochs", "1000")), cwd=ROOT,
+                            env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         log = out / "train.log"
         deadline = time.monotonic() + 240
@@ -254,7 +255,11 @@ def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_p
             assert time.monotonic() < deadline, "no epoch finished within 240 s"
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:   # show where it hangs: faulthandler dumps every thread on SIGABRT
+            proc.send_signal(signal.SIGABRT)
+            pytest.fail(f"no exit within 120 s of SIGINT; stderr:\n{proc.communicate()[1][-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 1, err
