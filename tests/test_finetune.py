@@ -259,7 +259,7 @@ def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_p
             _, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:   # show where it hangs: faulthandler dumps every thread on SIGABRT
             proc.send_signal(signal.SIGABRT)
-            pytest.fail(f"no exit within 120 s of SIGINT; stderr:\n{proc.communicate()[1][-6000:]}")
+            pytest.fail(f"no exit within 120 s of SIGINT; stderr:\n{proc.communicate(timeout=30)[1][-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode == 1, err
