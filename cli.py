@@ -143,7 +143,7 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
     that cannot be reached (unlistable, a dangling link) are kept. The label of an image is its first
     folder below FOLDER.
     """
-    from indexer.pipeline import IndexConfig, prefer_passive_openmp, run_index
+    from indexer.build.pipeline import IndexConfig, prefer_passive_openmp, run_index
 
     prefer_passive_openmp()   # before the pipeline imports torch
     from retrieval.data.decode import DEFAULT_MAX_PIXELS
@@ -201,7 +201,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     from stdin; all queries share one model load. Each image is decoded and preprocessed exactly as the
     indexer did, and embedded with the encoder recorded in the DB.
     """
-    from indexer.image_query import QueryConfig, expand_queries, run_query, write_query_html
+    from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
     results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device))
@@ -253,7 +253,7 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     `index` run commits, answers follow the new state within about a second, without restart.
     """
     try:
-        from indexer.serve import ServeConfig, run_server
+        from indexer.serve.app import ServeConfig, run_server
     except ImportError as exc:
         raise click.ClickException(f"serve needs FastAPI, uvicorn and python-multipart: "
                                    f"pip install -e \".[cpu,serve]\" ({exc})") from None

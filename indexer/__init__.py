@@ -4,14 +4,13 @@ Data flows one way through the project; `indexer` holds the stages from the fold
 
     files -> decode -> encode -> LMDB -> FAISS -> search -> query / eval / serve
 
-    scan.py, plan.py   files: walk a folder (stat only), compare it with the DB
-    encode.py          decode workers -> the `retrieval` encoder -> batches for the store (ray_encode.py: on Ray)
-    store.py           LMDB, the source of truth (byte layouts in layout.py)
-    ann.py             FAISS, derived from LMDB and keyed by its ids
-    search.py          SearchIndex, the one way to read an index
-    image_query.py     query; eval_db.py: eval --db; demo.py: every step in one command
-    serve.py           serve: HTTP API + page over serve_engine.py (encoder + SearchIndex, batcher.py)
+    store/    what an index is: LMDB (lmdb_store.py, byte layouts in layout.py), FAISS derived from it (ann.py),
+              SearchIndex, the one way to read an index (search.py), the readers' shared helpers (read.py)
+    build/    how an index is filled: walk a folder (scan.py), compare it with the DB (plan.py), decode + encode
+              (encode.py; ray_encode.py on Ray), the whole `index` run (pipeline.py)
+    serve/    `serve`: the HTTP API + page (app.py) over the engine (engine.py) and its micro-batcher (batcher.py)
+    query.py, eval_db.py, demo.py   the commands over store/ (and demo over everything)
 
-`pipeline.run_index` drives files -> ... -> FAISS. `indexer` uses `retrieval` (decoding, the encoder, metrics,
-reports), never the reverse.
+build/ and serve/ import store/, never each other; the commands import any of them; `indexer` uses `retrieval`
+(decoding, the encoder, metrics, reports), never the reverse (tests/test_layers.py).
 """

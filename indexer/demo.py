@@ -26,7 +26,7 @@ from retrieval.errors import DataError
 from retrieval.eval_config import DEFAULT_KS
 
 if TYPE_CHECKING:  # the steps import their heavy modules when they run
-    from indexer.image_query import QueryResult
+    from indexer.query import QueryResult
     from retrieval.data.generate import GeneratedSet
     from retrieval.eval_dataset import EvalResult
     from retrieval.metrics import Metrics
@@ -153,7 +153,7 @@ def _finetune(cfg: DemoConfig, data: GeneratedSet, out: Path, progress: bool) ->
 
 def _index(cfg: DemoConfig, data: GeneratedSet, run_dir: Path, out: Path, progress: bool) -> Path:
     """Index a folder holding only the test classes: one relative symbolic link per class folder."""
-    from indexer.pipeline import IndexConfig, run_index
+    from indexer.build.pipeline import IndexConfig, run_index
     from retrieval.data import load_records, split_records
 
     images = data.root / "images"
@@ -177,7 +177,7 @@ def _evaluate_index(cfg: DemoConfig, db: Path, out: Path) -> EvalResult:
 
 def _query(cfg: DemoConfig, db: Path, out: Path) -> list[QueryResult]:
     """New pictures of test classes (drawn with another seed, so not in the index) as example queries."""
-    from indexer.image_query import QueryConfig, expand_queries, run_query, write_query_html
+    from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
     from retrieval.data import load_records, split_records
     from retrieval.data.generate import GenerateConfig, make_dataset
 

@@ -22,7 +22,7 @@ from retrieval.metrics import neighbour_width, rank_leave_one_out, ranking_metri
 from retrieval.report import Ranking, load_comparison
 
 if TYPE_CHECKING:
-    from .search import SearchIndex
+    from indexer.store.search import SearchIndex
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class DbEvalConfig:
 
 def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
     """Leave-one-out Recall@K, MAP@R, R-Precision of the DB's labelled items, through its FAISS index."""
-    from .search import SearchIndex
+    from indexer.store.search import SearchIndex
 
     if cfg.compare is not None:
         load_comparison(cfg.compare)  # fail before the slow part

@@ -23,6 +23,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 _TEMP_MARK = ".tmp-"
 
@@ -95,3 +96,13 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     fsync(path.parent)
+
+
+def save_figure(fig: Any, png: Path) -> Path:
+    """Write a matplotlib figure atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(png, suffix=png.suffix) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return png

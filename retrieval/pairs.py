@@ -55,7 +55,7 @@ def plot_pairs(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], png: Path, *
     import matplotlib.pyplot as plt
     from matplotlib.patches import Circle
 
-    from .run_dir import save_figure
+    from .files import save_figure
 
     names = list(panels)
     if len(names) > _MAX_PANELS:

@@ -1,6 +1,6 @@
 """The run directory of a fine-tune run: what it holds on disk and how each file is written.
 
-    model.safetensors + encoder.json   the kept epoch's encoder (see retrieval.encoder.rundir)
+    model.safetensors + encoder.json   the kept epoch's encoder (see retrieval.encoder.saved)
     fingerprint                        that encoder's fingerprint, one line
     last.pt                            the state to resume from (tensors and plain values only)
     metrics.json                       the configuration and every epoch's figures
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RetrievalError
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, save_figure, write_text_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -126,16 +126,6 @@ class RunDir:
 
         return {e: (np.asarray(v["s_n"], dtype=np.float32), np.asarray(v["s_p"], dtype=np.float32))
                 for e, v in epochs.items()}
-
-
-def save_figure(fig: Any, png: Path) -> Path:
-    """Write a matplotlib figure atomically and close it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_path(png, suffix=png.suffix) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return png
 
 
 def plot_curves(history: list[dict], png: Path) -> Path:

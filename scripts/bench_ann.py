@@ -71,7 +71,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.no_ivf:
-        from indexer.ann import choose_factory, ivf_params  # noqa: PLC0415 - script run from the repo root
+        from indexer.store.ann import choose_factory, ivf_params  # noqa: PLC0415 - script run from the repo root
 
         n = max(sizes)
         flat = faiss.IndexFlatIP(args.dim)

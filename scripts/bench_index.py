@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 def _photos(source: Path | None) -> list[np.ndarray]:
     """Source photos: JPEGs under --source, else scikit-image's bundled colour photographs."""
     if source is not None:
-        from indexer.scan import scan_folder
+        from indexer.build.scan import scan_folder
 
         files = scan_folder(source).files
         picks = np.linspace(0, len(files) - 1, min(64, len(files))).astype(int)
@@ -108,8 +108,8 @@ def encoder_rate(model: str, folder: Path, n: int, batch_size: int) -> tuple[flo
     `index`)."""
     import torch
 
-    from indexer.encode import Embedder
-    from indexer.scan import scan_folder
+    from indexer.build.encode import Embedder
+    from indexer.build.scan import scan_folder
     from retrieval.data.decode import load_image
     from retrieval.encoder import load_encoder
 
@@ -138,7 +138,7 @@ def _cli_index(folder: Path, db: Path, model: str, batch_size: int, workers: int
 def peak_rss(folder: Path, db: Path, model: str, batch_size: int, workers: int | None) -> dict:
     """Peak RSS (MiB) of a fresh `index` process over `folder`: its main process and its largest worker."""
     code = (
-        "import json, resource, sys; from pathlib import Path; from indexer.pipeline import IndexConfig, "
+        "import json, resource, sys; from pathlib import Path; from indexer.build.pipeline import IndexConfig, "
         "run_index\n"
         f"s = run_index(IndexConfig(folder=Path({str(folder)!r}), db_dir=Path({str(db)!r}), model={model!r}, "
         f"batch_size={batch_size}, workers={workers}))\n"
@@ -176,7 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     size = tuple(int(v) for v in args.size.split("x"))
-    from indexer.pipeline import IndexConfig, prefer_passive_openmp, run_index
+    from indexer.build.pipeline import IndexConfig, prefer_passive_openmp, run_index
 
     prefer_passive_openmp()   # as `cli.py index` does, before torch is imported
     import torch

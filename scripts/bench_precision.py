@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.encode import Embedder
-from indexer.scan import scan_folder
+from indexer.build.encode import Embedder
+from indexer.build.scan import scan_folder
 from retrieval.data.decode import load_image
 from retrieval.encoder import load_encoder
 

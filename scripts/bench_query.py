@@ -30,7 +30,7 @@ FORWARD = """
 import sys, time
 from retrieval.data.decode import load_image
 from retrieval.encoder import load_encoder
-from indexer.image_query import embed_images
+from indexer.store.read import embed_images
 encoder = load_encoder(sys.argv[1])
 image = load_image(sys.argv[2], draft_size=encoder.config.resize_size).image
 start = time.perf_counter()
@@ -41,9 +41,9 @@ print(time.perf_counter() - start)
 
 def build_db(db: Path, n: int, model: str, *, batch: int = 10_000, seed: int = 0) -> dict:
     """An index DB of `n` random unit vectors bound to `model`'s fingerprint, with its FAISS index."""
-    from indexer import ann
-    from indexer.layout import EncoderInfo, NewItem
-    from indexer.store import Store
+    from indexer.store import ann
+    from indexer.store.layout import EncoderInfo, NewItem
+    from indexer.store.lmdb_store import Store
     from retrieval.encoder import load_encoder
 
     encoder = load_encoder(model)
@@ -65,7 +65,7 @@ def build_db(db: Path, n: int, model: str, *, batch: int = 10_000, seed: int = 0
 
 def _reusable(db: Path, n: int, model: str) -> bool:
     """True when `db` already holds n items bound to the current weights of `model`."""
-    from indexer.store import Store
+    from indexer.store.lmdb_store import Store
     from retrieval.encoder import load_encoder
     from retrieval.errors import IndexStoreError
 

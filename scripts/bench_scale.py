@@ -67,8 +67,8 @@ def _vectors(n: int, seed: int) -> np.ndarray:
 
 def write_db(db: Path, n: int, start: int = 0, batch: int = 10_000) -> None:
     """Commit n synthetic items (ids and paths from `start`) through the store API."""
-    from indexer.layout import EncoderInfo, NewItem
-    from indexer.store import Store
+    from indexer.store.layout import EncoderInfo, NewItem
+    from indexer.store.lmdb_store import Store
 
     with Store.open(db, readonly=False) as store:
         store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 224), str(db.parent / "images"), reembed=False)
@@ -116,8 +116,8 @@ def _scan_rel(j: int, new: bool = False) -> str:
 
 def write_scan_db(db: Path, n: int, batch: int = 20_000) -> None:
     """Commit n items with the synthetic tree's paths (all with size 50,000 and mtime 1) through the store API."""
-    from indexer.layout import EncoderInfo, NewItem
-    from indexer.store import Store
+    from indexer.store.layout import EncoderInfo, NewItem
+    from indexer.store.lmdb_store import Store
 
     vector = np.full(SCAN_DIM, 0.5, dtype=np.float32)
     with Store.open(db, readonly=False) as store:
@@ -150,8 +150,8 @@ def synthetic_walk(n: int) -> Iterator:
 
 def scan_step(name: str, db: Path, n: int) -> dict:
     """The scan + plan of `index` over the synthetic tree against the DB, measured in this (fresh) process."""
-    from indexer import pipeline, scan
-    from indexer.store import Store
+    from indexer.build import pipeline, scan
+    from indexer.store.lmdb_store import Store
 
     scan.walk = lambda root: synthetic_walk(n)  # the walker boundary: everything past it is the real code
     cfg = pipeline.IndexConfig(folder=db.parent / "tree", db_dir=db)
@@ -195,9 +195,9 @@ def bench_scan(work: Path, sizes: list[int]) -> list[dict]:
 
 def step(name: str, db: Path, kind: str, items: int) -> dict:
     """One measured step, run in this (fresh) process."""
-    from indexer import ann
-    from indexer.search import SearchIndex
-    from indexer.store import Store
+    from indexer.store import ann
+    from indexer.store.lmdb_store import Store
+    from indexer.store.search import SearchIndex
 
     if name.startswith("scan"):
         return scan_step(name, db, items)
@@ -296,7 +296,7 @@ def bench_ray(work: Path, images: int, rounds: int, by_process: bool = False) ->
 def _timed_index(folder: Path, db: Path, images: int, extra: list[str], by_process: bool = False) -> dict:
     """`python cli.py index` in a subprocess, the DB polled from here: the steady rate is images/s between
     10% and 90% committed (start-up, model loading and the last batches left out)."""
-    from indexer.store import Store
+    from indexer.store.lmdb_store import Store
     from retrieval.errors import IndexStoreError
 
     cmd = [sys.executable, "cli.py", "index", str(folder), "--db", str(db), "--batch-size", "16", "--json", *extra]

@@ -27,7 +27,7 @@ def main() -> None:
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    from indexer.pipeline import IndexConfig, run_index
+    from indexer.build.pipeline import IndexConfig, run_index
     from retrieval.data.generate import GenerateConfig, make_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

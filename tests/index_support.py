@@ -52,7 +52,7 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 6, seed: int = 0)
 
 def db_state(db_dir: Path) -> dict[str, tuple]:
     """relpath -> (record without id, embedding) of every item, read through the public snapshot API."""
-    from indexer.store import Store
+    from indexer.store.lmdb_store import Store
 
     with Store.open(db_dir) as store, store.snapshot() as snap:
         ids = snap.ids()
@@ -68,8 +68,8 @@ def db_state(db_dir: Path) -> dict[str, tuple]:
 def full_state(db_dir: Path) -> tuple[dict, dict]:
     """(db_state, relpath -> (reason, transient) of every failure), after checking that the DB holds no
     leftover: every path, hash and embedding chunk belongs to a live item, and the ids digest is right."""
-    from indexer.layout import id_key, ids_digest
-    from indexer.store import Store
+    from indexer.store.layout import id_key, ids_digest
+    from indexer.store.lmdb_store import Store
 
     with Store.open(db_dir) as store, store.snapshot() as snap:
         ids = snap.ids()
@@ -98,8 +98,8 @@ def assert_ann_matches_lmdb(db_dir: Path) -> None:
     """ann.faiss holds exactly LMDB's ids, each with LMDB's embedding."""
     import faiss
 
-    from indexer import ann
-    from indexer.store import Store
+    from indexer.store import ann
+    from indexer.store.lmdb_store import Store
 
     index = ann.load_ann(db_dir, mmap=False)
     ivf = faiss.try_extract_index_ivf(index)
@@ -128,7 +128,7 @@ def wait_for_items(db: Path, proc: subprocess.Popen, at_least: int, timeout: flo
 
     Returns early (with what it saw) if the process ends first.
     """
-    from indexer.store import Store
+    from indexer.store.lmdb_store import Store
     from retrieval.errors import IndexStoreError
 
     deadline = time.monotonic() + timeout

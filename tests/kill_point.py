@@ -26,7 +26,7 @@ def _die() -> None:
 
 
 def arm(point: str) -> None:
-    from indexer import store
+    from indexer.store import lmdb_store as store
 
     if point == "begin_run":
         real_begin = store.Store.begin_run
@@ -43,7 +43,7 @@ def arm(point: str) -> None:
 
         store.Store.begin_run = begin_run
     elif point in ("removals", "removals_2nd"):
-        from indexer import pipeline
+        from indexer.build import pipeline
 
         nth = 1 if point == "removals" else 2
         pipeline.REMOVE_BATCH = 4 if nth == 2 else pipeline.REMOVE_BATCH

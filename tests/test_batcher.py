@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from indexer.batcher import Busy, MicroBatcher
+from indexer.serve.batcher import Busy, MicroBatcher
 
 
 def _recording(sizes: list[int], delay: float = 0.0):

@@ -31,6 +31,7 @@ from retrieval.finetune import (
 )
 from retrieval.finetune_config import AUTO_LOCKED, FinetuneConfig, default
 from retrieval.run_dir import CHECKPOINT
+from tests.signals import default_sigint
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ("model.safetensors", "encoder.json", "fingerprint", "metrics.json", "train.log", "curves.png", CHECKPOINT)
@@ -247,7 +248,7 @@ def test_sigint_to_the_cli_saves_state_and_resume_finishes(data, tiny_dir, tmp_p
     out = tmp_path / "run"
     proc = subprocess.Popen(_cli(*_finetune_args(data, tiny_dir, out, "--epochs", "1000")), cwd=ROOT,
                             env={**ENV, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=default_sigint)  # as from a terminal, even if pytest ignores it
     try:
         log = out / "train.log"
         deadline = time.monotonic() + 240

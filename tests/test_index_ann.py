@@ -1,4 +1,4 @@
-"""indexer.ann at scale, checked against exact search: the choice of `auto`, a bounded training sample,
+"""indexer.store.ann at scale, checked against exact search: the choice of `auto`, a bounded training sample,
 updates that leave a large file lagging (searched around in bounded chunks), drift, IVF-PQ re-ranking."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer import ann
-from indexer.layout import EncoderInfo, NewItem, path_key
-from indexer.search import SearchIndex
-from indexer.store import Store
+from indexer.store import ann
+from indexer.store.layout import EncoderInfo, NewItem, path_key
+from indexer.store.lmdb_store import Store
+from indexer.store.search import SearchIndex
 from tests.index_support import assert_ann_matches_lmdb
 
 DIM = 32

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from indexer.layout import ids_digest
-from indexer.pipeline import IndexConfig, run_index
-from indexer.search import SearchIndex
-from indexer.store import Store
+from indexer.build.pipeline import IndexConfig, run_index
+from indexer.store.layout import ids_digest
+from indexer.store.lmdb_store import Store
+from indexer.store.search import SearchIndex
 from tests.index_support import (
     assert_ann_matches_lmdb,
     assert_same_state,

@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 import cli
-from indexer import encode
-from indexer.layout import KEY_PREFIX, path_key
-from indexer.pipeline import IndexConfig, run_index
-from indexer.search import SearchIndex
-from indexer.store import Store
+from indexer.build import encode
+from indexer.build.pipeline import IndexConfig, run_index
+from indexer.store.layout import KEY_PREFIX, path_key
+from indexer.store.lmdb_store import Store
+from indexer.store.search import SearchIndex
 from retrieval.errors import IndexStoreError
 from tests.index_support import assert_ann_matches_lmdb, assert_same_state, db_state, make_folder, write_image
 
@@ -183,7 +183,7 @@ def test_a_schema_1_db_is_migrated_in_place(tmp_path, tiny_run_dir):
     """Schema 1 stored paths of 481-511 bytes whole; the migration re-keys them and adds the uuid."""
     import lmdb
 
-    from indexer.layout import Header
+    from indexer.store.layout import Header
 
     folder, db = tmp_path / "images", tmp_path / "db"
     make_folder(folder, classes=2, per_class=2)
@@ -242,8 +242,8 @@ def test_a_vanished_subtree_is_kept_and_mass_removal_needs_confirmation(tmp_path
 
 def test_an_unlistable_folder_keeps_its_items(tmp_path, tiny_run_dir):
     """A folder that cannot be listed (mode 000; as root the scan runs as `nobody`, who is refused)."""
-    from indexer.plan import make_plan
-    from indexer.scan import FileEntry, ScanFailure, Unreachable, scan_stream
+    from indexer.build.plan import make_plan
+    from indexer.build.scan import FileEntry, ScanFailure, Unreachable, scan_stream
 
     base = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
@@ -340,7 +340,7 @@ def test_file_names_that_are_not_utf8_are_indexed_shown_escaped_and_found(tmp_pa
 
 
 def test_chunks_of_deleted_rows_are_compacted(tmp_path):
-    from indexer.layout import EncoderInfo, NewItem
+    from indexer.store.layout import EncoderInfo, NewItem
 
     db = tmp_path / "db"
     rng = np.random.default_rng(0)

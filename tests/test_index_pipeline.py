@@ -12,11 +12,11 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from indexer import ann
-from indexer.layout import NewItem
-from indexer.pipeline import IndexConfig, run_index
-from indexer.search import SearchIndex
-from indexer.store import Store
+from indexer.build.pipeline import IndexConfig, run_index
+from indexer.store import ann
+from indexer.store.layout import NewItem
+from indexer.store.lmdb_store import Store
+from indexer.store.search import SearchIndex
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 from tests.index_support import (
     assert_ann_matches_lmdb,
@@ -130,7 +130,7 @@ def test_bad_files_are_skipped_recorded_and_indexed_once_fixed(tmp_path, tiny_ru
 def test_unreadable_file_is_skipped(tmp_path, tiny_run_dir):
     """A file without read permission. Root reads regardless of permissions, so as root the read runs with
     the effective uid of `nobody` (world-traversable folder, file mode 000)."""
-    from indexer.encode import _Files
+    from indexer.build.encode import ImageFiles
 
     base = Path(tempfile.mkdtemp(dir="/tmp"))
     try:
@@ -144,9 +144,9 @@ def test_unreadable_file_is_skipped(tmp_path, tiny_run_dir):
                                                     "reason": "cannot read file: Permission denied",
                                                     "transient": False}]
             return
-        from indexer.scan import scan_folder
+        from indexer.build.scan import scan_folder
 
-        files = _Files(base, scan_folder(base).files, lambda image: image, 32, 10**6)
+        files = ImageFiles(base, scan_folder(base).files, lambda image: image, 32, 10**6)
         os.seteuid(65534)
         try:
             loaded = files[0]
@@ -269,7 +269,7 @@ def test_an_empty_folder_does_not_wipe_a_db_unless_allowed(tmp_path, tiny_run_di
 def test_reduced_precision_is_kept_only_when_close_to_fp32(tiny_run_dir):
     import torch
 
-    from indexer.encode import MIN_COSINE, Embedder
+    from indexer.build.encode import MIN_COSINE, Embedder
     from retrieval.encoder import load_encoder
 
     encoder = load_encoder(str(tiny_run_dir))
@@ -294,7 +294,7 @@ def test_workers_hand_over_uint8_and_the_batch_step_gives_the_same_values(tmp_pa
     import torch
     from PIL import Image
 
-    from indexer.encode import split_transform
+    from indexer.build.encode import split_transform
     from retrieval.encoder import load_encoder
 
     transform = load_encoder(str(tiny_run_dir)).eval_transform()
@@ -316,7 +316,7 @@ def test_unknown_ann_kind_fails_before_any_encoding(tmp_path, tiny_run_dir):
 def test_removals_and_scan_failures_commit_in_bounded_transactions(tmp_path, tiny_run_dir, monkeypatch):
     """More removals (and scan failures) than one transaction takes: several transactions, the same DB as a
     fresh index of the folder."""
-    from indexer import pipeline
+    from indexer.build import pipeline
 
     folder, db = tmp_path / "images", tmp_path / "db"
     rels = make_folder(folder, classes=3, per_class=6)
@@ -340,9 +340,9 @@ def test_removals_and_scan_failures_commit_in_bounded_transactions(tmp_path, tin
 def test_the_files_to_encode_are_taken_one_batch_at_a_time(tmp_path, tiny_run_dir, monkeypatch):
     """encode_files takes its files from an iterator as the decode workers need them (the workers receive
     them batch by batch): at every commit, only a few batches have been taken beyond what is committed."""
-    from indexer.encode import _PREFETCH, Embedder, encode_files
-    from indexer.layout import EncoderInfo
-    from indexer.scan import scan_folder
+    from indexer.build.encode import _PREFETCH, Embedder, encode_files
+    from indexer.build.scan import scan_folder
+    from indexer.store.layout import EncoderInfo
     from retrieval.encoder import load_encoder
 
     folder = tmp_path / "images"

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.encode import Committer, _Loaded
-from indexer.layout import EncoderInfo
-from indexer.pipeline import IndexConfig, IndexSummary, run_index
-from indexer.ray_encode import RAY_SYSTEM_CONFIG, ActorReport, RayPlan, _actor_env, encode_files_ray, plan_actors
-from indexer.scan import FileEntry, scan_folder
-from indexer.store import Store
+from indexer.build.encode import Committer, Loaded
+from indexer.build.pipeline import IndexConfig, IndexSummary, run_index
+from indexer.build.ray_encode import RAY_SYSTEM_CONFIG, ActorReport, RayPlan, _actor_env, encode_files_ray, plan_actors
+from indexer.build.scan import FileEntry, scan_folder
+from indexer.store.layout import EncoderInfo
+from indexer.store.lmdb_store import Store
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 from retrieval.encoder import load_encoder
 from tests.index_support import (
@@ -51,7 +51,7 @@ def test_a_file_the_encode_step_has_no_embedding_for_is_left_to_the_caller(tmp_p
     """Committer.take (both paths' commit step) stores what it has and hands back what it has not."""
     db = tmp_path / "db"
     todo = [FileEntry(f"c/{i}.jpg", 10, 1, 1) for i in range(3)]
-    loaded = [_Loaded(i, content_hash=bytes([i]) * 16, size=10, mtime_ns=1, width=4, height=4) for i in range(3)]
+    loaded = [Loaded(i, content_hash=bytes([i]) * 16, size=10, mtime_ns=1, width=4, height=4) for i in range(3)]
     vectors = np.eye(3, dtype=np.float32)
     with Store.open(db, readonly=False) as store:
         store.begin_run(EncoderInfo("test", "f" * 64, 3, 8), str(tmp_path), reembed=False)
@@ -270,7 +270,7 @@ def _encode_actors() -> list[int]:
 
 
 def _count(db: Path) -> int:
-    from indexer.store import Store
+    from indexer.store.lmdb_store import Store
 
     with Store.open(db) as store, store.snapshot() as snap:
         return snap.count()

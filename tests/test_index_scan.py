@@ -1,4 +1,4 @@
-"""indexer.scan (stat-only walk, streamed in key order) and indexer.plan (what changed since the last run).
+"""indexer.build.scan (stat-only walk, streamed in key order) and indexer.build.plan (what changed since the last run).
 
 The streamed plan is checked against the plan as it was made before it streamed (whole scan sorted in memory,
 then merged with the DB's lists): `_reference_scan` and `_reference_plan` below keep that logic only here.
@@ -15,10 +15,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from indexer import plan as plan_module
-from indexer.layout import KEY_PREFIX, EncoderInfo, Failure, NewItem, PathState, path_key
-from indexer.plan import make_plan
-from indexer.scan import (
+from indexer.build import plan as plan_module
+from indexer.build.plan import make_plan
+from indexer.build.scan import (
     FileEntry,
     ScanFailure,
     ScanResult,
@@ -28,7 +27,8 @@ from indexer.scan import (
     scan_stream,
     scanned,
 )
-from indexer.store import Store
+from indexer.store.layout import KEY_PREFIX, EncoderInfo, Failure, NewItem, PathState, path_key
+from indexer.store.lmdb_store import Store
 from retrieval.data.folder import IMAGE_EXTENSIONS
 from retrieval.data.walk import Found, walk
 from retrieval.errors import IndexStoreError

@@ -1,4 +1,4 @@
-"""indexer.store: LMDB records, embedding chunks, ids digest, map growth, writer lock, encoder binding."""
+"""indexer.store.lmdb_store: LMDB records, embedding chunks, ids digest, map growth, writer lock, encoder binding."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.layout import EncoderInfo, Failure, NewItem, ids_digest
-from indexer.store import Store
+from indexer.store.layout import EncoderInfo, Failure, NewItem, ids_digest
+from indexer.store.lmdb_store import Store
 from retrieval.errors import IndexStoreError
 
 ENC = EncoderInfo("tiny", "a" * 64, 4, 32)
@@ -112,7 +112,7 @@ def test_a_forked_child_does_not_hold_the_writer_lock(tmp_path):
         signal.pause()
         os._exit(0)
     try:
-        probe = [sys.executable, "-c", "import sys; from indexer.store import Store; "
+        probe = [sys.executable, "-c", "import sys; from indexer.store.lmdb_store import Store; "
                  "Store.open(sys.argv[1], readonly=False).close()", str(tmp_path)]
         held = subprocess.run(probe, capture_output=True, text=True, cwd=Path(__file__).parents[1])
         assert held.returncode != 0 and f"locked: another index run (pid {os.getpid()})" in held.stderr

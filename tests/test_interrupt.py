@@ -9,6 +9,7 @@ import time
 import pytest
 
 from retrieval.interrupt import sigint_latch
+from tests.signals import ctrl_c_raises
 
 
 def _sigint_and_wait() -> None:
@@ -16,6 +17,13 @@ def _sigint_and_wait() -> None:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:   # the handler runs at the next bytecode boundary, in this loop
         time.sleep(0.01)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """Each test starts from Python's own SIGINT handler, whatever pytest was started with."""
+    with ctrl_c_raises():
+        yield
 
 
 class _SigintInFinaliser:

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from indexer.pipeline import IndexSummary
+from indexer.build.pipeline import IndexSummary
 from tests.index_support import make_folder, save_run, write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ KS = (1, 2, 4)
 
 
 def _index(folder: Path, db: Path, model: Path, ann: str = "auto") -> IndexSummary:
-    from indexer.pipeline import IndexConfig, run_index
+    from indexer.build.pipeline import IndexConfig, run_index
 
     return run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), workers=0, ann=ann))
 
@@ -154,7 +154,7 @@ def test_query_missing_db_in_a_real_process_prints_one_line(tmp_path):
 
 def _stored(db: Path) -> tuple[np.ndarray, list[str]]:
     """Embeddings and labels of every item, read straight from LMDB."""
-    from indexer.store import Store
+    from indexer.store.lmdb_store import Store
 
     with Store.open(db) as store, store.snapshot() as snap:
         ids = snap.ids()
@@ -205,7 +205,7 @@ def test_eval_db_equals_brute_force(indexed):
 def test_eval_db_with_an_approximate_index_reports_exact_search_and_the_gap(tiny_run, tmp_path):
     import faiss
 
-    from indexer import ann
+    from indexer.store import ann
 
     folder = tmp_path / "images"
     make_folder(folder, classes=4, per_class=8)

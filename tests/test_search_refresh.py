@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from indexer.search import SearchIndex
-from indexer.store import Store
+from indexer.store.lmdb_store import Store
+from indexer.store.search import SearchIndex
 from tests.index_support import REPO
 
 N_ITEMS, DIM = 384, 64
@@ -19,8 +19,8 @@ N_ITEMS, DIM = 384, 64
 WRITER = f"""
 import sys
 import numpy as np
-from indexer.layout import EncoderInfo, NewItem
-from indexer.store import Store
+from indexer.store.layout import EncoderInfo, NewItem
+from indexer.store.lmdb_store import Store
 
 db, run = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(run)
@@ -83,7 +83,8 @@ def _reader_pids(store: Store) -> set[int]:
 def test_a_killed_readers_slot_is_freed_when_the_next_writer_starts(tmp_path):
     db = tmp_path / "db"
     _write_run(db, 0)
-    reader_code = ("import sys, time\nfrom indexer.search import SearchIndex\nindex = SearchIndex.open(sys.argv[1])\n"
+    reader_code = ("import sys, time\nfrom indexer.store.search import SearchIndex\n"
+                   "index = SearchIndex.open(sys.argv[1])\n"
                    "print('ready', flush=True)\ntime.sleep(120)\n")
     # This process keeps the environment open, so the lock table is not simply reset by the next opener.
     with Store.open(db) as store:

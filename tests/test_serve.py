@@ -23,15 +23,15 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from cli import cli  # noqa: E402
-from indexer.serve import create_app  # noqa: E402
-from indexer.serve_engine import ServeConfig  # noqa: E402
+from indexer.serve.app import create_app  # noqa: E402
+from indexer.serve.engine import ServeConfig  # noqa: E402
 from tests.index_support import cli_index  # noqa: E402
 
 N_CLASSES, PER_CLASS = 4, 5
 
 
 def _index(folder: Path, db: Path, model: Path):
-    from indexer.pipeline import IndexConfig, run_index
+    from indexer.build.pipeline import IndexConfig, run_index
 
     return run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), workers=0))
 
@@ -44,7 +44,7 @@ def _generated(out: Path, classes: int = N_CLASSES, per_class: int = PER_CLASS, 
 
 def _db_contents(db: Path) -> dict:
     """What the DB holds, read before any app opens it (one LMDB environment per process at a time)."""
-    from indexer.store import Store
+    from indexer.store.lmdb_store import Store
 
     with Store.open(db) as store, store.snapshot() as snap:
         ids = snap.ids()

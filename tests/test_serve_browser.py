@@ -40,8 +40,8 @@ def server(tiny_run_dir, tmp_path_factory):
     pytest.importorskip("fastapi")
     import httpx
 
-    from indexer.pipeline import IndexConfig, run_index
-    from indexer.store import Store
+    from indexer.build.pipeline import IndexConfig, run_index
+    from indexer.store.lmdb_store import Store
     from retrieval.data.generate import GenerateConfig, make_dataset
 
     root = tmp_path_factory.mktemp("browser")

@@ -11,7 +11,7 @@ Spec grammar: see `retrieval.encoder.sources`.
 
 from retrieval.encoder.config import DEFAULT_EMBED_DIM, EncoderConfig
 from retrieval.encoder.model import Encoder
-from retrieval.encoder.rundir import ENCODER_JSON, save_encoder
+from retrieval.encoder.saved import ENCODER_JSON, save_encoder
 from retrieval.encoder.sources import SPEC_HELP, load_encoder
 
 __all__ = ["DEFAULT_EMBED_DIM", "ENCODER_JSON", "SPEC_HELP", "Encoder", "EncoderConfig", "load_encoder",

@@ -26,7 +26,7 @@ import torch
 from retrieval.encoder.config import DEFAULT_EMBED_DIM, EncoderConfig
 from retrieval.encoder.lite import LITE_CROP_PCT, LITE_MEAN, LITE_STD, LITE_VARIANTS, lite_state_dict, weights_origin
 from retrieval.encoder.model import Encoder, build_visual, init_head, tower_output_dim
-from retrieval.encoder.rundir import load_run_dir
+from retrieval.encoder.saved import load_run_dir
 from retrieval.errors import EncoderError
 
 log = logging.getLogger(__name__)

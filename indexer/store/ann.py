@@ -19,7 +19,7 @@ trains IVF centroids and searches on the GPU.
 Bounded memory at scale: IVF is trained on a sample of at most TRAIN_BYTES of vectors, vectors are added in
 chunks streamed from LMDB, and an update does not rewrite a large file for a small change: while the items
 added and removed since ann.faiss was written stay within LAG_FRACTION of it (and it is over MERGE_MIN_BYTES),
-the file is left as it is and readers search around the difference (indexer.search: ids gone are filtered
+the file is left as it is and readers search around the difference (indexer.store.search: ids gone are filtered
 out, ids not in FAISS yet are searched exactly from LMDB in bounded chunks, exact_search). Past that, the
 difference is merged in (remove the ids gone, add the new ones) and the file rewritten once, so a growing DB
 rewrites it after every LAG_FRACTION of growth, not at every checkpoint. It is rebuilt only when the kind
@@ -49,7 +49,7 @@ from .layout import ids_digest
 
 if TYPE_CHECKING:
     from .layout import Header
-    from .store import Snapshot
+    from .lmdb_store import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
-"""The encoding stage of `index --ray`: the same files, decoding and commits as indexer.encode, on Ray Data.
+"""The encoding stage of `index --ray`: the same files, decoding and commits as indexer.build.encode, on Ray Data.
 
 The driver plans exactly as a local run does and hands the files to encode to Ray Data in windows of at most
 RayPlan.window_files files (one Dataset each, so the driver and the object store hold one window's paths,
 however many files the run has):
-  read + hash + decode   CPU tasks running the indexer's own `_Files` (so a bad file gets the same reason),
+  read + hash + decode   CPU tasks running the indexer's own `ImageFiles` (so a bad file gets the same reason),
                          one block of `batch_size` files each, shipping uint8 pixels;
   encode                 `map_batches` over an actor pool: the encoder is shipped once and built once per
                          actor in `__init__`, one GPU per actor when the cluster has GPUs, the CPU otherwise.
@@ -41,10 +41,10 @@ from retrieval.allocator import KEEP_FREED_TUNABLES
 from retrieval.encoder import Encoder
 from retrieval.errors import IndexStoreError
 
-from .encode import Committer, Embedder, EncodeCounts, _Files, _Loaded
-from .layout import limits_key
+from .encode import Committer, Embedder, EncodeCounts, ImageFiles, Loaded
+from indexer.store.layout import limits_key
 from .scan import FileEntry
-from .store import Store
+from indexer.store.lmdb_store import Store
 
 log = logging.getLogger(__name__)
 
@@ -262,9 +262,9 @@ def _blank(size: int) -> Image.Image:
 
 def _decode_batch(batch: dict[str, np.ndarray], *, root: str, transform: Callable, draft_size: int, max_pixels: int,
                   max_file_bytes: int, shape: tuple[int, ...], dtype: str) -> dict[str, np.ndarray]:
-    """Read, hash and decode a batch of files with the local path's `_Files` (in a Ray CPU task)."""
+    """Read, hash and decode a batch of files with the local path's `ImageFiles` (in a Ray CPU task)."""
     rels = [str(r) for r in batch["relpath"]]
-    files = _Files(Path(root), [FileEntry(rel, -1, -1, -1) for rel in rels], transform, draft_size, max_pixels,
+    files = ImageFiles(Path(root), [FileEntry(rel, -1, -1, -1) for rel in rels], transform, draft_size, max_pixels,
                    max_file_bytes)
     n = len(rels)
     pixels = np.zeros((n, *shape), dtype=dtype)
@@ -317,14 +317,14 @@ class _EncodeActor:
 _Rows = Callable[[list[int]], list[np.ndarray | None]]  # Committer.take's `encode`
 
 
-def _results(dataset: Any, report: ActorReport) -> Iterator[tuple[list[_Loaded], _Rows]]:
+def _results(dataset: Any, report: ActorReport) -> Iterator[tuple[list[Loaded], _Rows]]:
     """The actors' output, block by block, as (loaded files, their embeddings for Committer.take: None for a
     file the actor did not encode); notes in `report` what the actors did."""
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         loaded = []
         for index, digest, (size, mtime_ns, width, height, transient, capped), error in zip(
                 batch["index"], batch["hash"], batch["stats"], batch["error"], strict=True):
-            loaded.append(_Loaded(int(index), None, b"" if error else digest.tobytes(), int(size), int(mtime_ns),
+            loaded.append(Loaded(int(index), None, b"" if error else digest.tobytes(), int(size), int(mtime_ns),
                                   int(width), int(height), error or None, bool(transient), bool(capped)))
         for precision, cosine in zip(batch["precision"], batch["min_cosine"], strict=True):
             report.note(str(precision), float(cosine))

@@ -4,7 +4,7 @@
     run_server(cfg)                                 # uvicorn on cfg.host:cfg.port (127.0.0.1 by default)
 
 Endpoints: POST /api/search (multipart field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail,
-GET /api/stats, GET /healthz, GET / (indexer/static/index.html). The lifespan loads the DB's encoder once and
+GET /api/stats, GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
 opens the index (serve_engine.Engine); handlers only parse, decode uploads in the thread pool and await the
 engine's worker thread. Nothing a client sends is used as a file-system path: items are found by integer id
 and their files by the path the DB stores.
@@ -30,12 +30,12 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from indexer.store.read import Hit
 from retrieval.errors import DecodeError
 
 from .batcher import Busy
-from .image_query import Hit
-from .serve_engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
-from .serve_engine import Query as ImageQuery
+from .engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
+from .engine import Query as ImageQuery
 
 if TYPE_CHECKING:
     import torch
@@ -118,7 +118,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             await run_in_threadpool(app.state.engine.close)
 
     app = FastAPI(title="circle-retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)
-    page = resources.files("indexer").joinpath("static/index.html").read_text(encoding="utf-8")
+    page = resources.files("indexer.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     if cfg.cors:
         from fastapi.middleware.cors import CORSMiddleware
 

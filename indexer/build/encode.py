@@ -38,9 +38,9 @@ from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 
-from .layout import Failure, NewItem, limits_key
+from indexer.store.layout import Failure, NewItem, limits_key
 from .scan import TRANSIENT_ERRNOS, FileEntry
-from .store import Store
+from indexer.store.lmdb_store import Store
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class EncodeCounts:
 
 
 @dataclass
-class _Loaded:
+class Loaded:
     """What a worker returns for one file: a tensor, or the reason it could not make one."""
 
     index: int
@@ -75,7 +75,7 @@ class _Loaded:
 CRASHED = "decoder crashed"  # the reason recorded for a file whose decode worker died on it
 
 
-class _Files(torch.utils.data.Dataset):
+class ImageFiles(torch.utils.data.Dataset):
     """Reads, hashes and decodes the files to index; a bad file becomes an error string, never an exception.
 
     Every per-file step (read, decode, EXIF, convert, resize, crop, to-tensor) runs inside one guard, so no
@@ -97,25 +97,25 @@ class _Files(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.relpaths)
 
-    def __getitem__(self, key: int | tuple[int, str]) -> _Loaded:
+    def __getitem__(self, key: int | tuple[int, str]) -> Loaded:
         i, rel = (key, self.relpaths[key]) if isinstance(key, int) else key
         try:
             return self._load(i, rel)
         except MemoryError:
-            return _Loaded(i, error="out of memory while decoding", transient=True)
+            return Loaded(i, error="out of memory while decoding", transient=True)
         except Exception as exc:  # noqa: BLE001 - the per-file guard: any failure is this file's failure
-            return _Loaded(i, error=f"cannot preprocess: {type(exc).__name__}: {exc}")
+            return Loaded(i, error=f"cannot preprocess: {type(exc).__name__}: {exc}")
 
-    def _load(self, i: int, rel: str) -> _Loaded:
+    def _load(self, i: int, rel: str) -> Loaded:
         try:
             data, st = read_file(self.root / rel, self.max_file_bytes)
         except OSError as exc:
-            return _Loaded(i, error=f"cannot read file: {exc.strerror or exc}", transient=exc.errno in TRANSIENT_ERRNOS)
+            return Loaded(i, error=f"cannot read file: {exc.strerror or exc}", transient=exc.errno in TRANSIENT_ERRNOS)
         if data is None:
-            return _Loaded(i, size=st.st_size, mtime_ns=st.st_mtime_ns, capped=True,
+            return Loaded(i, size=st.st_size, mtime_ns=st.st_mtime_ns, capped=True,
                            error=f"file too large ({max(st.st_size, self.max_file_bytes + 1) / 2**20:,.1f} MiB; "
                                  f"the cap is --max-file-mb {self.max_file_bytes / 2**20:.3g})")
-        out = _Loaded(i, content_hash=hashlib.blake2b(data, digest_size=16).digest(), size=st.st_size,
+        out = Loaded(i, content_hash=hashlib.blake2b(data, digest_size=16).digest(), size=st.st_size,
                       mtime_ns=st.st_mtime_ns)
         try:
             decoded = decode_image(data, name=rel, draft_size=self.draft_size, max_pixels=self.max_pixels)
@@ -166,7 +166,7 @@ def split_transform(transform: Callable) -> tuple[Callable, Callable[[torch.Tens
     return T.Compose([*steps[:-2], T.PILToTensor()]), finish
 
 
-def _collate(batch: list[_Loaded]) -> tuple[list[_Loaded], torch.Tensor | None]:
+def _collate(batch: list[Loaded]) -> tuple[list[Loaded], torch.Tensor | None]:
     """Stack the good tensors (into shared memory, in the worker); records travel without them."""
     tensors = [x.tensor for x in batch if x.tensor is not None]
     for x in batch:
@@ -276,12 +276,12 @@ def encode_files(store: Store, root: Path, todo: Iterable[FileEntry], embedder: 
     several files crashing in a row (the machine, not the files) stop the run. With workers=0 the files are
     decoded in this process, which no decoder crash survives.
     """
-    dataset = _Files(root, (), embedder.transform, embedder.draft_size, max_pixels, max_file_bytes)
+    dataset = ImageFiles(root, (), embedder.transform, embedder.draft_size, max_pixels, max_file_bytes)
     handout = _Handout(todo, batch_size)
     committer = Committer(store, total=total, limits=dataset.limits, checkpoint=checkpoint,
                           checkpoint_seconds=checkpoint_seconds, progress=progress)
 
-    def take(loaded: list[_Loaded], stacked: torch.Tensor | None) -> None:
+    def take(loaded: list[Loaded], stacked: torch.Tensor | None) -> None:
         committer.take(handout.in_flight, loaded, functools.partial(_encode_rows, embedder, stacked))
         handout.done(loaded)
 
@@ -333,7 +333,7 @@ class _Handout:
             self.in_flight.update(batch)
             yield [(i, entry.relpath) for i, entry in batch]
 
-    def done(self, loaded: list[_Loaded]) -> None:
+    def done(self, loaded: list[Loaded]) -> None:
         for x in loaded:
             del self.in_flight[x.index]
 
@@ -342,13 +342,13 @@ _PREFETCH = 2  # batches each decode worker prepares ahead
 _MAX_CRASHES_IN_A_ROW = 3  # more files than this crashing their worker in a row: the machine, not the files
 
 
-def _isolated_batches(dataset: _Files, keys: list[tuple[int, str]], batch_size: int, counts: EncodeCounts,
-                      cause: BaseException) -> Iterator[tuple[list[_Loaded], torch.Tensor | None]]:
+def _isolated_batches(dataset: ImageFiles, keys: list[tuple[int, str]], batch_size: int, counts: EncodeCounts,
+                      cause: BaseException) -> Iterator[tuple[list[Loaded], torch.Tensor | None]]:
     """Decode the files of `keys` ((number, relpath), see _Handout) in fresh worker processes, one after
     another, and yield them in batches; a file whose worker dies while decoding it comes back as a CRASHED
     failure."""
     pending = list(keys)
-    batch: list[_Loaded] = []
+    batch: list[Loaded] = []
     in_a_row = 0
     while pending:
         got, died = _decode_in_fresh_worker(dataset, pending)
@@ -365,13 +365,13 @@ def _isolated_batches(dataset: _Files, keys: list[tuple[int, str]], batch_size: 
                     "--workers or a smaller --batch-size)") from cause
             log.warning("%s: %s (%s); recorded, not retried until the file changes",
                         pending[0][1], CRASHED, died)
-            batch.append(_Loaded(pending.pop(0)[0], error=f"{CRASHED} ({died})"))
+            batch.append(Loaded(pending.pop(0)[0], error=f"{CRASHED} ({died})"))
         while len(batch) >= batch_size or (batch and not pending):
             yield _collate(batch[:batch_size])
             batch = batch[batch_size:]
 
 
-def _decode_in_fresh_worker(dataset: _Files, keys: list[tuple[int, str]]) -> tuple[list[_Loaded], str | None]:
+def _decode_in_fresh_worker(dataset: ImageFiles, keys: list[tuple[int, str]]) -> tuple[list[Loaded], str | None]:
     """Decode the files of `keys` in order in one new process until done or it dies: (what it sent, how it
     died or None).
 
@@ -381,7 +381,7 @@ def _decode_in_fresh_worker(dataset: _Files, keys: list[tuple[int, str]]) -> tup
     proc = ctx.Process(target=_decode_worker, args=(dataset, keys, send, os.getpid()), daemon=True)
     proc.start()
     send.close()
-    got: list[_Loaded] = []
+    got: list[Loaded] = []
     try:
         while len(got) < len(keys):
             got.append(pickle.loads(receive.recv_bytes()))
@@ -396,7 +396,7 @@ def _decode_in_fresh_worker(dataset: _Files, keys: list[tuple[int, str]]) -> tup
     return got, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
 
 
-def _decode_worker(dataset: _Files, keys: list[tuple[int, str]], send: Connection, parent: int) -> None:
+def _decode_worker(dataset: ImageFiles, keys: list[tuple[int, str]], send: Connection, parent: int) -> None:
     _die_with_parent(parent)
     for key in keys:
         send.send_bytes(pickle.dumps(dataset[key]))
@@ -435,7 +435,7 @@ def _dead_workers(workers: list, wait: float = 2.0) -> list:
 
 
 class Committer:
-    """The commit end of both encode paths (encode_files here, indexer.ray_encode on Ray): each batch's items
+    """The commit end of both encode paths (encode_files here, indexer.build.ray_encode on Ray): each batch's items
     come from _embed_batch (content reused by hash, failures recorded) and go to the writer thread, the
     progress bar moves, and `checkpoint()` runs every checkpoint_seconds once everything so far is committed.
     The writer thread and the bar start with the first batch: encode_files' decode workers fork before it."""
@@ -449,8 +449,8 @@ class Committer:
         self._writer: _Writer | None = None
         self._bar: Any = None
 
-    def take(self, todo: Sequence[FileEntry] | Mapping[int, FileEntry], loaded: list[_Loaded],
-             encode: Callable[[list[int]], Iterable[np.ndarray | None]]) -> list[_Loaded]:
+    def take(self, todo: Sequence[FileEntry] | Mapping[int, FileEntry], loaded: list[Loaded],
+             encode: Callable[[list[int]], Iterable[np.ndarray | None]]) -> list[Loaded]:
         """Commit one batch (`loaded[i].index` indexes `todo`; `encode` as in _embed_batch); returns the
         files left out because `encode` had no embedding for them."""
         from tqdm import tqdm
@@ -489,9 +489,9 @@ def _encode_rows(embedder: Embedder, stacked: torch.Tensor | None, rows: list[in
     return embedder(stacked[rows])
 
 
-def _embed_batch(store: Store, todo: Sequence[FileEntry] | Mapping[int, FileEntry], loaded: list[_Loaded],
+def _embed_batch(store: Store, todo: Sequence[FileEntry] | Mapping[int, FileEntry], loaded: list[Loaded],
                  encode: Callable[[list[int]], Iterable[np.ndarray | None]], counts: EncodeCounts,
-                 limits: str) -> tuple[list[NewItem], list[Failure], list[_Loaded]]:
+                 limits: str) -> tuple[list[NewItem], list[Failure], list[Loaded]]:
     """(items, failures, missing) for one batch: an embedding is reused by content hash where the DB has it,
     else taken from `encode(rows)` (rows: positions among the batch's decoded files). A None from `encode`
     (on Ray: the actor skipped content the DB held when it looked, which is gone by now) leaves that file out

@@ -9,20 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-import numpy as np
 
 from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
-if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usable
-    import torch
-    from PIL import Image
-
-    from retrieval.encoder import Encoder
-
-    from .search import SearchIndex
+from .store.read import Hit, embed_images, hits_of, load_db_encoder
 
 STDIN = "-"
 
@@ -37,17 +28,6 @@ class QueryConfig:
     model: str | None = None
     device: str = "auto"  # see retrieval.device.resolve_device
     batch_size: int = 32
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One result; `path` is absolute (the indexed folder joined with the stored relative path)."""
-
-    rank: int
-    path: str
-    score: float
-    label: str
-    id: int  # the item's LMDB id (not in `query --json`; serve adds it)
 
 
 @dataclass(frozen=True)
@@ -67,7 +47,7 @@ class QueryResult:
 def expand_queries(args: Sequence[str | Path], stdin_lines: Iterable[str] = ()) -> tuple[Path, ...]:
     """Query image paths: files as given, folders walked (sorted, hidden skipped, image extensions only),
     and `-` replaced by the non-empty lines of `stdin_lines`."""
-    from .scan import scan_folder
+    from indexer.build.scan import scan_folder
 
     out: list[Path] = []
     for arg in args:
@@ -88,9 +68,8 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
     Raises IndexStoreError for a missing or empty DB or a `model` other than the DB's encoder, DecodeError
     for a query image that cannot be decoded.
     """
+    from indexer.store.search import SearchIndex
     from retrieval.data.decode import load_image
-
-    from .search import SearchIndex
 
     if cfg.k < 1:
         raise RetrievalError(f"-k must be at least 1, got {cfg.k}")
@@ -107,41 +86,6 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
             scores, ids = index.search(embed_images(encoder, images), cfg.k)
             results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids, strict=True)]
         return results
-
-
-def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto") -> Encoder:
-    """The encoder the DB records (its spec), or `model`; IndexStoreError unless its fingerprint is the DB's."""
-    from retrieval.device import resolve_device
-    from retrieval.encoder import load_encoder
-
-    stored = index.header.encoder
-    encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim,
-                           device=resolve_device(device))
-    index.check_encoder(encoder)
-    return encoder
-
-
-def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:
-    """(N, dim) float32 embeddings of PIL images with the encoder's eval preprocessing."""
-    transform = encoder.eval_transform()
-    return embed_tensors(encoder, [transform(im) for im in images])
-
-
-def embed_tensors(encoder: Encoder, tensors: Sequence[torch.Tensor]) -> np.ndarray:
-    """(N, dim) float32 embeddings of images already preprocessed by `encoder.eval_transform()`."""
-    import torch
-
-    device = next(encoder.parameters()).device
-    with torch.inference_mode():
-        return encoder(torch.stack(list(tensors)).to(device)).float().cpu().numpy()
-
-
-def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:
-    """Ranked hits of one query row; padding (-1) is dropped (SearchIndex returns only ids of its snapshot)."""
-    keep = ids >= 0
-    found = [(item, score) for item, score in zip(index.items(ids[keep]), scores[keep], strict=True) if item]
-    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label, item.id)
-                 for rank, (item, score) in enumerate(found, start=1))
 
 
 def write_query_html(results: Sequence[QueryResult], html_file: Path) -> Path:

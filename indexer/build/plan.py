@@ -29,7 +29,7 @@ from typing import IO, Generic, TypeVar
 
 from retrieval.errors import IndexStoreError
 
-from .layout import Failure, PathState, path_key
+from indexer.store.layout import Failure, PathState, path_key
 from .scan import FileEntry, ScanFailure, Scanned, Unreachable
 
 T = TypeVar("T")

@@ -1,8 +1,8 @@
-"""`index FOLDER`: scan -> plan -> encode (indexer.encode) -> LMDB -> FAISS, incremental and crash-safe.
+"""`index FOLDER`: scan -> plan -> encode (indexer.build.encode) -> LMDB -> FAISS, incremental and crash-safe.
 
 Order of work in a run, and why:
 1. take the writer lock, scan the folder (stat only) and merge it with LMDB's sorted keys as it goes
-   (indexer.scan, indexer.plan): memory for one folder's listing, the plan spooled to disk;
+   (indexer.build.scan, indexer.build.plan): memory for one folder's listing, the plan spooled to disk;
 2. new and changed files are encoded and committed batch by batch (one LMDB transaction each);
 3. only then are deleted files removed (REMOVE_BATCH per transaction), so a moved file finds its old
    embedding by content hash; the removal guard has counted them all in step 1, before any write;
@@ -27,18 +27,18 @@ from retrieval.data.decode import DEFAULT_MAX_PIXELS, default_workers
 from retrieval.data.walk import printable
 from retrieval.errors import DecodeError, IndexStoreError
 
-from . import ann
-from .layout import EncoderInfo, Failure, Header, limits_key
+from indexer.store import ann
+from indexer.store.layout import EncoderInfo, Failure, Header, limits_key
 from .plan import Plan, make_plan
 from .scan import Unreachable, scan_stream
-from .store import Store
+from indexer.store.lmdb_store import Store
 
 if TYPE_CHECKING:  # torch stays unimported until an encoder is needed
     from retrieval.encoder import Encoder
 
     from .encode import EncodeCounts
 
-_RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.rundir.ENCODER_JSON (importing it would import torch)
+_RUN_DIR_JSON = "encoder.json"  # retrieval.encoder.saved.ENCODER_JSON (importing it would import torch)
 REMOVE_BATCH = 4096  # paths removed per LMDB transaction (and scan failures recorded per transaction)
 
 
@@ -60,7 +60,7 @@ class IndexConfig:
     workers: int | None = None  # decode worker processes; None: default_workers(device, minimum=1), 0: in this process
     device: str = "auto"  # see retrieval.device.resolve_device
     precision: str = "fp32"  # fp32 | bf16 (CPU with AVX512-BF16/AMX) | fp16 (CUDA)
-    ann: str = "auto"  # see indexer.ann.choose_factory
+    ann: str = "auto"  # see indexer.store.ann.choose_factory
     reembed: bool = False
     rebuild_ann: bool = False
     strict: bool = False  # raise after the run if any file could not be indexed
@@ -70,7 +70,7 @@ class IndexConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_mb: float = 256.0  # files larger than this are recorded as failures, never read into memory
     checkpoint_seconds: float = 600.0  # also write FAISS this often during a long run
-    ray: bool = False  # encode on Ray Data (indexer.ray_encode) instead of in this process
+    ray: bool = False  # encode on Ray Data (indexer.build.ray_encode) instead of in this process
     ray_address: str | None = None  # with ray: None starts a local Ray, "auto" joins `ray start`'s cluster
 
 

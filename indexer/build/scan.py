@@ -3,7 +3,7 @@
 The walk is retrieval.data.walk's (the training reader's too): sorted, hidden entries skipped, links followed
 once. It is streamed: `scan_stream` yields one entry at a time in LMDB key order (layout.path_key), holding in
 memory one folder's listing (the walk's) and, rarely, one run of long paths sharing a key prefix, so that
-indexer.plan can merge it with the DB's sorted keys as it goes. Files the indexer cannot take come as
+indexer.build.plan can merge it with the DB's sorted keys as it goes. Files the indexer cannot take come as
 failures with a reason (a broken link, a file that cannot be stat'ed), and what the walk could not reach (a
 folder that cannot be listed, a link whose target is gone) as `Unreachable`: the items stored below it are
 kept, because a vanished sub-tree (an unmounted share, a dangling folder link) is not a request to delete it.
@@ -19,7 +19,7 @@ from pathlib import Path
 from retrieval.data.folder import IMAGE_EXTENSIONS
 from retrieval.data.walk import Found, walk
 
-from .layout import KEY_PREFIX, path_key
+from indexer.store.layout import KEY_PREFIX, path_key
 
 # errno values that say something about the moment (a network share, the machine's load), not about the file
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,

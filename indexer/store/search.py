@@ -9,7 +9,7 @@
 
 The FAISS file is trusted only if its ids are exactly the LMDB snapshot's (ids digest). While an `index` run
 is writing (or after one was killed, or when `index` left a large file lagging by a few percent, see
-indexer.ann), it can lag behind: then ids LMDB no longer has are filtered out and items FAISS does not have
+indexer.store.ann), it can lag behind: then ids LMDB no longer has are filtered out and items FAISS does not have
 yet are searched exactly from their LMDB embeddings, a bounded chunk at a time, so results always match the
 snapshot. A lossy FAISS index (IVF-PQ) has its candidates re-ranked with the exact LMDB embeddings. Nothing on
 disk is modified.
@@ -27,7 +27,7 @@ import numpy as np
 
 from . import ann
 from .layout import EncoderInfo, Header, Item, ids_digest
-from .store import Snapshot, Store, require_encoder
+from .lmdb_store import Snapshot, Store, require_encoder
 
 if TYPE_CHECKING:
     from retrieval.encoder import Encoder

@@ -1,5 +1,5 @@
 """What `serve` computes, without the HTTP layer: the DB's encoder and a refreshed SearchIndex behind one
-micro-batching worker thread (indexer.batcher), so neither is ever used from two threads at once.
+micro-batching worker thread (indexer.serve.batcher), so neither is ever used from two threads at once.
 
     engine = Engine(ServeConfig(db=Path("db")))
     answer = engine.batcher.submit(Query(engine.transform(image), k=10)).result()  # uploads, batched
@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from indexer.store.layout import Item
+from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder
+from indexer.store.search import SearchIndex
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
 from .batcher import MicroBatcher
-from .image_query import Hit, embed_tensors, hits_of, load_db_encoder
-from .layout import Item
-from .search import SearchIndex
 
 if TYPE_CHECKING:
     import torch
@@ -125,7 +125,7 @@ class Engine:
     def stats(self) -> dict:
         """Counts, labels, encoder, FAISS kind and lag, computed once per DB generation."""
         if self._stats is None:
-            from . import ann
+            from indexer.store import ann
 
             header = self.index.header
             labels = Counter(item.label for item in self.index.iter_items())

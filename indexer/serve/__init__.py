@@ -1,0 +1,1 @@
+"""`serve`: the HTTP API and page over one engine (the DB's encoder + SearchIndex behind a micro-batcher)."""

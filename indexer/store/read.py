@@ -1,0 +1,67 @@
+"""The read side of an index DB that every reader shares: its encoder, embeddings of query images, ranked hits.
+
+`query`, `eval --db` and `serve` all embed a query with the DB's own encoder (checked by fingerprint) and turn
+a FAISS row into hits read from LMDB, through these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usable
+    import torch
+    from PIL import Image
+
+    from retrieval.encoder import Encoder
+
+    from .search import SearchIndex
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One result; `path` is absolute (the indexed folder joined with the stored relative path)."""
+
+    rank: int
+    path: str
+    score: float
+    label: str
+    id: int  # the item's LMDB id (not in `query --json`; serve adds it)
+
+
+def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto") -> Encoder:
+    """The encoder the DB records (its spec), or `model`; IndexStoreError unless its fingerprint is the DB's."""
+    from retrieval.device import resolve_device
+    from retrieval.encoder import load_encoder
+
+    stored = index.header.encoder
+    encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim,
+                           device=resolve_device(device))
+    index.check_encoder(encoder)
+    return encoder
+
+
+def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:
+    """(N, dim) float32 embeddings of PIL images with the encoder's eval preprocessing."""
+    transform = encoder.eval_transform()
+    return embed_tensors(encoder, [transform(im) for im in images])
+
+
+def embed_tensors(encoder: Encoder, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    """(N, dim) float32 embeddings of images already preprocessed by `encoder.eval_transform()`."""
+    import torch
+
+    device = next(encoder.parameters()).device
+    with torch.inference_mode():
+        return encoder(torch.stack(list(tensors)).to(device)).float().cpu().numpy()
+
+
+def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:
+    """Ranked hits of one query row; padding (-1) is dropped (SearchIndex returns only ids of its snapshot)."""
+    keep = ids >= 0
+    found = [(item, score) for item, score in zip(index.items(ids[keep]), scores[keep], strict=True) if item]
+    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label, item.id)
+                 for rank, (item, score) in enumerate(found, start=1))
