@@ -63,10 +63,8 @@ def make_result(title: str, source: dict[str, str], ks: Sequence[int], metrics: 
 
 def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     """Embed one split of a data set and score it leave-one-out (the numbers `finetune` reports per epoch)."""
-    from retrieval.allocator import keep_freed_memory
     from retrieval.data import load_records, split_records
 
-    keep_freed_memory()   # the embedding pass reuses freed activations instead of faulting them in again
     records = split_records(load_records(cfg.dataset, cfg.root, crop=cfg.crop, train_fraction=cfg.train_fraction),
                             cfg.split)
     if cfg.compare is not None:

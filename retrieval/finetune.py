@@ -41,7 +41,6 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .allocator import keep_freed_memory
 from .data import load_records, split_records
 from .data.dataset import ImageDataset
 from .data.decode import default_workers
@@ -186,7 +185,6 @@ def _chosen_split(row: dict) -> dict:
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult | None:
     """Train, evaluate every epoch, write the run directory; return the summary (rank 0; None elsewhere)."""
     _validate(cfg)
-    keep_freed_memory()   # on CPU, the steps' activations reuse freed memory instead of faulting it in again
     ctx = _setup_distributed(cfg.device)
     try:
         return Trainer(cfg, ctx, progress).run()
@@ -237,13 +235,16 @@ def locked_groups(requested: int | None, groups: int | None) -> int:
     return requested
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BatchNormAct2d included
+
+
 def train_mode(module: nn.Module, *, freeze_bn: bool) -> None:
     """Training mode, except that with `freeze_bn` every BatchNorm keeps normalising with (and keeping) its
     pretrained running statistics: a P x K batch of a few classes would drag them towards those classes."""
     module.train()
     if freeze_bn:
         for child in module.modules():
-            if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            if isinstance(child, _BATCH_NORMS):
                 child.eval()
 
 

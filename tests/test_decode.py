@@ -199,11 +199,23 @@ def test_default_workers_leave_the_cpu_to_the_model_and_feed_a_gpu(monkeypatch, 
     assert decode.default_workers(device, minimum=minimum) == expected
 
 
-def test_max_pixels_above_pillows_own_cap_takes_effect(monkeypatch):
+def test_decoding_leaves_pillows_process_wide_cap_alone_and_says_when_it_refuses_first(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # Pillow refuses above 2x its cap: 2,000 here
     data = _encode(Image.new("RGB", (100, 60), RED), "PNG")  # 6,000 pixels
     with pytest.raises(Image.DecompressionBombError):
         Image.open(io.BytesIO(data))
+    with pytest.raises(DecodeError, match="MAX_IMAGE_PIXELS refused it first"):
+        decode_image(data, name="big.png", max_pixels=10_000)
+    assert Image.MAX_IMAGE_PIXELS == 1_000   # a library call changed nothing process-wide
+
+
+def test_allow_pixels_raises_pillows_cap_for_an_entry_point_and_never_lowers_it(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)
+    data = _encode(Image.new("RGB", (100, 60), RED), "PNG")  # 6,000 pixels
+    decode.allow_pixels(10_000)
+    assert Image.MAX_IMAGE_PIXELS == 10_000
     assert decode_image(data, name="big.png", max_pixels=10_000).image.size == (100, 60)
     with pytest.raises(DecodeError, match="max_pixels=5,000"):
         decode_image(data, name="big.png", max_pixels=5_000)
+    decode.allow_pixels(2_000)
+    assert Image.MAX_IMAGE_PIXELS == 10_000

@@ -111,6 +111,28 @@ def test_the_checks_see_the_imports_they_judge():
     assert ("indexer.store.search", "indexer.store.ann") in edges  # `from . import ann`
 
 
+PROCESS_WIDE = {  # setters of process-wide state -> the entry points allowed to call them
+    "keep_freed_memory": {"cli"},                          # glibc malloc tuning
+    "allow_pixels": {"cli", "indexer.build.ray_encode"},   # Pillow's MAX_IMAGE_PIXELS (a Ray task: a process)
+}
+
+
+def test_process_wide_settings_are_made_by_entry_points_only():
+    """Library functions a user may import leave glibc's and Pillow's process-wide settings alone."""
+    calls = []
+    for name, path in _sources().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if func in PROCESS_WIDE and name not in PROCESS_WIDE[func]:
+                    calls.append(f"{name}:{node.lineno} calls {func}")
+            if isinstance(node, ast.Assign):
+                calls += [f"{name}:{node.lineno} sets MAX_IMAGE_PIXELS" for t in node.targets
+                          if isinstance(t, ast.Attribute) and t.attr == "MAX_IMAGE_PIXELS"
+                          and name != "retrieval.data.decode"]   # allow_pixels itself
+    assert calls == []
+
+
 def _retrieval_modules() -> list[str]:
     return ["retrieval"] + [m.name for m in pkgutil.walk_packages(retrieval.__path__, "retrieval.")]
 

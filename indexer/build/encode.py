@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
+from retrieval.compat import cpu_has_bf16, loader_workers, shutdown_loader
 from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
@@ -297,10 +298,10 @@ def encode_files(store: Store, root: Path, todo: Iterable[FileEntry], embedder: 
                 for loaded, stacked in batches:
                     take(loaded, stacked)
             except (RuntimeError, OSError, EOFError) as exc:
-                dead = _dead_workers(getattr(batches, "_workers", []))
+                dead = _dead_workers(loader_workers(batches))
                 if not dead:
                     raise
-                _shutdown(batches)
+                shutdown_loader(batches)
                 log.warning("a decode worker died (%s); decoding the files in flight one by one",
                             ", ".join(f"pid {w.pid} exit code {w.exitcode}" for w in dead))
                 committer.flush()  # fork while the writer thread is idle
@@ -414,13 +415,6 @@ def _die_with_parent(parent: int, _worker_id: int = 0) -> None:
         os._exit(0)
 
 
-def _shutdown(batches: Iterator[object]) -> None:
-    """Stop a DataLoader iterator's remaining workers (and unregister them from torch's SIGCHLD check)."""
-    shutdown = getattr(batches, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()
-
-
 def _dead_workers(workers: list, wait: float = 2.0) -> list:
     """The worker processes that have exited with an error, waiting a moment for one killed just now."""
     deadline = time.monotonic() + wait
@@ -526,5 +520,5 @@ def _require_precision(precision: str, device: torch.device) -> None:
         raise EncoderError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise EncoderError("--precision fp16 is for GPUs (--device cuda); on a CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():
         raise EncoderError("--precision bf16 needs a CPU with AVX512-BF16 or AMX (this one has neither): use fp32")

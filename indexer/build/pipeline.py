@@ -270,15 +270,8 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: E
             max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg), address=cfg.ray_address, actors=None,
             checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
         return counts, used.precision, used.min_cosine
-    from retrieval.allocator import keep_freed_memory
-
     from .encode import Embedder, encode_files
 
-    # Batches decode and encode into blocks above glibc's mmap threshold: without this every batch maps and
-    # faults them in again (measured: 5.8M minor faults, 10 of 25 CPU-s in the kernel for 439 photos).
-    # Set before the decode workers fork, so they keep freed memory too (the Ray actors get the same
-    # settings as glibc tunables).
-    keep_freed_memory()
     device = resolve_device(cfg.device)
     embedder = Embedder(encoder, device, cfg.precision)
     counts = encode_files(

@@ -38,6 +38,8 @@ import torch
 from PIL import Image
 
 from retrieval.allocator import KEEP_FREED_TUNABLES
+from retrieval.compat import ray_init_private
+from retrieval.data.decode import allow_pixels
 from retrieval.encoder import Encoder
 from retrieval.errors import IndexStoreError
 
@@ -181,7 +183,7 @@ def _connect(ray: Any, address: str | None) -> bool:
         return False
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING}
     if address is None:
-        kwargs.update(include_dashboard=False, _system_config=RAY_SYSTEM_CONFIG)
+        kwargs.update(include_dashboard=False, **ray_init_private(RAY_SYSTEM_CONFIG))
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -263,6 +265,7 @@ def _blank(size: int) -> Image.Image:
 def _decode_batch(batch: dict[str, np.ndarray], *, root: str, transform: Callable, draft_size: int, max_pixels: int,
                   max_file_bytes: int, shape: tuple[int, ...], dtype: str) -> dict[str, np.ndarray]:
     """Read, hash and decode a batch of files with the local path's `ImageFiles` (in a Ray CPU task)."""
+    allow_pixels(max_pixels)   # this Ray worker process is an entry point of its own
     rels = [str(r) for r in batch["relpath"]]
     files = ImageFiles(Path(root), [FileEntry(rel, -1, -1, -1) for rel in rels], transform, draft_size, max_pixels,
                    max_file_bytes)

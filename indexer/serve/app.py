@@ -28,9 +28,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.formparsers import MultiPartException
 
 from indexer.store.read import Hit
+from retrieval.compat import parse_multipart
 from retrieval.errors import DecodeError
 
 from .batcher import Busy
@@ -251,7 +252,7 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
             yield chunk
 
     try:
-        form = await MultiPartParser(request.headers, capped(), max_files=1, max_fields=8).parse()
+        form = await parse_multipart(request.headers, capped(), max_files=1, max_fields=8)
     except _TooLarge:
         raise too_large from None
     except MultiPartException as exc:

@@ -81,7 +81,7 @@ _HELD_LOCKS: set[str] = set()  # lock files this process holds: POSIX locks do n
 class Snapshot:
     """A consistent read-only view of the DB (one LMDB read transaction); use inside `Store.snapshot()`."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database]):
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]):
         self._txn = txn
         self._dbs = dbs
         raw = txn.get(_HEADER, db=dbs["meta"])

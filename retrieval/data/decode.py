@@ -58,7 +58,8 @@ def decode_image(
 
     draft_size: smallest side wanted (of the bbox region when cropping); JPEGs decode at a reduced scale whose
     shorter side is still >= draft_size. max_pixels: cap on width * height, checked from the header before
-    any pixel is decoded (it replaces Pillow's MAX_IMAGE_PIXELS, which is raised to it when lower).
+    any pixel is decoded. Pillow's process-wide MAX_IMAGE_PIXELS still refuses above twice its value (89.5M
+    by default): an entry point that takes a larger cap calls `allow_pixels` first.
     bbox: (x, y, w, h) in pixels of the EXIF-oriented original image.
     """
     if max_pixels <= 0:
@@ -67,8 +68,6 @@ def decode_image(
         raise ValueError(f"draft_size must be positive, got {draft_size}")
     if not data:
         raise DecodeError(name, "empty file (0 bytes)")
-    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
-        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow's own cap must not undercut ours (raised, never lowered)
     try:
         with warnings.catch_warnings():  # our own cap replaces Pillow's warning below 2x its limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -90,11 +89,22 @@ def decode_image(
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DecodeError(name, _too_many_pixels(str(exc), max_pixels)) from None
+        pillow = Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels
+        hint = " (Pillow's process-wide Image.MAX_IMAGE_PIXELS refused it first: see allow_pixels)" if pillow else ""
+        raise DecodeError(name, _too_many_pixels(str(exc), max_pixels) + hint) from None
     except UnidentifiedImageError:
         raise DecodeError(name, "not a recognised image format") from None
     except Exception as exc:  # noqa: BLE001 - malformed files raise many kinds (OSError, SyntaxError, struct.error...)
         raise DecodeError(name, f"cannot decode: {type(exc).__name__}: {exc}") from exc
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Raise Pillow's process-wide MAX_IMAGE_PIXELS (never lower it) so it cannot undercut `max_pixels`.
+
+    For entry points (the `index` command, a Ray decode task): a library call leaves that global alone.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def load_image(path: str | Path, **kwargs: Any) -> DecodedImage:

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from retrieval.compat import tensor_version, vision_tower
 from retrieval.encoder.config import EncoderConfig
 from retrieval.errors import EncoderError
 from retrieval.hashing import splitmix64
@@ -115,7 +116,7 @@ class Encoder(nn.Module):
         version counter; writes through `.data` bypass that counter and are not noticed).
         """
         state = self.state_dict(keep_vars=True)
-        key = (self.config, *((name, t.data_ptr(), t._version, t.dtype, t.device) for name, t in state.items()))
+        key = (self.config, *((name, t.data_ptr(), tensor_version(t), t.dtype, t.device) for name, t in state.items()))
         if self._fingerprint_cache is None or self._fingerprint_cache[0] != key:
             self._fingerprint_cache = (key, fingerprint(self.config, state))
         return self._fingerprint_cache[1]
@@ -158,14 +159,12 @@ def build_visual(model_cfg: dict) -> nn.Module:
 
     Uses open_clip's own tower builder (the one CLIP and CustomTextCLIP call), so no text tower is built.
     """
-    from open_clip.model import _build_vision_tower
-
     vision_cfg = dict(model_cfg["vision_cfg"])
     if "timm_model_name" in vision_cfg:
         vision_cfg["timm_model_pretrained"] = False   # never download; weights are loaded afterwards
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_INIT_SEED)
-        return _build_vision_tower(model_cfg["embed_dim"], vision_cfg, model_cfg.get("quick_gelu", False))
+        return vision_tower(model_cfg["embed_dim"], vision_cfg, model_cfg.get("quick_gelu", False))
 
 
 @torch.no_grad()
