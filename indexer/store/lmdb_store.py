@@ -36,7 +36,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -452,7 +452,7 @@ def _write_header(txn: lmdb.Transaction, dbs: dict, header: Header) -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def require_encoder(header: Header, encoder: EncoderInfo, db_dir: str | Path) -> None:
