@@ -239,12 +239,16 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
               help="How long an upload waits for others to share its batch.")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait; beyond it the answer is 503 with Retry-After.")
+@click.option("--show-paths", is_flag=True,
+              help="Answer with absolute file paths and the encoder's run directory [default: paths relative to "
+                   "the indexed folder, the run directory by its name].")
 def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
-              max_batch: int, batch_window_ms: float, queue_size: int) -> None:
+              max_batch: int, batch_window_ms: float, queue_size: int, show_paths: bool) -> None:
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
     POST /api/search?k=10            multipart upload (field "image"): the query --json element + ids, timings
+                                     (paths relative to the indexed folder unless --show-paths)
     GET  /api/items/ID/similar?k=10  more like an indexed item (its stored embedding, no encoder pass)
     GET  /api/items/ID/thumbnail     small JPEG of an indexed item
     GET  /api/stats, /healthz        counts, labels, encoder, FAISS; liveness
@@ -260,7 +264,7 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
 
     run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k,
                            max_upload_bytes=int(max_upload_mb * (1 << 20)), cors=cors, max_batch=max_batch,
-                           batch_window_ms=batch_window_ms, queue_size=queue_size))
+                           batch_window_ms=batch_window_ms, queue_size=queue_size, show_paths=show_paths))
 
 
 @cli.command("eval")

@@ -93,13 +93,15 @@ def test_an_indexed_image_finds_itself_with_the_same_answer_as_query_json(client
         resp = _upload(client, path.read_bytes(), name=path.name, k=6)
         assert resp.status_code == 200, resp.text
         body = resp.json()
-        assert body["results"][0]["path"] == str(path) and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-        expected = served["expected"][path]
+        relpath = path.relative_to(served["images"]).as_posix()
+        assert body["results"][0]["path"] == relpath and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        expected = served["expected"][path]  # query --json: a local command, absolute paths
         assert body["query"] == path.name
-        assert [{key: h[key] for key in ("rank", "path", "score", "label")} for h in body["results"]] == \
-            expected["results"]
+        assert [{key: h[key] for key in ("rank", "score", "label")} for h in body["results"]] == \
+            [{key: h[key] for key in ("rank", "score", "label")} for h in expected["results"]]
+        assert [str(served["images"] / h["path"]) for h in body["results"]] == [h["path"] for h in expected["results"]]
         by_id = dict(zip(served["ids"].tolist(), served["relpaths"], strict=True))
-        assert [str(served["images"] / by_id[h["id"]]) for h in body["results"]] == [h["path"] for h in body["results"]]
+        assert [by_id[h["id"]] for h in body["results"]] == [h["path"] for h in body["results"]]
         t = body["timings"]
         assert t["decode_ms"] > 0 and t["embed_ms"] > 0 and t["search_ms"] >= 0 and t["batch"] >= 1
         assert t["total_ms"] >= t["decode_ms"] + t["embed_ms"] + t["search_ms"]
@@ -124,7 +126,7 @@ def test_more_like_this_is_brute_force_over_the_stored_embeddings(client, served
         assert [h["id"] for h in body["results"]] == ids[top].tolist()
         np.testing.assert_allclose([h["score"] for h in body["results"]], scores[top], atol=1e-5)
         assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
-        assert body["query_id"] == int(ids[row]) and body["query"] == str(served["images"] / served["relpaths"][row])
+        assert body["query_id"] == int(ids[row]) and body["query"] == served["relpaths"][row]
         assert [h["label"] for h in body["results"]] == [served["labels"][i] for i in top]
 
 
@@ -196,7 +198,8 @@ def test_stats_health_and_the_page(client, served, tiny_run_dir):
     assert {e["label"]: e["count"] for e in stats["labels"]} == on_disk
     header = served["header"]
     assert stats["encoder"]["fingerprint"] == json.loads((tiny_run_dir / "encoder.json").read_text())["fingerprint"]
-    assert stats["encoder"]["spec"] == header.encoder.spec and stats["encoder"]["dim"] == header.encoder.dim
+    assert header.encoder.spec == str(tiny_run_dir) and stats["encoder"]["spec"] == tiny_run_dir.name
+    assert stats["encoder"]["dim"] == header.encoder.dim
     assert stats["generation"] == header.generation and stats["faiss_lags"] is False
     assert stats["ann"] == {"kind": "auto", "factory": "Flat"} and stats["device"] == "cpu"
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -206,6 +209,27 @@ def test_stats_health_and_the_page(client, served, tiny_run_dir):
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
     assert "innerHTML" not in page.text and "insertAdjacentHTML" not in page.text  # server strings stay text
     assert "access-control-allow-origin" not in client.get("/api/stats", headers={"Origin": "http://evil.test"}).headers
+
+
+def test_no_server_path_in_any_answer_unless_show_paths(client, served, tiny_run_dir, tmp_path):
+    """Every endpoint's body and headers, good and bad requests: neither the indexed folder, the DB nor the
+    encoder's run directory appears (items are named by their path relative to the indexed folder)."""
+    item_id = int(served["ids"][0])
+    answers = [_upload(client, served["queries"][0].read_bytes()), _upload(client, b"junk", name="x.txt"),
+               client.get(f"/api/items/{item_id}/similar"), client.get(f"/api/items/{item_id}/thumbnail"),
+               client.get("/api/items/999999/similar"), client.get("/api/stats"), client.get("/healthz"),
+               client.get("/"), client.get("/nope")]
+    secrets = [str(served["images"]), str(served["db"]), str(tiny_run_dir), str(served["images"].parent)]
+    for resp in answers:
+        text = resp.content.decode("latin-1") + repr(dict(resp.headers))
+        assert not [s for s in secrets if s in text], (resp.request.url, text[:300])
+    db = tmp_path / "db"
+    shutil.copytree(served["db"], db)
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", show_paths=True))) as shown:
+        body = shown.get(f"/api/items/{item_id}/similar").json()
+        assert body["query"] == str(served["images"] / served["relpaths"][0])
+        assert all(Path(h["path"]).is_absolute() and Path(h["path"]).exists() for h in body["results"])
+        assert shown.get("/api/stats").json()["encoder"]["spec"] == str(tiny_run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -295,6 +319,6 @@ def test_a_second_index_run_is_answered_without_restart(tiny_run_dir, tmp_path, 
         assert {"new-" + d.name for d in extra.iterdir() if d.is_dir()} <= {e["label"] for e in stats["labels"]}
         for new in sorted((images).glob("new-*/*.jpg"))[:3]:
             top = _upload(client, new.read_bytes(), k=1).json()["results"][0]
-            assert top["path"] == str(new) and top["score"] == pytest.approx(1.0, abs=1e-5)
+            assert top["path"] == new.relative_to(images).as_posix() and top["score"] == pytest.approx(1.0, abs=1e-5)
         assert client.get(f"/api/items/{gone_id}/thumbnail").status_code == 404
         assert client.get(f"/api/items/{gone_id}/similar").status_code == 404

@@ -56,6 +56,7 @@ def server(tiny_run_dir, tmp_path_factory):
         ids = snap.ids()
         items = snap.items(ids)
         stored = {"ids": ids, "vectors": snap.vectors(ids), "paths": [str(images / i.relpath) for i in items],
+                  "relpaths": [i.relpath for i in items],
                   "labels": [i.label for i in items]}
     port = _free_port()
     log = open(root / "serve.log", "w")  # closed below
@@ -126,7 +127,7 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             page.wait_for_selector(".result")
             cards = page.locator(".result")
             assert cards.count() == 10
-            assert cards.nth(0).get_attribute("title") == server["paths"][row]
+            assert cards.nth(0).get_attribute("title") == server["relpaths"][row]
             assert cards.nth(0).locator(".score").text_content() == "#1  1.0000"
             assert "embed" in page.text_content("#summary") and " ms" in page.text_content("#summary")
             page.wait_for_function("[...document.querySelectorAll('.result img')]"
@@ -136,7 +137,7 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             clicked = int(cards.nth(1).get_attribute("data-id"))
             cards.nth(1).click()
             page.wait_for_selector(f"#results[data-query-id='{clicked}'] .result")
-            assert page.text_content("#query-name") == f"more like {server['paths'][_row(server, clicked)]}"
+            assert page.text_content("#query-name") == f"more like {server['relpaths'][_row(server, clicked)]}"
             shown = [int(x) for x in page.locator(".result").evaluate_all("els => els.map(e => e.dataset.id)")]
             assert shown == _brute_force(server, clicked, 10)
             page.screenshot(path=str(tmp_path / "serve-more-like-this.png"), full_page=True)
@@ -152,7 +153,7 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             odd_row = server["labels"].index(HTML_LABEL)
             page.fill("#k", "3")
             page.set_input_files("#file", server["paths"][odd_row])
-            page.wait_for_function(f"document.querySelector('.result')?.title === {server['paths'][odd_row]!r}")
+            page.wait_for_function(f"document.querySelector('.result')?.title === {server['relpaths'][odd_row]!r}")
             assert page.locator(".result").count() == 3
             assert page.locator(".result .label").nth(0).text_content() == HTML_LABEL
             assert page.locator("#results img[src='x']").count() == 0
@@ -167,7 +168,7 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             page.wait_for_selector("#error:not([hidden])")
             assert page.text_content("#error") == "error 400: notes.txt: not a recognised image format"
             page.set_input_files("#file", server["paths"][row])
-            page.wait_for_function(f"document.querySelector('.result')?.title === {server['paths'][row]!r}")
+            page.wait_for_function(f"document.querySelector('.result')?.title === {server['relpaths'][row]!r}")
             assert page.is_hidden("#error")
             # The only complaint is the browser's own note of the 400 response itself.
             assert all("status of 400" in e for e in errors) and len(errors) == 1, errors

@@ -48,7 +48,8 @@ RETRY_AFTER_S = 1
 
 
 class HitModel(BaseModel):
-    """One `query --json` result, plus the item's id (for thumbnails and "more like this")."""
+    """One `query --json` result, plus the item's id (for thumbnails and "more like this"). `path` is relative
+    to the indexed folder (absolute only with ServeConfig.show_paths: no server path goes to a client)."""
 
     rank: int
     path: str
@@ -150,7 +151,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k)), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
-        return SearchResponse(query=name, results=_hits(answer.hits), timings=timings)
+        return SearchResponse(query=name, results=_hits(answer.hits, cfg.show_paths), timings=timings)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
     async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
@@ -163,7 +164,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             raise HTTPException(404, "no such item")
         item, hits, search_ms = found
         timings = Timings(search_ms=search_ms, total_ms=1000 * (time.perf_counter() - started))
-        return SearchResponse(query=str(eng.file_of(item)), query_id=item.id, results=_hits(hits), timings=timings)
+        query = str(eng.file_of(item)) if cfg.show_paths else item.relpath
+        return SearchResponse(query=query, query_id=item.id, results=_hits(hits, cfg.show_paths), timings=timings)
 
     @app.get("/api/items/{item_id}/thumbnail", response_class=Response)
     async def thumbnail(request: Request, item_id: str) -> Response:
@@ -213,8 +215,9 @@ async def _queued(put: Any, eng: Engine) -> Any:
     return await asyncio.wrap_future(future)
 
 
-def _hits(hits: tuple[Hit, ...]) -> list[HitModel]:
-    return [HitModel(rank=h.rank, path=h.path, score=h.score, label=h.label, id=h.id) for h in hits]
+def _hits(hits: tuple[Hit, ...], show_paths: bool) -> list[HitModel]:
+    return [HitModel(rank=h.rank, path=h.path if show_paths else h.relpath, score=h.score, label=h.label, id=h.id)
+            for h in hits]
 
 
 def _parse_id(text: str) -> int:

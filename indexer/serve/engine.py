@@ -53,6 +53,7 @@ class ServeConfig:
     refresh_s: float = 1.0  # how often the index snapshot is renewed
     thumb_px: int = 160  # longest side of a thumbnail
     thumb_cache: int = 4096  # thumbnails kept in memory (ids never change content, so they never go stale)
+    show_paths: bool = False  # absolute file paths and encoder run directories in answers (else relative / names)
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,9 @@ class Engine:
             self._stats = {
                 "items": len(self.index),
                 "labels": [{"label": label, "count": n} for label, n in sorted(labels.items())],
-                "encoder": {"spec": header.encoder.spec, "fingerprint": header.encoder.fingerprint,
-                            "dim": header.encoder.dim, "image_size": header.encoder.image_size},
+                "encoder": {"spec": public_spec(header.encoder.spec, self.cfg.show_paths),
+                            "fingerprint": header.encoder.fingerprint, "dim": header.encoder.dim,
+                            "image_size": header.encoder.image_size},
                 "ann": None if meta is None else {"kind": meta.kind, "factory": meta.factory},
                 "generation": header.generation,
                 "faiss_lags": self.index.lagging,
@@ -156,6 +158,11 @@ class Engine:
     def close(self) -> None:
         self.batcher.close()
         self.index.close()
+
+
+def public_spec(spec: str, show_paths: bool) -> str:
+    """An encoder spec as a client may see it: a run directory by its name only (unless show_paths)."""
+    return spec if show_paths or not Path(spec).is_absolute() else Path(spec).name
 
 
 def thumbnail_jpeg(path: Path, side: int, max_pixels: int) -> bytes:
