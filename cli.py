@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -239,11 +240,13 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
               help="How long an upload waits for others to share its batch.")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait; beyond it the answer is 503 with Retry-After.")
+@click.option("--drain-s", default=30, show_default=True, type=click.IntRange(min=0),
+              help="On SIGTERM or Ctrl-C, how long requests in flight may take to finish before the server exits.")
 @click.option("--show-paths", is_flag=True,
               help="Answer with absolute file paths and the encoder's run directory [default: paths relative to "
                    "the indexed folder, the run directory by its name].")
 def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
-              max_batch: int, batch_window_ms: float, queue_size: int, show_paths: bool) -> None:
+              max_batch: int, batch_window_ms: float, queue_size: int, drain_s: int, show_paths: bool) -> None:
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
@@ -254,7 +257,8 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     GET  /api/stats, /healthz        counts, labels, encoder, FAISS; liveness
 
     The DB's own encoder is loaded once. Uploads arriving together are embedded in one batch. When an
-    `index` run commits, answers follow the new state within about a second, without restart.
+    `index` run commits, answers follow the new state within about a second, without restart. SIGTERM stops
+    taking connections, lets requests in flight finish (--drain-s) and exits 0.
     """
     try:
         from indexer.serve.app import ServeConfig, run_server
@@ -262,9 +266,12 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
         raise click.ClickException(f"serve needs FastAPI, uvicorn and python-multipart: "
                                    f"pip install -e \".[cpu,serve]\" ({exc})") from None
 
+    # uvicorn drains on SIGTERM, then raises the signal again under this disposition: a clean stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k,
                            max_upload_bytes=int(max_upload_mb * (1 << 20)), cors=cors, max_batch=max_batch,
-                           batch_window_ms=batch_window_ms, queue_size=queue_size, show_paths=show_paths))
+                           batch_window_ms=batch_window_ms, queue_size=queue_size, drain_s=drain_s,
+                           show_paths=show_paths))
 
 
 @cli.command("eval")

@@ -13,8 +13,10 @@ and their files by the path the DB stores.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -31,7 +33,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from indexer.store.read import Hit
-from retrieval.errors import DecodeError
+from retrieval.errors import DecodeError, RetrievalError
 
 from .batcher import Busy
 from .engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
@@ -106,12 +108,14 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(cfg: ServeConfig) -> FastAPI:
-    """The service as a FastAPI app; the encoder and index load when the app starts (its lifespan)."""
+def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
+    """The service as a FastAPI app. The encoder and index load when the app starts (its lifespan), unless an
+    engine already `loaded` is given (run_server loads it first, so a failure is one line, not a lifespan's
+    traceback); the app closes it when it stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.engine = await run_in_threadpool(Engine, cfg)
+        app.state.engine = loaded or await run_in_threadpool(Engine, cfg)
         app.state.thumbs = OrderedDict()
         try:
             yield
@@ -197,13 +201,38 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
 
 def run_server(cfg: ServeConfig) -> None:
-    """Serve until interrupted. Another host than loopback is the user's explicit choice, logged as a warning."""
+    """Serve until SIGTERM or Ctrl-C, then let requests in flight finish (at most cfg.drain_s) and return.
+
+    What can fail fails first, in one RetrievalError, before the model loads: the port (bound here and handed to
+    uvicorn), then the DB (Engine opens it before it loads the encoder). Another host than loopback is the
+    user's explicit choice, logged as a warning."""
     import uvicorn
 
     if cfg.host not in LOOPBACK:
         log.warning("serving on %s: anyone who can reach this machine can search the index and see its images",
                     cfg.host)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    with _listen(cfg.host, cfg.port) as sock:
+        engine = Engine(cfg)
+        config = uvicorn.Config(create_app(cfg, engine), log_level="info", timeout_graceful_shutdown=cfg.drain_s)
+        log.info("serving http://%s:%d", cfg.host, sock.getsockname()[1])
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it); RetrievalError if the address is taken or wrong."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise RetrievalError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = " (another process uses it: stop it or choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise RetrievalError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock
 
 
 async def _queued(put: Any, eng: Engine) -> Any:

@@ -53,6 +53,7 @@ class ServeConfig:
     refresh_s: float = 1.0  # how often the index snapshot is renewed
     thumb_px: int = 160  # longest side of a thumbnail
     thumb_cache: int = 4096  # thumbnails kept in memory (ids never change content, so they never go stale)
+    drain_s: int = 30  # on SIGTERM, how long requests in flight may take to finish
     show_paths: bool = False  # absolute file paths and encoder run directories in answers (else relative / names)
 
 
