@@ -240,13 +240,19 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
               help="How long an upload waits for others to share its batch.")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait; beyond it the answer is 503 with Retry-After.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), envvar="CIRCLE_RETRIEVAL_API_KEY_FILE",
+              help="Require the key in this file (its first line) as 'Authorization: Bearer KEY' on /api/* and "
+                   "/metrics [env CIRCLE_RETRIEVAL_API_KEY_FILE]; the page asks for it once per tab.")
+@click.option("--no-auth", is_flag=True,
+              help="Serve a non-loopback --host without a key (refused otherwise).")
 @click.option("--drain-s", default=30, show_default=True, type=click.IntRange(min=0),
               help="On SIGTERM or Ctrl-C, how long requests in flight may take to finish before the server exits.")
 @click.option("--show-paths", is_flag=True,
               help="Answer with absolute file paths and the encoder's run directory [default: paths relative to "
                    "the indexed folder, the run directory by its name].")
 def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
-              max_batch: int, batch_window_ms: float, queue_size: int, drain_s: int, show_paths: bool) -> None:
+              max_batch: int, batch_window_ms: float, queue_size: int, api_key_file: Path | None, no_auth: bool,
+              drain_s: int, show_paths: bool) -> None:
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
@@ -271,7 +277,20 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k,
                            max_upload_bytes=int(max_upload_mb * (1 << 20)), cors=cors, max_batch=max_batch,
                            batch_window_ms=batch_window_ms, queue_size=queue_size, drain_s=drain_s,
+                           api_key=None if api_key_file is None else _read_key(api_key_file), no_auth=no_auth,
                            show_paths=show_paths))
+
+
+def _read_key(path: Path) -> str:
+    """The access key: the first line of FILE, stripped; one-line errors for an unreadable or empty file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read the key file {path}: {exc}") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise click.ClickException(f"the key file {path} is empty: put the key on its first line")
+    return key
 
 
 @cli.command("eval")

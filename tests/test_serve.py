@@ -232,6 +232,40 @@ def test_no_server_path_in_any_answer_unless_show_paths(client, served, tiny_run
         assert shown.get("/api/stats").json()["encoder"]["spec"] == str(tiny_run_dir)
 
 
+def test_the_access_key_guards_the_api_in_constant_time_but_not_healthz(served, single_thread_torch, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(served["db"], db)
+    key = "correct horse battery staple"
+    item_id = int(served["ids"][0])
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", api_key=key))) as c:
+        calls = [lambda h: c.get("/api/stats", headers=h), lambda h: c.get(f"/api/items/{item_id}/similar", headers=h),
+                 lambda h: c.get(f"/api/items/{item_id}/thumbnail", headers=h),
+                 lambda h: c.post("/api/search", headers=h, files={"image": ("q.jpg", _jpeg(), "image/jpeg")})]
+        refused = [{}, {"Authorization": key}, {"Authorization": "Bearer " + key[:-1]},
+                   {"Authorization": "Bearer " + key + "x"}, {"Authorization": "Basic " + key}]
+        for call in calls:
+            for headers in refused:
+                resp = call(headers)
+                assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer", (headers, resp.text)
+                assert key not in resp.text
+            assert call({"Authorization": "Bearer " + key}).status_code == 200
+            assert call({"authorization": "bearer " + key}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
+    assert key not in repr(ServeConfig(db=db, api_key=key))
+
+
+def test_a_public_host_needs_a_key_or_an_explicit_no_auth():
+    from indexer.serve.auth import check_exposure
+    from retrieval.errors import RetrievalError
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(ServeConfig(db=Path("db"), host=host))
+    check_exposure(ServeConfig(db=Path("db"), host="0.0.0.0", api_key="k"))
+    check_exposure(ServeConfig(db=Path("db"), host="0.0.0.0", no_auth=True))
+    with pytest.raises(RetrievalError, match="refusing to serve on 0.0.0.0 without an access key"):
+        check_exposure(ServeConfig(db=Path("db"), host="0.0.0.0"))
+
+
 @pytest.fixture(scope="module")
 def strict_client(served, single_thread_torch, tmp_path_factory):
     """A service with a 50 KB upload limit, room for one waiting request, and CORS for one origin (on a copy of

@@ -6,12 +6,14 @@ that announces a 1 GB upload and gets 413 without sending it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HTML_LABEL = "<img src=x onerror=alert(1)>"
+KEY = "k3y-for-the-browser-test"
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +41,6 @@ def server(tiny_run_dir, tmp_path_factory):
     """The generated set (one class folder renamed like an HTML tag) indexed with the tiny encoder, its stored
     embeddings, and `serve` running on it."""
     pytest.importorskip("fastapi")
-    import httpx
 
     from indexer.build.pipeline import IndexConfig, run_index
     from indexer.store.lmdb_store import Store
@@ -58,23 +60,41 @@ def server(tiny_run_dir, tmp_path_factory):
         stored = {"ids": ids, "vectors": snap.vectors(ids), "paths": [str(images / i.relpath) for i in items],
                   "relpaths": [i.relpath for i in items],
                   "labels": [i.label for i in items]}
+    with _serving(db, root / "serve.log") as (base, port):
+        yield {"base": base, "port": port, "images": images, "db": db, **stored}
+
+
+@pytest.fixture(scope="module")
+def keyed(server, tmp_path_factory):
+    """A second `serve` of the same DB that requires an access key."""
+    key_file = tmp_path_factory.mktemp("keyed") / "key"
+    key_file.write_text(KEY + "\n")
+    with _serving(server["db"], key_file.with_name("serve.log"), "--api-key-file", str(key_file)) as (base, _):
+        yield {**server, "base": base}
+
+
+@contextlib.contextmanager
+def _serving(db: Path, log_path: Path, *extra: str) -> Iterator[tuple[str, int]]:
+    """`python cli.py serve` on a free loopback port until the block ends: (base URL, port)."""
+    import httpx
+
     port = _free_port()
-    log = open(root / "serve.log", "w")  # closed below
-    cmd = [sys.executable, "cli.py", "serve", "--db", str(db), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                            stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "cli.py", "serve", "--db", str(db), "--port", str(port), "--device", "cpu", *extra]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
         while True:
-            assert proc.poll() is None, (root / "serve.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "serve did not answer /healthz in 120 s"
             try:
                 if httpx.get(base + "/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield {"base": base, "port": port, "images": images, **stored}
+        yield base, port
     finally:
         proc.terminate()
         try:
@@ -82,7 +102,6 @@ def server(tiny_run_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
-        log.close()
 
 
 def test_an_announced_huge_upload_gets_413_without_being_sent(server):
@@ -186,3 +205,41 @@ def _brute_force(server: dict, item_id: int, k: int) -> list[int]:
     scores = vectors @ vectors[row]
     scores[row] = -np.inf
     return ids[np.argsort(-scores, kind="stable")[:k]].tolist()
+
+
+def test_the_page_asks_for_the_key_once_per_tab(keyed):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+            page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+            page.goto(keyed["base"] + "/")
+            page.wait_for_selector("#auth:not([hidden])")
+            assert page.text_content("#auth-msg") == "This server needs an access key."
+            page.fill("#key", "not-the-key")
+            page.click("#auth button")
+            page.wait_for_function("document.getElementById('auth-msg').textContent.includes('refused')")
+            assert page.is_visible("#auth")
+            page.fill("#key", KEY)
+            page.click("#auth button")
+            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            assert page.is_hidden("#auth")
+            page.set_input_files("#file", keyed["paths"][2])
+            page.wait_for_selector(".result")
+            assert page.locator(".result").nth(0).get_attribute("title") == keyed["relpaths"][2]
+            page.wait_for_function("[...document.querySelectorAll('.result img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")  # thumbnails sent the key too
+            page.reload()  # the same tab keeps the key: no second question
+            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            assert page.is_hidden("#auth")
+            fresh = browser.new_page()  # another tab asks again
+            fresh.goto(keyed["base"] + "/")
+            fresh.wait_for_selector("#auth:not([hidden])")
+            # The only complaints are the browser's notes of the 401 answers themselves.
+            assert errors and all("status of 401" in e for e in errors), errors
+        finally:
+            browser.close()

@@ -70,6 +70,16 @@ def test_start_up_failures_are_one_line_and_checked_before_the_model_loads(dbs, 
             "or choose another --port)"
 
 
+def test_a_public_host_without_a_key_is_refused_before_anything_loads(dbs, tmp_path):
+    run = _serve("--db", str(dbs["db"]), "--host", "0.0.0.0", "--port", str(_free_port()))
+    assert _one_error_line(run).startswith("Error: refusing to serve on 0.0.0.0 without an access key: ")
+    assert "--no-auth" in run.stderr and "--api-key-file" in run.stderr
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    assert _one_error_line(_serve("--db", str(dbs["db"]), "--api-key-file", str(empty))) == \
+        f"Error: the key file {empty} is empty: put the key on its first line"
+
+
 def _post_head(port: int, length: int) -> bytes:
     return (f"POST /api/search?k=3 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nExpect: 100-continue\r\n"
             f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {length}\r\n\r\n").encode()

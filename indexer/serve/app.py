@@ -3,7 +3,8 @@
     app = create_app(ServeConfig(db=Path("db")))   # FastAPI; tests drive it with TestClient
     run_server(cfg)                                 # uvicorn on cfg.host:cfg.port (127.0.0.1 by default)
 
-Endpoints: POST /api/search (multipart field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail,
+Endpoints (/api/* and /metrics need `Authorization: Bearer KEY` when a key is set): POST /api/search (multipart
+field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail,
 GET /api/stats, GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
 opens the index (serve_engine.Engine); handlers only parse, decode uploads in the thread pool and await the
 engine's worker thread. Nothing a client sends is used as a file-system path: items are found by integer id
@@ -35,6 +36,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from indexer.store.read import Hit
 from retrieval.errors import DecodeError, RetrievalError
 
+from .auth import KeyMiddleware, check_exposure
 from .batcher import Busy
 from .engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
 from .engine import Query as ImageQuery
@@ -124,10 +126,13 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="circle-retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)
     page = resources.files("indexer.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    if cfg.cors:
+    if cfg.api_key:
+        app.add_middleware(KeyMiddleware, key=cfg.api_key)
+    if cfg.cors:  # outside the key check: a browser's preflight carries no key
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=[cfg.cors], allow_methods=["GET", "POST"])
+        app.add_middleware(CORSMiddleware, allow_origins=[cfg.cors], allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization"])
 
     def engine(request: Request) -> Engine:
         return request.app.state.engine
@@ -203,11 +208,13 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
 def run_server(cfg: ServeConfig) -> None:
     """Serve until SIGTERM or Ctrl-C, then let requests in flight finish (at most cfg.drain_s) and return.
 
-    What can fail fails first, in one RetrievalError, before the model loads: the port (bound here and handed to
+    What can fail fails first, in one RetrievalError, before the model loads: a public host without a key
+    (auth.check_exposure), the port (bound here and handed to
     uvicorn), then the DB (Engine opens it before it loads the encoder). Another host than loopback is the
     user's explicit choice, logged as a warning."""
     import uvicorn
 
+    check_exposure(cfg)
     if cfg.host not in LOOPBACK:
         log.warning("serving on %s: anyone who can reach this machine can search the index and see its images",
                     cfg.host)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +54,8 @@ class ServeConfig:
     thumb_px: int = 160  # longest side of a thumbnail
     thumb_cache: int = 4096  # thumbnails kept in memory (ids never change content, so they never go stale)
     drain_s: int = 30  # on SIGTERM, how long requests in flight may take to finish
+    api_key: str | None = field(default=None, repr=False)  # required as a Bearer token on /api/* and /metrics
+    no_auth: bool = False  # the user's explicit choice to serve a non-loopback host without a key
     show_paths: bool = False  # absolute file paths and encoder run directories in answers (else relative / names)
 
 
