@@ -269,7 +269,7 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     try:
         from indexer.serve.app import ServeConfig, run_server
     except ImportError as exc:
-        raise click.ClickException(f"serve needs FastAPI, uvicorn and python-multipart: "
+        raise click.ClickException(f"serve needs FastAPI, uvicorn, python-multipart and prometheus-client: "
                                    f"pip install -e \".[cpu,serve]\" ({exc})") from None
 
     # uvicorn drains on SIGTERM, then raises the signal again under this disposition: a clean stop exits 0.

@@ -254,6 +254,50 @@ def test_the_access_key_guards_the_api_in_constant_time_but_not_healthz(served, 
     assert key not in repr(ServeConfig(db=db, api_key=key))
 
 
+def test_metrics_count_what_was_asked_and_parse_with_prometheus_own_parser(served, single_thread_torch, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    db = tmp_path / "db"
+    shutil.copytree(served["db"], db)
+    key = {"Authorization": "Bearer k"}
+    item_id = int(served["ids"][1])
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", api_key="k"))) as c:
+        for path in served["queries"]:
+            assert c.post("/api/search", headers=key, files={"image": ("q.jpg", path.read_bytes())}).status_code == 200
+        assert c.post("/api/search", headers=key, files={"image": ("x.txt", b"text")}).status_code == 400
+        assert c.get(f"/api/items/{item_id}/similar", headers=key).status_code == 200
+        assert c.get("/api/stats").status_code == 401
+        assert c.get("/metrics").status_code == 401
+        scraped = c.get("/metrics", headers=key)
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    samples: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(scraped.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    uploads = len(served["queries"])
+    assert value("serve_requests_total", route="/api/search", method="POST", status="200") == uploads
+    assert value("serve_requests_total", route="/api/search", method="POST", status="400") == 1
+    assert value("serve_requests_total", route="/api/items/{item_id}/similar", method="GET", status="200") == 1
+    assert value("serve_requests_total", route="other", method="GET", status="401") == 2  # refused before routing
+    assert value("serve_request_duration_seconds_count", route="/api/search") == uploads + 1
+    for stage, count in (("decode", uploads), ("embed", uploads), ("search", uploads + 1), ("total", uploads + 1)):
+        assert value("serve_stage_duration_seconds_count", stage=stage) == count
+        assert value("serve_stage_duration_seconds_bucket", stage=stage, le="+Inf") == count
+    assert value("serve_batch_size_sum") == uploads  # every upload embedded once, in batches of any size
+    assert 1 <= value("serve_batch_size_count") <= uploads
+    assert value("serve_queue_depth") == 0
+    assert value("serve_index_items") == len(served["ids"])
+    assert value("serve_db_generation") == served["header"].generation
+    assert value("serve_faiss_lags") == 0
+    fingerprint = served["header"].encoder.fingerprint
+    assert value("serve_encoder_info", spec=Path(served["header"].encoder.spec).name, fingerprint=fingerprint) == 1
+    assert not [k for k in samples if k[0] == "serve_shed_total"]  # no 503 yet: the labelled series is absent
+
+
 def test_a_public_host_needs_a_key_or_an_explicit_no_auth():
     from indexer.serve.auth import check_exposure
     from retrieval.errors import RetrievalError
@@ -307,6 +351,7 @@ def test_a_full_queue_answers_503_with_retry_after(strict_client):
         engine.batcher.call(lambda: None)  # ...and the one waiting place is taken
         resp = _upload(strict_client, _jpeg())
         assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert 'serve_shed_total{route="/api/search"} 1.0' in strict_client.get("/metrics").text
         assert resp.json()["detail"].startswith("busy: 1 requests are already waiting")
         assert strict_client.get("/api/stats").status_code == 503
     finally:

@@ -4,8 +4,8 @@
     run_server(cfg)                                 # uvicorn on cfg.host:cfg.port (127.0.0.1 by default)
 
 Endpoints (/api/* and /metrics need `Authorization: Bearer KEY` when a key is set): POST /api/search (multipart
-field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail,
-GET /api/stats, GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
+field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail, GET /api/stats, GET /metrics
+(Prometheus), GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
 opens the index (serve_engine.Engine); handlers only parse, decode uploads in the thread pool and await the
 engine's worker thread. Nothing a client sends is used as a file-system path: items are found by integer id
 and their files by the path the DB stores.
@@ -40,6 +40,7 @@ from .auth import KeyMiddleware, check_exposure
 from .batcher import Busy
 from .engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
 from .engine import Query as ImageQuery
+from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
 
 if TYPE_CHECKING:
     import torch
@@ -118,6 +119,8 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = loaded or await run_in_threadpool(Engine, cfg)
+        app.state.metrics = Metrics(app.state.engine)
+        app.state.engine.on_batch = app.state.metrics.batch.observe
         app.state.thumbs = OrderedDict()
         try:
             yield
@@ -128,6 +131,7 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
     page = resources.files("indexer.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     if cfg.api_key:
         app.add_middleware(KeyMiddleware, key=cfg.api_key)
+    app.add_middleware(RequestMetrics, metrics_of=lambda: app.state.metrics)  # outside: 401s are counted too
     if cfg.cors:  # outside the key check: a browser's preflight carries no key
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -145,6 +149,11 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format (indexer.serve.metrics); needs the key when one is set."""
+        return Response(request.app.state.metrics.scrape(), media_type=CONTENT_TYPE)
+
     @app.post("/api/search", response_model=SearchResponse)
     async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
         """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does."""
@@ -160,6 +169,7 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k)), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
+        request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
         return SearchResponse(query=name, results=_hits(answer.hits, cfg.show_paths), timings=timings)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
@@ -173,6 +183,7 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
             raise HTTPException(404, "no such item")
         item, hits, search_ms = found
         timings = Timings(search_ms=search_ms, total_ms=1000 * (time.perf_counter() - started))
+        request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
         query = str(eng.file_of(item)) if cfg.show_paths else item.relpath
         return SearchResponse(query=query, query_id=item.id, results=_hits(hits, cfg.show_paths), timings=timings)
 

@@ -16,7 +16,7 @@ import io
 import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -66,6 +66,17 @@ class Query:
 
 
 @dataclass(frozen=True)
+class Status:
+    """What the worker serves now, readable from any thread (replaced whole on each change)."""
+
+    items: int
+    generation: int
+    lagging: bool  # FAISS is behind LMDB
+    encoder_name: str  # public_spec of the DB's encoder
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class Answer:
     hits: tuple[Hit, ...]
     embed_ms: float
@@ -88,6 +99,8 @@ class Engine:
         self.transform = self.encoder.eval_transform()
         self.device = str(next(self.encoder.parameters()).device)
         self._stats: dict | None = None
+        self.on_batch: Callable[[int], None] | None = None  # told each encoder batch's size (serve's metrics)
+        self.status = self._status()
         self.batcher = MicroBatcher(self.run_batch, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000,
                                     queue_size=cfg.queue_size, tick_s=cfg.refresh_s, on_tick=self.refresh,
                                     name="serve-worker")
@@ -100,6 +113,8 @@ class Engine:
     def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
         """Embed the uploads in one forward and search them in one call."""
         start = time.perf_counter()
+        if self.on_batch is not None:
+            self.on_batch(len(queries))
         embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
         embedded = time.perf_counter()
         scores, ids = self.index.search(embeddings, max(q.k for q in queries))
@@ -157,6 +172,12 @@ class Engine:
             self.encoder = load_db_encoder(self.index, device=self.device)
             self.transform = self.encoder.eval_transform()
             self.fingerprint = self.index.header.encoder.fingerprint
+        self.status = self._status()
+
+    def _status(self) -> Status:
+        encoder = self.index.header.encoder
+        return Status(len(self.index), self.index.generation, self.index.lagging,
+                      public_spec(encoder.spec, self.cfg.show_paths), encoder.fingerprint)
 
     def close(self) -> None:
         self.batcher.close()
