@@ -190,12 +190,14 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Encoder spec; optional, as the DB records its own (one that disagrees with it is an error).")
 @click.option("--device", default="auto", show_default=True,
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
+@click.option("--label", "labels", multiple=True, metavar="LABEL",
+              help="Only items with this label (repeat for several): the top k of them, searched in the index.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
-def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, html_file: Path | None,
-              as_json: bool) -> None:
+def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, labels: tuple[str, ...],
+              html_file: Path | None, as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -205,7 +207,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
-    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device))
+    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, labels=labels))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -256,7 +258,7 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
-    POST /api/search?k=10            multipart upload (field "image"): the query --json element + ids, timings
+    POST /api/search?k=10&label=L    multipart upload (field "image"): the query --json element + ids, timings
                                      (paths relative to the indexed folder unless --show-paths)
     GET  /api/items/ID/similar?k=10  more like an indexed item (its stored embedding, no encoder pass)
     GET  /api/items/ID/thumbnail     small JPEG of an indexed item

@@ -130,6 +130,27 @@ def test_more_like_this_is_brute_force_over_the_stored_embeddings(client, served
         assert [h["label"] for h in body["results"]] == [served["labels"][i] for i in top]
 
 
+def test_label_filters_are_searched_on_the_server_and_return_k_of_those_labels(client, served):
+    ids, vectors, labels = served["ids"], served["vectors"], np.array(served["labels"])
+    row = 0
+    others = sorted(set(labels) - {labels[row]})
+    for wanted in ([others[0]], others[:2]):
+        mask = np.isin(labels, wanted)
+        scores = np.where(mask, vectors @ vectors[row], -np.inf)
+        top = np.argsort(-scores, kind="stable")[:4]
+        query = "&".join(f"label={w}" for w in wanted)
+        similar = client.get(f"/api/items/{ids[row]}/similar?k=4&{query}").json()
+        upload = client.post(f"/api/search?k=4&{query}",
+                             files={"image": ("q.jpg", (served["images"] / served["relpaths"][row]).read_bytes())})
+        for body in (similar, upload.json()):
+            assert [h["id"] for h in body["results"]] == ids[top].tolist()
+            assert {h["label"] for h in body["results"]} <= set(wanted)
+            np.testing.assert_allclose([h["score"] for h in body["results"]], scores[top], atol=1e-5)
+    assert client.get(f"/api/items/{ids[row]}/similar?k=4&label=no-such-label").json()["results"] == []
+    everything = client.get(f"/api/items/{ids[row]}/similar?k=1000&label={labels[row]}").json()["results"]
+    assert len(everything) == PER_CLASS - 1  # all of the item's own label but itself
+
+
 def test_thumbnails_by_id_only(client, served):
     item_id, rel = int(served["ids"][3]), served["relpaths"][3]
     resp = client.get(f"/api/items/{item_id}/thumbnail")

@@ -24,7 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -155,8 +155,10 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         return Response(request.app.state.metrics.scrape(), media_type=CONTENT_TYPE)
 
     @app.post("/api/search", response_model=SearchResponse)
-    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
-        """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does."""
+    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K),
+                     label: Annotated[list[str] | None, Query()] = None) -> SearchResponse:
+        """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does;
+        `label=` (repeatable): only items with one of these labels."""
         started = time.perf_counter()
         data, name = await _read_upload(request, cfg.max_upload_bytes)
         eng = engine(request)
@@ -166,19 +168,21 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         except DecodeError as exc:
             raise HTTPException(400, str(exc)) from None
         decode_ms = 1000 * (time.perf_counter() - decoding)
-        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k)), eng)
+        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k, tuple(label or ()))), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
         request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
         return SearchResponse(query=name, results=_hits(answer.hits, cfg.show_paths), timings=timings)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
-    async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
-        """"More like this": the nearest other items to a stored item's embedding (no encoder pass)."""
+    async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K),
+                      label: Annotated[list[str] | None, Query()] = None) -> SearchResponse:
+        """"More like this": the nearest other items to a stored item's embedding (no encoder pass); `label=` as
+        for /api/search."""
         started = time.perf_counter()
         eng = engine(request)
         wanted = _parse_id(item_id)
-        found = await _queued(lambda b: b.call(lambda: eng.similar(wanted, k or cfg.k)), eng)
+        found = await _queued(lambda b: b.call(lambda: eng.similar(wanted, k or cfg.k, tuple(label or ()))), eng)
         if found is None:
             raise HTTPException(404, "no such item")
         item, hits, search_ms = found

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from retrieval.data.decode import DEFAULT_MAX_PIXELS
 from .batcher import MicroBatcher
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class ServeConfig:
 class Query:
     pixels: torch.Tensor  # the decoded upload after the encoder's eval transform (a CHW tensor), made off the worker
     k: int
+    labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,20 @@ class Engine:
             self.on_batch(len(queries))
         embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
         embedded = time.perf_counter()
-        scores, ids = self.index.search(embeddings, max(q.k for q in queries))
+        groups: dict[tuple[str, ...], list[int]] = {}  # one search per label filter
+        for row, q in enumerate(queries):
+            groups.setdefault(q.labels, []).append(row)
+        hits: dict[int, tuple[Hit, ...]] = {}
+        for labels, rows in groups.items():
+            scores, ids = self.index.search(embeddings[rows], max(queries[r].k for r in rows), only=self._only(labels))
+            for r, s, i in zip(rows, scores, ids, strict=True):
+                hits[r] = hits_of(self.index, s[: queries[r].k], i[: queries[r].k])
         done = time.perf_counter()
         embed_ms, search_ms = 1000 * (embedded - start), 1000 * (done - embedded)
-        return [Answer(hits_of(self.index, s[: q.k], i[: q.k]), embed_ms, search_ms, len(queries))
-                for q, s, i in zip(queries, scores, ids, strict=True)]
+        return [Answer(hits[r], embed_ms, search_ms, len(queries)) for r in range(len(queries))]
+
+    def _only(self, labels: tuple[str, ...]) -> np.ndarray | None:
+        return self.index.ids_with_labels(labels) if labels else None
 
     def item(self, item_id: int) -> Item | None:
         return self.index.items([item_id])[0]
@@ -130,13 +140,14 @@ class Engine:
         """The indexed file of an item: the DB's root joined with its stored path (never a client's path)."""
         return self.index.root / item.relpath
 
-    def similar(self, item_id: int, k: int) -> tuple[Item, tuple[Hit, ...], float] | None:
-        """(item, its k nearest other items, search ms) from the stored embedding; None for an unknown id."""
+    def similar(self, item_id: int, k: int, labels: tuple[str, ...] = ()) -> tuple[Item, tuple[Hit, ...], float] | None:
+        """(item, its k nearest other items (with one of `labels`, if any), search ms) from the stored embedding;
+        None for an unknown id."""
         item = self.item(item_id)
         if item is None:
             return None
         start = time.perf_counter()
-        scores, ids = self.index.search(self.index.vectors([item_id]), k + 1)
+        scores, ids = self.index.search(self.index.vectors([item_id]), k + 1, only=self._only(labels))
         keep = ids[0] != item_id
         hits = hits_of(self.index, scores[0][keep][:k], ids[0][keep][:k])
         return item, hits, 1000 * (time.perf_counter() - start)
@@ -147,7 +158,7 @@ class Engine:
             from indexer.store import ann
 
             header = self.index.header
-            labels = Counter(item.label for item in self.index.iter_items())
+            labels = self.index.label_counts()
             meta = ann.read_meta(self.index.store.db_dir)
             self._stats = {
                 "items": len(self.index),
