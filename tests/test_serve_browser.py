@@ -161,12 +161,16 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             assert shown == _brute_force(server, clicked, 10)
             page.screenshot(path=str(tmp_path / "serve-more-like-this.png"), full_page=True)
 
-            # Filter by label: only that label's cards stay.
-            labels = page.locator(".result .label").all_text_contents()
-            wanted = labels[0]
+            # Filter by label: the server searches that label alone, k of them when it has them.
+            wanted = next(x for x in server["labels"] if x != server["labels"][_row(server, clicked)])
             page.select_option("#label", value=wanted)
-            assert page.locator(".result .label").all_text_contents() == [x for x in labels if x == wanted]
+            expected = _brute_force(server, clicked, 10, label=wanted)
+            page.wait_for_function(f"[...document.querySelectorAll('.result')].map(e => +e.dataset.id).join() "
+                                   f"=== {','.join(map(str, expected))!r}")
+            assert set(page.locator(".result .label").all_text_contents()) == {wanted}
+            assert len(expected) == server["labels"].count(wanted)  # 6 of a label with 6 items, k being 10
             page.select_option("#label", value="")
+            page.wait_for_function("document.querySelectorAll('.result').length === 10")
 
             # A class folder named like an HTML tag is shown as text, never run.
             odd_row = server["labels"].index(HTML_LABEL)
@@ -180,12 +184,15 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             assert (tmp_path / "serve.png").stat().st_size > 10_000
             assert errors == []
 
-            # Not an image: a message, and the page still works.
+            # Not an image: a message naming it once, nothing of the previous query left, and the page still works.
             bad = tmp_path / "notes.txt"
             bad.write_text("not an image")
             page.set_input_files("#file", str(bad))
             page.wait_for_selector("#error:not([hidden])")
             assert page.text_content("#error") == "error 400: notes.txt: not a recognised image format"
+            assert page.locator(".result").count() == 0 and page.text_content("#summary") == ""
+            assert page.is_hidden("#query-img") and "notes.txt" not in page.text_content("#drop")
+            assert page.text_content("main").count("notes.txt") == 1
             page.set_input_files("#file", server["paths"][row])
             page.wait_for_function(f"document.querySelector('.result')?.title === {server['relpaths'][row]!r}")
             assert page.is_hidden("#error")
@@ -199,12 +206,15 @@ def _row(server: dict, item_id: int) -> int:
     return int(np.flatnonzero(server["ids"] == item_id)[0])
 
 
-def _brute_force(server: dict, item_id: int, k: int) -> list[int]:
+def _brute_force(server: dict, item_id: int, k: int, label: str | None = None) -> list[int]:
     ids, vectors = server["ids"], server["vectors"]
     row = _row(server, item_id)
     scores = vectors @ vectors[row]
     scores[row] = -np.inf
-    return ids[np.argsort(-scores, kind="stable")[:k]].tolist()
+    if label is not None:
+        scores[np.array(server["labels"]) != label] = -np.inf
+    order = np.argsort(-scores, kind="stable")[:k]
+    return ids[order[np.isfinite(scores[order])]].tolist()
 
 
 def test_the_page_asks_for_the_key_once_per_tab(keyed):
