@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -202,12 +203,14 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Encoder spec; optional, as the DB records its own (one that disagrees with it is an error).")
 @click.option("--device", default="auto", show_default=True,
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
+@click.option("--label", "labels", multiple=True, metavar="LABEL",
+              help="Only items with this label (repeat for several): the top k of them, searched in the index.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
-def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, html_file: Path | None,
-              as_json: bool) -> None:
+def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, labels: tuple[str, ...],
+              html_file: Path | None, as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -217,7 +220,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
-    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device))
+    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, labels=labels))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -252,28 +255,57 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
               help="How long an upload waits for others to share its batch.")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Requests that may wait; beyond it the answer is 503 with Retry-After.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), envvar="CIRCLE_RETRIEVAL_API_KEY_FILE",
+              help="Require the key in this file (its first line) as 'Authorization: Bearer KEY' on /api/* and "
+                   "/metrics [env CIRCLE_RETRIEVAL_API_KEY_FILE]; the page asks for it once per tab.")
+@click.option("--no-auth", is_flag=True,
+              help="Serve a non-loopback --host without a key (refused otherwise).")
+@click.option("--drain-s", default=30, show_default=True, type=click.IntRange(min=0),
+              help="On SIGTERM or Ctrl-C, how long requests in flight may take to finish before the server exits.")
+@click.option("--show-paths", is_flag=True,
+              help="Answer with absolute file paths and the encoder's run directory [default: paths relative to "
+                   "the indexed folder, the run directory by its name].")
 def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
-              max_batch: int, batch_window_ms: float, queue_size: int) -> None:
+              max_batch: int, batch_window_ms: float, queue_size: int, api_key_file: Path | None, no_auth: bool,
+              drain_s: int, show_paths: bool) -> None:
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
-    POST /api/search?k=10            multipart upload (field "image"): the query --json element + ids, timings
+    POST /api/search?k=10&label=L    multipart upload (field "image"): the query --json element + ids, timings
+                                     (paths relative to the indexed folder unless --show-paths)
     GET  /api/items/ID/similar?k=10  more like an indexed item (its stored embedding, no encoder pass)
     GET  /api/items/ID/thumbnail     small JPEG of an indexed item
     GET  /api/stats, /healthz        counts, labels, encoder, FAISS; liveness
 
     The DB's own encoder is loaded once. Uploads arriving together are embedded in one batch. When an
-    `index` run commits, answers follow the new state within about a second, without restart.
+    `index` run commits, answers follow the new state within about a second, without restart. SIGTERM stops
+    taking connections, lets requests in flight finish (--drain-s) and exits 0.
     """
     try:
         from indexer.serve.app import ServeConfig, run_server
     except ImportError as exc:
-        raise click.ClickException(f"serve needs FastAPI, uvicorn and python-multipart: "
+        raise click.ClickException(f"serve needs FastAPI, uvicorn, python-multipart and prometheus-client: "
                                    f"pip install -e \".[cpu,serve]\" ({exc})") from None
 
+    # uvicorn drains on SIGTERM, then raises the signal again under this disposition: a clean stop exits 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k,
                            max_upload_bytes=int(max_upload_mb * (1 << 20)), cors=cors, max_batch=max_batch,
-                           batch_window_ms=batch_window_ms, queue_size=queue_size))
+                           batch_window_ms=batch_window_ms, queue_size=queue_size, drain_s=drain_s,
+                           api_key=None if api_key_file is None else _read_key(api_key_file), no_auth=no_auth,
+                           show_paths=show_paths))
+
+
+def _read_key(path: Path) -> str:
+    """The access key: the first line of FILE, stripped; one-line errors for an unreadable or empty file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read the key file {path}: {exc}") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise click.ClickException(f"the key file {path} is empty: put the key on its first line")
+    return key
 
 
 @cli.command("eval")

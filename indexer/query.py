@@ -28,6 +28,7 @@ class QueryConfig:
     model: str | None = None
     device: str = "auto"  # see retrieval.device.resolve_device
     batch_size: int = 32
+    labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,14 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
         if len(index) == 0:
             raise IndexStoreError(f"the index DB at {cfg.db} is empty: index a folder into it first "
                                   f"(python cli.py index FOLDER --db {cfg.db})")
+        only = index.ids_with_labels(cfg.labels) if cfg.labels else None  # before torch: a typo shows at once
         encoder = load_db_encoder(index, model=cfg.model, device=cfg.device)
         results: list[QueryResult] = []
         for start in range(0, len(cfg.images), cfg.batch_size):
             paths = cfg.images[start : start + cfg.batch_size]
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
-            scores, ids = index.search(embed_images(encoder, images), cfg.k)
+            scores, ids = index.search(embed_images(encoder, images), cfg.k, only=only)
             results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids, strict=True)]
         return results
 

@@ -154,3 +154,44 @@ def test_exact_search_in_chunks_equals_one_pass(chunk):
     np.testing.assert_allclose(scores, np.take_along_axis(full, top, axis=1), atol=1e-6)
     empty_scores, empty_ids = ann.exact_search(queries, 3, np.empty(0, np.int64), lambda part: base[:0])
     assert (empty_ids == -1).all() and np.isneginf(empty_scores).all()
+
+
+def _add_labelled(store: Store, vectors: np.ndarray, start: int, rare_every: int) -> None:
+    numbered = zip(range(start, start + len(vectors)), vectors, strict=True)
+    items = [NewItem(f"c/{i:06d}.jpg", "rare" if i % rare_every == 0 else "common", 1, 0, 1, 1,
+                     i.to_bytes(16, "little"), v) for i, v in numbered]
+    store.commit_batch(items, [])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf-flat", "hnsw"])
+@pytest.mark.parametrize("few", [True, False])  # few: the label's ids searched exactly; else FAISS + ID selector
+def test_a_rare_label_gets_k_of_its_items_as_brute_force_ranks_them(tmp_path, monkeypatch, kind, few):
+    """A label on 1% of the items, with FAISS lagging LMDB by 100 items: k results, all of that label, equal to
+    brute force over its items (exact: for few ids, for Flat, and for rows an approximate index left short)."""
+    monkeypatch.setattr(ann, "MERGE_MIN_BYTES", 0)
+    if not few:
+        monkeypatch.setattr(ann, "EXACT_CHUNK", 7)
+    store = Store.open(tmp_path / "db", readonly=False)
+    store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path), reembed=False)
+    _add_labelled(store, _vectors(6000, seed=4), 0, rare_every=100)
+    _refresh(store, kind)
+    _add_labelled(store, _vectors(100, seed=5), 6000, rare_every=100)  # one more rare item: 6000
+    assert _refresh(store, kind).action == "lagging"
+    store.close()
+    queries, k = _vectors(30, seed=6), 10
+    with SearchIndex.open(tmp_path / "db") as index:
+        assert index.lagging
+        rare = index.ids_with_labels(["rare"])
+        assert len(rare) == 61 and index.label_counts() == {"rare": 61, "common": 6039}
+        assert index.ids_with_labels(["rare", "common", "nope"]).tolist() == index.ids().tolist()
+        assert len(index.ids_with_labels(["nope"])) == 0
+        scores, ids = index.search(queries, k, only=rare)
+        truth = queries @ index.vectors(rare).T
+    assert np.isin(ids, rare).all()  # k of them in every row, none from another label
+    top = np.argsort(-truth, axis=1, kind="stable")[:, :k]
+    if few or kind == "flat":
+        np.testing.assert_array_equal(ids, rare[top])
+        np.testing.assert_allclose(scores, np.take_along_axis(truth, top, axis=1), atol=1e-5)
+    else:  # approximate index: its own ranking, but full rows
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, rare[top], strict=True)])
+        assert recall >= 0.5, recall

@@ -93,13 +93,15 @@ def test_an_indexed_image_finds_itself_with_the_same_answer_as_query_json(client
         resp = _upload(client, path.read_bytes(), name=path.name, k=6)
         assert resp.status_code == 200, resp.text
         body = resp.json()
-        assert body["results"][0]["path"] == str(path) and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-        expected = served["expected"][path]
+        relpath = path.relative_to(served["images"]).as_posix()
+        assert body["results"][0]["path"] == relpath and body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        expected = served["expected"][path]  # query --json: a local command, absolute paths
         assert body["query"] == path.name
-        assert [{key: h[key] for key in ("rank", "path", "score", "label")} for h in body["results"]] == \
-            expected["results"]
+        assert [{key: h[key] for key in ("rank", "score", "label")} for h in body["results"]] == \
+            [{key: h[key] for key in ("rank", "score", "label")} for h in expected["results"]]
+        assert [str(served["images"] / h["path"]) for h in body["results"]] == [h["path"] for h in expected["results"]]
         by_id = dict(zip(served["ids"].tolist(), served["relpaths"], strict=True))
-        assert [str(served["images"] / by_id[h["id"]]) for h in body["results"]] == [h["path"] for h in body["results"]]
+        assert [by_id[h["id"]] for h in body["results"]] == [h["path"] for h in body["results"]]
         t = body["timings"]
         assert t["decode_ms"] > 0 and t["embed_ms"] > 0 and t["search_ms"] >= 0 and t["batch"] >= 1
         assert t["total_ms"] >= t["decode_ms"] + t["embed_ms"] + t["search_ms"]
@@ -124,8 +126,29 @@ def test_more_like_this_is_brute_force_over_the_stored_embeddings(client, served
         assert [h["id"] for h in body["results"]] == ids[top].tolist()
         np.testing.assert_allclose([h["score"] for h in body["results"]], scores[top], atol=1e-5)
         assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
-        assert body["query_id"] == int(ids[row]) and body["query"] == str(served["images"] / served["relpaths"][row])
+        assert body["query_id"] == int(ids[row]) and body["query"] == served["relpaths"][row]
         assert [h["label"] for h in body["results"]] == [served["labels"][i] for i in top]
+
+
+def test_label_filters_are_searched_on_the_server_and_return_k_of_those_labels(client, served):
+    ids, vectors, labels = served["ids"], served["vectors"], np.array(served["labels"])
+    row = 0
+    others = sorted(set(labels) - {labels[row]})
+    for wanted in ([others[0]], others[:2]):
+        mask = np.isin(labels, wanted)
+        scores = np.where(mask, vectors @ vectors[row], -np.inf)
+        top = np.argsort(-scores, kind="stable")[:4]
+        query = "&".join(f"label={w}" for w in wanted)
+        similar = client.get(f"/api/items/{ids[row]}/similar?k=4&{query}").json()
+        upload = client.post(f"/api/search?k=4&{query}",
+                             files={"image": ("q.jpg", (served["images"] / served["relpaths"][row]).read_bytes())})
+        for body in (similar, upload.json()):
+            assert [h["id"] for h in body["results"]] == ids[top].tolist()
+            assert {h["label"] for h in body["results"]} <= set(wanted)
+            np.testing.assert_allclose([h["score"] for h in body["results"]], scores[top], atol=1e-5)
+    assert client.get(f"/api/items/{ids[row]}/similar?k=4&label=no-such-label").json()["results"] == []
+    everything = client.get(f"/api/items/{ids[row]}/similar?k=1000&label={labels[row]}").json()["results"]
+    assert len(everything) == PER_CLASS - 1  # all of the item's own label but itself
 
 
 def test_thumbnails_by_id_only(client, served):
@@ -196,7 +219,8 @@ def test_stats_health_and_the_page(client, served, tiny_run_dir):
     assert {e["label"]: e["count"] for e in stats["labels"]} == on_disk
     header = served["header"]
     assert stats["encoder"]["fingerprint"] == json.loads((tiny_run_dir / "encoder.json").read_text())["fingerprint"]
-    assert stats["encoder"]["spec"] == header.encoder.spec and stats["encoder"]["dim"] == header.encoder.dim
+    assert header.encoder.spec == str(tiny_run_dir) and stats["encoder"]["spec"] == tiny_run_dir.name
+    assert stats["encoder"]["dim"] == header.encoder.dim
     assert stats["generation"] == header.generation and stats["faiss_lags"] is False
     assert stats["ann"] == {"kind": "auto", "factory": "Flat"} and stats["device"] == "cpu"
     assert client.get("/healthz").json() == {"status": "ok"}
@@ -206,6 +230,105 @@ def test_stats_health_and_the_page(client, served, tiny_run_dir):
     assert "http://" not in page.text and "https://" not in page.text  # no CDN: works offline
     assert "innerHTML" not in page.text and "insertAdjacentHTML" not in page.text  # server strings stay text
     assert "access-control-allow-origin" not in client.get("/api/stats", headers={"Origin": "http://evil.test"}).headers
+
+
+def test_no_server_path_in_any_answer_unless_show_paths(client, served, tiny_run_dir, tmp_path):
+    """Every endpoint's body and headers, good and bad requests: neither the indexed folder, the DB nor the
+    encoder's run directory appears (items are named by their path relative to the indexed folder)."""
+    item_id = int(served["ids"][0])
+    answers = [_upload(client, served["queries"][0].read_bytes()), _upload(client, b"junk", name="x.txt"),
+               client.get(f"/api/items/{item_id}/similar"), client.get(f"/api/items/{item_id}/thumbnail"),
+               client.get("/api/items/999999/similar"), client.get("/api/stats"), client.get("/healthz"),
+               client.get("/"), client.get("/nope")]
+    secrets = [str(served["images"]), str(served["db"]), str(tiny_run_dir), str(served["images"].parent)]
+    for resp in answers:
+        text = resp.content.decode("latin-1") + repr(dict(resp.headers))
+        assert not [s for s in secrets if s in text], (resp.request.url, text[:300])
+    db = tmp_path / "db"
+    shutil.copytree(served["db"], db)
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", show_paths=True))) as shown:
+        body = shown.get(f"/api/items/{item_id}/similar").json()
+        assert body["query"] == str(served["images"] / served["relpaths"][0])
+        assert all(Path(h["path"]).is_absolute() and Path(h["path"]).exists() for h in body["results"])
+        assert shown.get("/api/stats").json()["encoder"]["spec"] == str(tiny_run_dir)
+
+
+def test_the_access_key_guards_the_api_in_constant_time_but_not_healthz(served, single_thread_torch, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(served["db"], db)
+    key = "correct horse battery staple"
+    item_id = int(served["ids"][0])
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", api_key=key))) as c:
+        calls = [lambda h: c.get("/api/stats", headers=h), lambda h: c.get(f"/api/items/{item_id}/similar", headers=h),
+                 lambda h: c.get(f"/api/items/{item_id}/thumbnail", headers=h),
+                 lambda h: c.post("/api/search", headers=h, files={"image": ("q.jpg", _jpeg(), "image/jpeg")})]
+        refused = [{}, {"Authorization": key}, {"Authorization": "Bearer " + key[:-1]},
+                   {"Authorization": "Bearer " + key + "x"}, {"Authorization": "Basic " + key}]
+        for call in calls:
+            for headers in refused:
+                resp = call(headers)
+                assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer", (headers, resp.text)
+                assert key not in resp.text
+            assert call({"Authorization": "Bearer " + key}).status_code == 200
+            assert call({"authorization": "bearer " + key}).status_code == 200
+        assert c.get("/healthz").status_code == 200 and c.get("/").status_code == 200
+    assert key not in repr(ServeConfig(db=db, api_key=key))
+
+
+def test_metrics_count_what_was_asked_and_parse_with_prometheus_own_parser(served, single_thread_torch, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    db = tmp_path / "db"
+    shutil.copytree(served["db"], db)
+    key = {"Authorization": "Bearer k"}
+    item_id = int(served["ids"][1])
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", api_key="k"))) as c:
+        for path in served["queries"]:
+            assert c.post("/api/search", headers=key, files={"image": ("q.jpg", path.read_bytes())}).status_code == 200
+        assert c.post("/api/search", headers=key, files={"image": ("x.txt", b"text")}).status_code == 400
+        assert c.get(f"/api/items/{item_id}/similar", headers=key).status_code == 200
+        assert c.get("/api/stats").status_code == 401
+        assert c.get("/metrics").status_code == 401
+        scraped = c.get("/metrics", headers=key)
+        assert scraped.status_code == 200 and scraped.headers["content-type"].startswith("text/plain")
+    samples: dict[tuple, float] = {}
+    for family in text_string_to_metric_families(scraped.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    uploads = len(served["queries"])
+    assert value("serve_requests_total", route="/api/search", method="POST", status="200") == uploads
+    assert value("serve_requests_total", route="/api/search", method="POST", status="400") == 1
+    assert value("serve_requests_total", route="/api/items/{item_id}/similar", method="GET", status="200") == 1
+    assert value("serve_requests_total", route="other", method="GET", status="401") == 2  # refused before routing
+    assert value("serve_request_duration_seconds_count", route="/api/search") == uploads + 1
+    for stage, count in (("decode", uploads), ("embed", uploads), ("search", uploads + 1), ("total", uploads + 1)):
+        assert value("serve_stage_duration_seconds_count", stage=stage) == count
+        assert value("serve_stage_duration_seconds_bucket", stage=stage, le="+Inf") == count
+    assert value("serve_batch_size_sum") == uploads  # every upload embedded once, in batches of any size
+    assert 1 <= value("serve_batch_size_count") <= uploads
+    assert value("serve_queue_depth") == 0
+    assert value("serve_index_items") == len(served["ids"])
+    assert value("serve_db_generation") == served["header"].generation
+    assert value("serve_faiss_lags") == 0
+    fingerprint = served["header"].encoder.fingerprint
+    assert value("serve_encoder_info", spec=Path(served["header"].encoder.spec).name, fingerprint=fingerprint) == 1
+    assert not [k for k in samples if k[0] == "serve_shed_total"]  # no 503 yet: the labelled series is absent
+
+
+def test_a_public_host_needs_a_key_or_an_explicit_no_auth():
+    from indexer.serve.auth import check_exposure
+    from retrieval.errors import RetrievalError
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(ServeConfig(db=Path("db"), host=host))
+    check_exposure(ServeConfig(db=Path("db"), host="0.0.0.0", api_key="k"))
+    check_exposure(ServeConfig(db=Path("db"), host="0.0.0.0", no_auth=True))
+    with pytest.raises(RetrievalError, match="refusing to serve on 0.0.0.0 without an access key"):
+        check_exposure(ServeConfig(db=Path("db"), host="0.0.0.0"))
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +372,7 @@ def test_a_full_queue_answers_503_with_retry_after(strict_client):
         engine.batcher.call(lambda: None)  # ...and the one waiting place is taken
         resp = _upload(strict_client, _jpeg())
         assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert 'serve_shed_total{route="/api/search"} 1.0' in strict_client.get("/metrics").text
         assert resp.json()["detail"].startswith("busy: 1 requests are already waiting")
         assert strict_client.get("/api/stats").status_code == 503
     finally:
@@ -295,6 +419,6 @@ def test_a_second_index_run_is_answered_without_restart(tiny_run_dir, tmp_path, 
         assert {"new-" + d.name for d in extra.iterdir() if d.is_dir()} <= {e["label"] for e in stats["labels"]}
         for new in sorted((images).glob("new-*/*.jpg"))[:3]:
             top = _upload(client, new.read_bytes(), k=1).json()["results"][0]
-            assert top["path"] == str(new) and top["score"] == pytest.approx(1.0, abs=1e-5)
+            assert top["path"] == new.relative_to(images).as_posix() and top["score"] == pytest.approx(1.0, abs=1e-5)
         assert client.get(f"/api/items/{gone_id}/thumbnail").status_code == 404
         assert client.get(f"/api/items/{gone_id}/similar").status_code == 404

@@ -6,12 +6,14 @@ that announces a 1 GB upload and gets 413 without sending it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HTML_LABEL = "<img src=x onerror=alert(1)>"
+KEY = "k3y-for-the-browser-test"
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +41,6 @@ def server(tiny_run_dir, tmp_path_factory):
     """The generated set (one class folder renamed like an HTML tag) indexed with the tiny encoder, its stored
     embeddings, and `serve` running on it."""
     pytest.importorskip("fastapi")
-    import httpx
 
     from indexer.build.pipeline import IndexConfig, run_index
     from indexer.store.lmdb_store import Store
@@ -56,24 +58,43 @@ def server(tiny_run_dir, tmp_path_factory):
         ids = snap.ids()
         items = snap.items(ids)
         stored = {"ids": ids, "vectors": snap.vectors(ids), "paths": [str(images / i.relpath) for i in items],
+                  "relpaths": [i.relpath for i in items],
                   "labels": [i.label for i in items]}
+    with _serving(db, root / "serve.log") as (base, port):
+        yield {"base": base, "port": port, "images": images, "db": db, **stored}
+
+
+@pytest.fixture(scope="module")
+def keyed(server, tmp_path_factory):
+    """A second `serve` of the same DB that requires an access key."""
+    key_file = tmp_path_factory.mktemp("keyed") / "key"
+    key_file.write_text(KEY + "\n")
+    with _serving(server["db"], key_file.with_name("serve.log"), "--api-key-file", str(key_file)) as (base, _):
+        yield {**server, "base": base}
+
+
+@contextlib.contextmanager
+def _serving(db: Path, log_path: Path, *extra: str) -> Iterator[tuple[str, int]]:
+    """`python cli.py serve` on a free loopback port until the block ends: (base URL, port)."""
+    import httpx
+
     port = _free_port()
-    log = open(root / "serve.log", "w")  # closed below
-    cmd = [sys.executable, "cli.py", "serve", "--db", str(db), "--port", str(port), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
-                            stderr=subprocess.STDOUT)
+    cmd = [sys.executable, "cli.py", "serve", "--db", str(db), "--port", str(port), "--device", "cpu", *extra]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     try:
         while True:
-            assert proc.poll() is None, (root / "serve.log").read_text()
+            assert proc.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, "serve did not answer /healthz in 120 s"
             try:
                 if httpx.get(base + "/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield {"base": base, "port": port, "images": images, **stored}
+        yield base, port
     finally:
         proc.terminate()
         try:
@@ -81,7 +102,6 @@ def server(tiny_run_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
-        log.close()
 
 
 def test_an_announced_huge_upload_gets_413_without_being_sent(server):
@@ -126,7 +146,7 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             page.wait_for_selector(".result")
             cards = page.locator(".result")
             assert cards.count() == 10
-            assert cards.nth(0).get_attribute("title") == server["paths"][row]
+            assert cards.nth(0).get_attribute("title") == server["relpaths"][row]
             assert cards.nth(0).locator(".score").text_content() == "#1  1.0000"
             assert "embed" in page.text_content("#summary") and " ms" in page.text_content("#summary")
             page.wait_for_function("[...document.querySelectorAll('.result img')]"
@@ -136,23 +156,27 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             clicked = int(cards.nth(1).get_attribute("data-id"))
             cards.nth(1).click()
             page.wait_for_selector(f"#results[data-query-id='{clicked}'] .result")
-            assert page.text_content("#query-name") == f"more like {server['paths'][_row(server, clicked)]}"
+            assert page.text_content("#query-name") == f"more like {server['relpaths'][_row(server, clicked)]}"
             shown = [int(x) for x in page.locator(".result").evaluate_all("els => els.map(e => e.dataset.id)")]
             assert shown == _brute_force(server, clicked, 10)
             page.screenshot(path=str(tmp_path / "serve-more-like-this.png"), full_page=True)
 
-            # Filter by label: only that label's cards stay.
-            labels = page.locator(".result .label").all_text_contents()
-            wanted = labels[0]
+            # Filter by label: the server searches that label alone, k of them when it has them.
+            wanted = next(x for x in server["labels"] if x != server["labels"][_row(server, clicked)])
             page.select_option("#label", value=wanted)
-            assert page.locator(".result .label").all_text_contents() == [x for x in labels if x == wanted]
+            expected = _brute_force(server, clicked, 10, label=wanted)
+            page.wait_for_function(f"[...document.querySelectorAll('.result')].map(e => +e.dataset.id).join() "
+                                   f"=== {','.join(map(str, expected))!r}")
+            assert set(page.locator(".result .label").all_text_contents()) == {wanted}
+            assert len(expected) == server["labels"].count(wanted)  # 6 of a label with 6 items, k being 10
             page.select_option("#label", value="")
+            page.wait_for_function("document.querySelectorAll('.result').length === 10")
 
             # A class folder named like an HTML tag is shown as text, never run.
             odd_row = server["labels"].index(HTML_LABEL)
             page.fill("#k", "3")
             page.set_input_files("#file", server["paths"][odd_row])
-            page.wait_for_function(f"document.querySelector('.result')?.title === {server['paths'][odd_row]!r}")
+            page.wait_for_function(f"document.querySelector('.result')?.title === {server['relpaths'][odd_row]!r}")
             assert page.locator(".result").count() == 3
             assert page.locator(".result .label").nth(0).text_content() == HTML_LABEL
             assert page.locator("#results img[src='x']").count() == 0
@@ -160,14 +184,17 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             assert (tmp_path / "serve.png").stat().st_size > 10_000
             assert errors == []
 
-            # Not an image: a message, and the page still works.
+            # Not an image: a message naming it once, nothing of the previous query left, and the page still works.
             bad = tmp_path / "notes.txt"
             bad.write_text("not an image")
             page.set_input_files("#file", str(bad))
             page.wait_for_selector("#error:not([hidden])")
             assert page.text_content("#error") == "error 400: notes.txt: not a recognised image format"
+            assert page.locator(".result").count() == 0 and page.text_content("#summary") == ""
+            assert page.is_hidden("#query-img") and "notes.txt" not in page.text_content("#drop")
+            assert page.text_content("main").count("notes.txt") == 1
             page.set_input_files("#file", server["paths"][row])
-            page.wait_for_function(f"document.querySelector('.result')?.title === {server['paths'][row]!r}")
+            page.wait_for_function(f"document.querySelector('.result')?.title === {server['relpaths'][row]!r}")
             assert page.is_hidden("#error")
             # The only complaint is the browser's own note of the 400 response itself.
             assert all("status of 400" in e for e in errors) and len(errors) == 1, errors
@@ -179,9 +206,50 @@ def _row(server: dict, item_id: int) -> int:
     return int(np.flatnonzero(server["ids"] == item_id)[0])
 
 
-def _brute_force(server: dict, item_id: int, k: int) -> list[int]:
+def _brute_force(server: dict, item_id: int, k: int, label: str | None = None) -> list[int]:
     ids, vectors = server["ids"], server["vectors"]
     row = _row(server, item_id)
     scores = vectors @ vectors[row]
     scores[row] = -np.inf
-    return ids[np.argsort(-scores, kind="stable")[:k]].tolist()
+    if label is not None:
+        scores[np.array(server["labels"]) != label] = -np.inf
+    order = np.argsort(-scores, kind="stable")[:k]
+    return ids[order[np.isfinite(scores[order])]].tolist()
+
+
+def test_the_page_asks_for_the_key_once_per_tab(keyed):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+            page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+            page.goto(keyed["base"] + "/")
+            page.wait_for_selector("#auth:not([hidden])")
+            assert page.text_content("#auth-msg") == "This server needs an access key."
+            page.fill("#key", "not-the-key")
+            page.click("#auth button")
+            page.wait_for_function("document.getElementById('auth-msg').textContent.includes('refused')")
+            assert page.is_visible("#auth")
+            page.fill("#key", KEY)
+            page.click("#auth button")
+            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            assert page.is_hidden("#auth")
+            page.set_input_files("#file", keyed["paths"][2])
+            page.wait_for_selector(".result")
+            assert page.locator(".result").nth(0).get_attribute("title") == keyed["relpaths"][2]
+            page.wait_for_function("[...document.querySelectorAll('.result img')]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")  # thumbnails sent the key too
+            page.reload()  # the same tab keeps the key: no second question
+            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            assert page.is_hidden("#auth")
+            fresh = browser.new_page()  # another tab asks again
+            fresh.goto(keyed["base"] + "/")
+            fresh.wait_for_selector("#auth:not([hidden])")
+            # The only complaints are the browser's notes of the 401 answers themselves.
+            assert errors and all("status of 401" in e for e in errors), errors
+        finally:
+            browser.close()

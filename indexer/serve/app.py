@@ -3,8 +3,9 @@
     app = create_app(ServeConfig(db=Path("db")))   # FastAPI; tests drive it with TestClient
     run_server(cfg)                                 # uvicorn on cfg.host:cfg.port (127.0.0.1 by default)
 
-Endpoints: POST /api/search (multipart field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail,
-GET /api/stats, GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
+Endpoints (/api/* and /metrics need `Authorization: Bearer KEY` when a key is set): POST /api/search (multipart
+field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail, GET /api/stats, GET /metrics
+(Prometheus), GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
 opens the index (serve_engine.Engine); handlers only parse, decode uploads in the thread pool and await the
 engine's worker thread. Nothing a client sends is used as a file-system path: items are found by integer id
 and their files by the path the DB stores.
@@ -13,15 +14,17 @@ and their files by the path the DB stores.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -32,11 +35,13 @@ from starlette.formparsers import MultiPartException
 
 from indexer.store.read import Hit
 from retrieval.compat import parse_multipart
-from retrieval.errors import DecodeError
+from retrieval.errors import DecodeError, RetrievalError
 
+from .auth import KeyMiddleware, check_exposure
 from .batcher import Busy
 from .engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
 from .engine import Query as ImageQuery
+from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +54,8 @@ RETRY_AFTER_S = 1
 
 
 class HitModel(BaseModel):
-    """One `query --json` result, plus the item's id (for thumbnails and "more like this")."""
+    """One `query --json` result, plus the item's id (for thumbnails and "more like this"). `path` is relative
+    to the indexed folder (absolute only with ServeConfig.show_paths: no server path goes to a client)."""
 
     rank: int
     path: str
@@ -106,12 +112,16 @@ class _TooLarge(Exception):
     pass
 
 
-def create_app(cfg: ServeConfig) -> FastAPI:
-    """The service as a FastAPI app; the encoder and index load when the app starts (its lifespan)."""
+def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
+    """The service as a FastAPI app. The encoder and index load when the app starts (its lifespan), unless an
+    engine already `loaded` is given (run_server loads it first, so a failure is one line, not a lifespan's
+    traceback); the app closes it when it stops."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.engine = await run_in_threadpool(Engine, cfg)
+        app.state.engine = loaded or await run_in_threadpool(Engine, cfg)
+        app.state.metrics = Metrics(app.state.engine)
+        app.state.engine.on_batch = app.state.metrics.batch.observe
         app.state.thumbs = OrderedDict()
         try:
             yield
@@ -120,10 +130,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="circle-retrieval", lifespan=lifespan, docs_url=None, redoc_url=None)
     page = resources.files("indexer.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    if cfg.cors:
+    if cfg.api_key:
+        app.add_middleware(KeyMiddleware, key=cfg.api_key)
+    app.add_middleware(RequestMetrics, metrics_of=lambda: app.state.metrics)  # outside: 401s are counted too
+    if cfg.cors:  # outside the key check: a browser's preflight carries no key
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=[cfg.cors], allow_methods=["GET", "POST"])
+        app.add_middleware(CORSMiddleware, allow_origins=[cfg.cors], allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization"])
 
     def engine(request: Request) -> Engine:
         return request.app.state.engine
@@ -136,9 +150,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        """Prometheus text format (indexer.serve.metrics); needs the key when one is set."""
+        return Response(request.app.state.metrics.scrape(), media_type=CONTENT_TYPE)
+
     @app.post("/api/search", response_model=SearchResponse)
-    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
-        """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does."""
+    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K),
+                     label: Annotated[list[str] | None, Query()] = None) -> SearchResponse:
+        """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does;
+        `label=` (repeatable): only items with one of these labels."""
         started = time.perf_counter()
         data, name = await _read_upload(request, cfg.max_upload_bytes)
         eng = engine(request)
@@ -148,23 +169,28 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         except DecodeError as exc:
             raise HTTPException(400, str(exc)) from None
         decode_ms = 1000 * (time.perf_counter() - decoding)
-        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k)), eng)
+        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k, tuple(label or ()))), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
-        return SearchResponse(query=name, results=_hits(answer.hits), timings=timings)
+        request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
+        return SearchResponse(query=name, results=_hits(answer.hits, cfg.show_paths), timings=timings)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
-    async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
-        """"More like this": the nearest other items to a stored item's embedding (no encoder pass)."""
+    async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K),
+                      label: Annotated[list[str] | None, Query()] = None) -> SearchResponse:
+        """"More like this": the nearest other items to a stored item's embedding (no encoder pass); `label=` as
+        for /api/search."""
         started = time.perf_counter()
         eng = engine(request)
         wanted = _parse_id(item_id)
-        found = await _queued(lambda b: b.call(lambda: eng.similar(wanted, k or cfg.k)), eng)
+        found = await _queued(lambda b: b.call(lambda: eng.similar(wanted, k or cfg.k, tuple(label or ()))), eng)
         if found is None:
             raise HTTPException(404, "no such item")
         item, hits, search_ms = found
         timings = Timings(search_ms=search_ms, total_ms=1000 * (time.perf_counter() - started))
-        return SearchResponse(query=str(eng.file_of(item)), query_id=item.id, results=_hits(hits), timings=timings)
+        request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
+        query = str(eng.file_of(item)) if cfg.show_paths else item.relpath
+        return SearchResponse(query=query, query_id=item.id, results=_hits(hits, cfg.show_paths), timings=timings)
 
     @app.get("/api/items/{item_id}/thumbnail", response_class=Response)
     async def thumbnail(request: Request, item_id: str) -> Response:
@@ -196,13 +222,40 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
 
 def run_server(cfg: ServeConfig) -> None:
-    """Serve until interrupted. Another host than loopback is the user's explicit choice, logged as a warning."""
+    """Serve until SIGTERM or Ctrl-C, then let requests in flight finish (at most cfg.drain_s) and return.
+
+    What can fail fails first, in one RetrievalError, before the model loads: a public host without a key
+    (auth.check_exposure), the port (bound here and handed to
+    uvicorn), then the DB (Engine opens it before it loads the encoder). Another host than loopback is the
+    user's explicit choice, logged as a warning."""
     import uvicorn
 
+    check_exposure(cfg)
     if cfg.host not in LOOPBACK:
         log.warning("serving on %s: anyone who can reach this machine can search the index and see its images",
                     cfg.host)
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    with _listen(cfg.host, cfg.port) as sock:
+        engine = Engine(cfg)
+        config = uvicorn.Config(create_app(cfg, engine), log_level="info", timeout_graceful_shutdown=cfg.drain_s)
+        log.info("serving http://%s:%d", cfg.host, sock.getsockname()[1])
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (uvicorn listens on it); RetrievalError if the address is taken or wrong."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise RetrievalError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        hint = " (another process uses it: stop it or choose another --port)" if exc.errno == errno.EADDRINUSE else ""
+        raise RetrievalError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    return sock
 
 
 async def _queued(put: Any, eng: Engine) -> Any:
@@ -214,8 +267,9 @@ async def _queued(put: Any, eng: Engine) -> Any:
     return await asyncio.wrap_future(future)
 
 
-def _hits(hits: tuple[Hit, ...]) -> list[HitModel]:
-    return [HitModel(rank=h.rank, path=h.path, score=h.score, label=h.label, id=h.id) for h in hits]
+def _hits(hits: tuple[Hit, ...], show_paths: bool) -> list[HitModel]:
+    return [HitModel(rank=h.rank, path=h.path if show_paths else h.relpath, score=h.score, label=h.label, id=h.id)
+            for h in hits]
 
 
 def _parse_id(text: str) -> int:

@@ -61,6 +61,10 @@ class MicroBatcher:
         """Queue `fn` to run alone on the worker thread; Busy if the queue is full."""
         return self._put(_Job(Future(), solo=fn))
 
+    def depth(self) -> int:
+        """Jobs waiting in the queue now (approximate, as any queue size read from another thread)."""
+        return self._queue.qsize()
+
     def close(self, timeout: float = 10.0) -> None:
         """Finish the jobs already queued, then stop the worker."""
         self._queue.put(_STOP)

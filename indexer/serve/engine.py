@@ -15,9 +15,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +28,7 @@ from retrieval.data.decode import DEFAULT_MAX_PIXELS
 from .batcher import MicroBatcher
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,28 @@ class ServeConfig:
     refresh_s: float = 1.0  # how often the index snapshot is renewed
     thumb_px: int = 160  # longest side of a thumbnail
     thumb_cache: int = 4096  # thumbnails kept in memory (ids never change content, so they never go stale)
+    drain_s: int = 30  # on SIGTERM, how long requests in flight may take to finish
+    api_key: str | None = field(default=None, repr=False)  # required as a Bearer token on /api/* and /metrics
+    no_auth: bool = False  # the user's explicit choice to serve a non-loopback host without a key
+    show_paths: bool = False  # absolute file paths and encoder run directories in answers (else relative / names)
 
 
 @dataclass(frozen=True)
 class Query:
     pixels: torch.Tensor  # the decoded upload after the encoder's eval transform (a CHW tensor), made off the worker
     k: int
+    labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
+
+
+@dataclass(frozen=True)
+class Status:
+    """What the worker serves now, readable from any thread (replaced whole on each change)."""
+
+    items: int
+    generation: int
+    lagging: bool  # FAISS is behind LMDB
+    encoder_name: str  # public_spec of the DB's encoder
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,8 @@ class Engine:
         self.transform = self.encoder.eval_transform()
         self.device = str(next(self.encoder.parameters()).device)
         self._stats: dict | None = None
+        self.on_batch: Callable[[int], None] | None = None  # told each encoder batch's size (serve's metrics)
+        self.status = self._status()
         self.batcher = MicroBatcher(self.run_batch, max_batch=cfg.max_batch, window_s=cfg.batch_window_ms / 1000,
                                     queue_size=cfg.queue_size, tick_s=cfg.refresh_s, on_tick=self.refresh,
                                     name="serve-worker")
@@ -96,13 +114,24 @@ class Engine:
     def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
         """Embed the uploads in one forward and search them in one call."""
         start = time.perf_counter()
+        if self.on_batch is not None:
+            self.on_batch(len(queries))
         embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
         embedded = time.perf_counter()
-        scores, ids = self.index.search(embeddings, max(q.k for q in queries))
+        groups: dict[tuple[str, ...], list[int]] = {}  # one search per label filter
+        for row, q in enumerate(queries):
+            groups.setdefault(q.labels, []).append(row)
+        hits: dict[int, tuple[Hit, ...]] = {}
+        for labels, rows in groups.items():
+            scores, ids = self.index.search(embeddings[rows], max(queries[r].k for r in rows), only=self._only(labels))
+            for r, s, i in zip(rows, scores, ids, strict=True):
+                hits[r] = hits_of(self.index, s[: queries[r].k], i[: queries[r].k])
         done = time.perf_counter()
         embed_ms, search_ms = 1000 * (embedded - start), 1000 * (done - embedded)
-        return [Answer(hits_of(self.index, s[: q.k], i[: q.k]), embed_ms, search_ms, len(queries))
-                for q, s, i in zip(queries, scores, ids, strict=True)]
+        return [Answer(hits[r], embed_ms, search_ms, len(queries)) for r in range(len(queries))]
+
+    def _only(self, labels: tuple[str, ...]) -> np.ndarray | None:
+        return self.index.ids_with_labels(labels) if labels else None
 
     def item(self, item_id: int) -> Item | None:
         return self.index.items([item_id])[0]
@@ -111,13 +140,14 @@ class Engine:
         """The indexed file of an item: the DB's root joined with its stored path (never a client's path)."""
         return self.index.root / item.relpath
 
-    def similar(self, item_id: int, k: int) -> tuple[Item, tuple[Hit, ...], float] | None:
-        """(item, its k nearest other items, search ms) from the stored embedding; None for an unknown id."""
+    def similar(self, item_id: int, k: int, labels: tuple[str, ...] = ()) -> tuple[Item, tuple[Hit, ...], float] | None:
+        """(item, its k nearest other items (with one of `labels`, if any), search ms) from the stored embedding;
+        None for an unknown id."""
         item = self.item(item_id)
         if item is None:
             return None
         start = time.perf_counter()
-        scores, ids = self.index.search(self.index.vectors([item_id]), k + 1)
+        scores, ids = self.index.search(self.index.vectors([item_id]), k + 1, only=self._only(labels))
         keep = ids[0] != item_id
         hits = hits_of(self.index, scores[0][keep][:k], ids[0][keep][:k])
         return item, hits, 1000 * (time.perf_counter() - start)
@@ -128,13 +158,14 @@ class Engine:
             from indexer.store import ann
 
             header = self.index.header
-            labels = Counter(item.label for item in self.index.iter_items())
+            labels = self.index.label_counts()
             meta = ann.read_meta(self.index.store.db_dir)
             self._stats = {
                 "items": len(self.index),
                 "labels": [{"label": label, "count": n} for label, n in sorted(labels.items())],
-                "encoder": {"spec": header.encoder.spec, "fingerprint": header.encoder.fingerprint,
-                            "dim": header.encoder.dim, "image_size": header.encoder.image_size},
+                "encoder": {"spec": public_spec(header.encoder.spec, self.cfg.show_paths),
+                            "fingerprint": header.encoder.fingerprint, "dim": header.encoder.dim,
+                            "image_size": header.encoder.image_size},
                 "ann": None if meta is None else {"kind": meta.kind, "factory": meta.factory},
                 "generation": header.generation,
                 "faiss_lags": self.index.lagging,
@@ -152,10 +183,21 @@ class Engine:
             self.encoder = load_db_encoder(self.index, device=self.device)
             self.transform = self.encoder.eval_transform()
             self.fingerprint = self.index.header.encoder.fingerprint
+        self.status = self._status()
+
+    def _status(self) -> Status:
+        encoder = self.index.header.encoder
+        return Status(len(self.index), self.index.generation, self.index.lagging,
+                      public_spec(encoder.spec, self.cfg.show_paths), encoder.fingerprint)
 
     def close(self) -> None:
         self.batcher.close()
         self.index.close()
+
+
+def public_spec(spec: str, show_paths: bool) -> str:
+    """An encoder spec as a client may see it: a run directory by its name only (unless show_paths)."""
+    return spec if show_paths or not Path(spec).is_absolute() else Path(spec).name
 
 
 def thumbnail_jpeg(path: Path, side: int, max_pixels: int) -> bytes:

@@ -324,9 +324,10 @@ def index_ids(index: faiss.Index) -> np.ndarray:
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
-           nprobe: int | None = None, refine: Callable[[np.ndarray], np.ndarray] | None = None,
-           ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, ids) per query row; ids -1 where fewer than k. `exclude`: ids to leave out.
+           include: np.ndarray | None = None, nprobe: int | None = None,
+           refine: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) per query row; ids -1 where fewer than k. `exclude`: ids to leave out; `include`: the
+    only ids to consider (a filter; `exclude` is then ignored).
     `refine`: ids -> their exact embeddings; when given, REFINE_FACTOR x k candidates are re-ranked with them
     (for lossy indexes, whose own scores are approximate).
 
@@ -336,9 +337,13 @@ def search(index: faiss.Index, queries: np.ndarray, k: int, *, exclude: np.ndarr
     if index.ntotal == 0:
         return _empty(len(queries), k)
     if refine is not None:
-        _, candidates = search(index, queries, k * REFINE_FACTOR, exclude=exclude, nprobe=nprobe)
+        _, candidates = search(index, queries, k * REFINE_FACTOR, exclude=exclude, include=include, nprobe=nprobe)
         return _rerank(queries, candidates, refine, k)
-    sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(exclude)) if exclude is not None and len(exclude) else None
+    sel: faiss.IDSelector | None = None
+    if include is not None:
+        sel = faiss.IDSelectorBatch(include)
+    elif exclude is not None and len(exclude):
+        sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(exclude))
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
     # faiss stubs: SWIG constructors take their fields as keywords; SearchParametersHNSW is not declared
     params: faiss.SearchParameters | None

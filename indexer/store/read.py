@@ -23,13 +23,14 @@ if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usabl
 
 @dataclass(frozen=True)
 class Hit:
-    """One result; `path` is absolute (the indexed folder joined with the stored relative path)."""
+    """One result; `path` is absolute (the indexed folder joined with `relpath`, the path the DB stores)."""
 
     rank: int
     path: str
     score: float
     label: str
     id: int  # the item's LMDB id (not in `query --json`; serve adds it)
+    relpath: str  # relative to the indexed folder: what serve shows a client
 
 
 def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto") -> Encoder:
@@ -63,5 +64,5 @@ def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hi
     """Ranked hits of one query row; padding (-1) is dropped (SearchIndex returns only ids of its snapshot)."""
     keep = ids >= 0
     found = [(item, score) for item, score in zip(index.items(ids[keep]), scores[keep], strict=True) if item]
-    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label, item.id)
+    return tuple(Hit(rank, str(index.root / item.relpath), float(score), item.label, item.id, item.relpath)
                  for rank, (item, score) in enumerate(found, start=1))

@@ -18,7 +18,7 @@ disk is modified.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,6 +55,7 @@ class SearchIndex:
         self._factory = "Flat"
         self._exclude = np.empty(0, np.int64)
         self._missing = np.empty(0, np.int64)  # ids FAISS does not have yet: searched exactly from LMDB
+        self._by_label: dict[str, np.ndarray] | None = None  # label -> ids, read on first use per DB change
         try:
             self._renew(reload=True)
         except BaseException:
@@ -91,6 +92,7 @@ class SearchIndex:
         stamp = ann.file_stamp(self.store.db_dir)
         if before == header.generation and stamp == self._ann_stamp:
             return False
+        self._by_label = None
         meta = ann.read_meta(self.store.db_dir)  # read first: a writer replaces the index before its meta
         main = ann.load_bound(self.store.db_dir, header, mmap=self._mmap)
         if main is not None and main.d != dim:  # left from before a --reembed
@@ -140,14 +142,45 @@ class SearchIndex:
         info = encoder if isinstance(encoder, EncoderInfo) else EncoderInfo.of(encoder)
         require_encoder(self.header, info, self.store.db_dir)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) per query embedding, best first; rows padded with (-inf, -1) past the end."""
+    def search(self, queries: np.ndarray, k: int, *, only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) per query embedding, best first; rows padded with (-inf, -1) past the end.
+
+        `only` (ids of this snapshot, e.g. ids_with_labels): a filter; each row holds the top k of those ids,
+        min(k, len(only)) of them always. A few ids (<= ann.EXACT_CHUNK) are searched exactly from LMDB; more go
+        to FAISS with an ID selector (exact for Flat), and rows an approximate index left short are redone
+        exactly."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        parts = [ann.exact_search(queries, k, self._missing, self._snapshot.vectors)]
+        if only is not None and (self._main is None or len(only) <= ann.EXACT_CHUNK):
+            return ann.exact_search(queries, k, only, self._snapshot.vectors)
+        missing = self._missing if only is None else np.intersect1d(self._missing, only, assume_unique=True)
+        parts = [ann.exact_search(queries, k, missing, self._snapshot.vectors)]
         if self._main is not None:
             refine = self._snapshot.vectors if ann.is_lossy(self._main) else None
-            parts.append(ann.search(self._main, queries, k, exclude=self._exclude, refine=refine))
-        return ann.merge_top_k(parts, k)
+            parts.append(ann.search(self._main, queries, k, exclude=self._exclude, include=only, refine=refine))
+        scores, ids = ann.merge_top_k(parts, k)
+        if only is not None:
+            short = (ids >= 0).sum(axis=1) < min(k, len(only))
+            if short.any():
+                scores[short], ids[short] = ann.exact_search(queries[short], k, only, self._snapshot.vectors)
+        return scores, ids
+
+    def ids_with_labels(self, labels: Iterable[str]) -> np.ndarray:
+        """Ids of the snapshot's items with any of these labels, ascending (labels read once per DB change)."""
+        by_label = self._labels()
+        parts = [by_label[label] for label in set(labels) if label in by_label]
+        return np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+
+    def label_counts(self) -> dict[str, int]:
+        """Items per label in the snapshot."""
+        return {label: len(ids) for label, ids in self._labels().items()}
+
+    def _labels(self) -> dict[str, np.ndarray]:
+        if self._by_label is None:
+            groups: dict[str, list[int]] = {}
+            for item in self._snapshot.iter_items():
+                groups.setdefault(item.label, []).append(item.id)
+            self._by_label = {label: np.asarray(ids, np.int64) for label, ids in groups.items()}
+        return self._by_label
 
     def items(self, ids: Sequence[int] | np.ndarray) -> list[Item | None]:
         """Item records for ids (None for -1 or an id not in this snapshot)."""
