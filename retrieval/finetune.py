@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,18 +41,20 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from .data import load_records, split_records
 from .data.dataset import ImageDataset
 from .data.decode import default_workers
 from .data.records import Record, carve_validation
 from .data.sampler import PKSampler
 from .device import resolve_device
 from .embed import RecordsEvaluation, autocast, embed_records, make_loader
-from .encoder import Encoder, load_encoder
+from .encoder import Encoder
 from .encoder.model import init_head
 from .errors import RetrievalError
 from .eval_config import DEFAULT_KS
-from .finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES, FinetuneConfig
+from .finetune_config import HEAD_INITS, SCHEDULES, FinetuneConfig
+from .finetune_resume import TrainState, restore, resume_settings, state_payload
+from .finetune_select import chosen_split, is_better, recall_lost_warning, selection_note
+from .finetune_setup import batch_shape, build_encoder, load_splits, lr_lambda, make_optimizer
 from .interrupt import sigint_latch
 from .losses import LOSS_DEFAULTS, LOSSES, make_loss
 from .metrics import rank_leave_one_out, ranking_metrics
@@ -62,12 +64,6 @@ from .run_dir import CHECKPOINT, RunDir
 log = logging.getLogger(__name__)
 
 PCA_IMAGES = 4096   # at most this many train images (evenly spaced) fit the PCA head
-
-# Settings a resumed run must share with the run it continues (epochs may grow, workers etc. may change).
-_RESUME_KEYS = ("dataset", "root", "crop", "train_fraction", "model", "embed_dim", "loss", "loss_params", "p",
-                "k", "steps_per_epoch", "image_size", "seed", "world_size", "lr_backbone", "lr_head", "lr_proxies",
-                "weight_decay", "freeze_bn", "val_fraction", "head_init")
-
 
 class TrainingInterrupted(RetrievalError):
     """Ctrl-C during fine-tuning: the state was saved and `--resume` continues from it."""
@@ -118,70 +114,6 @@ def _figures(row: dict) -> dict[str, float]:
     return {key: row[key] for key in [f"recall@{k}" for k in DEFAULT_KS] + ["map@r"]}
 
 
-@dataclass
-class _State:
-    """What a checkpoint restores: completed epochs, progress into the next one, history, best epoch."""
-
-    epoch: int = 0                 # epochs fully trained and evaluated
-    step: int = 0                  # batches already trained of epoch `epoch + 1` (mid-epoch interrupt)
-    partial_loss: float = 0.0      # sum of those batches' losses
-    history: list[dict] = field(default_factory=list)
-    best_epoch: int | None = None
-
-
-def lr_factor(step: int, *, total: int, warmup: int, schedule: str) -> float:
-    """Multiplier of the base learning rates at optimiser step `step`: linear warm-up, then cosine or flat."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def selection_key(metrics: dict, baseline: dict) -> tuple[bool, float, float]:
-    """How epochs rank for the kept checkpoint: first whether Recall@1 is not below the pretrained baseline's
-    (fine-tuning must not trade the nearest neighbour for a better ranking), then MAP@R (it ranks all R
-    relevant items, so it is less noisy than the single-neighbour Recall@1 and is what an index serves), then
-    Recall@1. If no epoch keeps Recall@1, the best MAP@R is kept and the log says Recall@1 was lost."""
-    return metrics["recall@1"] >= baseline["recall@1"], metrics["map@r"], metrics["recall@1"]
-
-
-def is_better(metrics: dict, best: dict | None, baseline: dict) -> bool:
-    """Whether an evaluated epoch replaces the kept one (`best` None: nothing kept yet)."""
-    return best is None or selection_key(metrics, baseline) > selection_key(best, baseline)
-
-
-def recall_lost_warning(history: list[dict], kept: int | None, split: str = "test") -> str | None:
-    """The warning for a run whose kept epoch lost the baseline's (epoch 0's) Recall@1 on the split that
-    chose it (`history`: that split's figures per epoch), else None."""
-    if kept is None or history[kept]["recall@1"] >= history[0]["recall@1"]:
-        return None
-    return (f"warning: no epoch kept the pretrained {split} Recall@1 ({history[0]['recall@1']:.4f}); kept epoch "
-            f"{kept} (Recall@1 {history[kept]['recall@1']:.4f}, best MAP@R); try a lower --lr-backbone or fewer "
-            f"--epochs")
-
-
-def batch_shape(labels: list[int], p: int, k: int) -> tuple[int, str | None]:
-    """(P to use, a log line or None): P is lowered to the number of classes with at least 2 images when the
-    train split has fewer; classes with fewer than K images are sampled with replacement (PKSampler)."""
-    counts = np.unique(np.asarray(labels), return_counts=True)[1]
-    usable = int((counts >= 2).sum())
-    if usable < 2:
-        raise RetrievalError(f"the train split has {usable} class(es) with at least 2 images; P x K batches need 2")
-    notes = []
-    if p > usable:
-        notes.append(f"P lowered from {p} to {usable}: the train split has {usable} classes with 2+ images")
-    if (short := int(((counts >= 2) & (counts < k)).sum())):
-        notes.append(f"{short} of them have fewer than K={k} images and are sampled with replacement")
-    return min(p, usable), "; ".join(notes) or None
-
-
-def _chosen_split(row: dict) -> dict:
-    """The figures of an epoch that choose the kept epoch: the validation split's, else the test split's."""
-    return row["val"] if row.get("val") is not None else row
-
-
 def run_finetune(cfg: FinetuneConfig, progress: bool = True) -> FinetuneResult | None:
     """Train, evaluate every epoch, write the run directory; return the summary (rank 0; None elsewhere)."""
     _validate(cfg)
@@ -225,14 +157,6 @@ def _setup_distributed(device_name: str) -> _Dist:
     if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _Dist(dist.get_rank(), dist.get_world_size(), device, owns_group=owns)
-
-
-def locked_groups(requested: int | None, groups: int | None) -> int:
-    """The tower's leading layer groups to freeze: as requested, or by default AUTO_LOCKED but at most half
-    of them (none when the tower cannot be locked in part)."""
-    if requested is None:
-        return min(AUTO_LOCKED, groups // 2) if groups else 0
-    return requested
 
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # timm's BatchNormAct2d included
@@ -305,14 +229,14 @@ class Trainer:
             self.run_dir.prepare(resume=cfg.resume)
         ctx.barrier()
         self.log = self.run_dir.log
-        self.train_records, self.test_records, self.root = self._records()
+        self.train_records, self.test_records, self.root = load_splits(cfg, main=ctx.main, barrier=ctx.barrier)
         self.train_records, self.val_records = carve_validation(self.train_records, cfg.val_fraction, seed=cfg.seed)
         self.chooser = "validation" if self.val_records else "test"
         classes = sorted({r.label for r in self.train_records})
         self.label_map = torch.full((max(classes) + 1,), -1, dtype=torch.long)
         self.label_map[classes] = torch.arange(len(classes))
         torch.manual_seed(cfg.seed)   # same initial head and proxies on every rank
-        self.encoder = self._encoder()
+        self.encoder, self.layer_groups, self.locked_groups = build_encoder(cfg, ctx.device)
         self.trunk_params = [p for p in self.encoder.backbone_parameters() if p.requires_grad]   # not locked
         self.loss = make_loss(cfg.loss, num_classes=len(classes), dim=self.encoder.embed_dim,
                               **dict(cfg.loss_params)).to(ctx.device)
@@ -321,71 +245,25 @@ class Trainer:
         self.sampler = PKSampler([r.label for r in self.train_records], self.p, cfg.k, seed=cfg.seed,
                                  rank=ctx.rank, world_size=ctx.world_size)
         self.steps = min(len(self.sampler), cfg.steps_per_epoch or len(self.sampler))
-        self.optimizer = self._optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda())
-        self.state = _State()
+        self.optimizer = make_optimizer(cfg, self.trunk_params, self.encoder.head_parameters(),
+                                        list(self.loss.parameters()))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.steps))
+        self.state = TrainState()
         self.pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # epoch -> (s_n, s_p) of pairs.png
         self.wrapped: nn.Module = self.step_module   # DDP-wrapped under torchrun (_set_backbone_trainable)
         self.backbone_trainable: bool | None = None
 
     # -- set-up ------------------------------------------------------------------------------------------
 
-    def _records(self) -> tuple[list[Record], list[Record], Path]:
-        cfg = self.cfg
-        root = cfg.root
-        if root is None:
-            if cfg.dataset != "cub":
-                raise RetrievalError(f"--dataset {cfg.dataset} needs --root (only the generated cub set is built in)")
-            from .data.generate import ensure_default_dataset
-
-            root = ensure_default_dataset() if self.ctx.main else None
-            self.ctx.barrier()   # rank 0 generates it once; the others then find it
-            root = root or ensure_default_dataset()
-        records = load_records(cfg.dataset, root, crop=cfg.crop, train_fraction=cfg.train_fraction)
-        train, test = split_records(records, "train"), split_records(records, "test")
-        if not train or not test:
-            raise RetrievalError(f"{root}: need images in both splits, got {len(train)} train and {len(test)} test")
-        return train, test, Path(root)
-
-    def _encoder(self) -> Encoder:
-        encoder = load_encoder(self.cfg.model, embed_dim=self.cfg.embed_dim, device=self.ctx.device)
-        self.layer_groups = encoder.layer_groups()
-        self.locked_groups = locked_groups(self.cfg.locked_groups, self.layer_groups)
-        if self.locked_groups:
-            encoder.lock_tower(self.locked_groups)
-        if self.cfg.image_size is not None and self.cfg.image_size != encoder.image_size:
-            # The config is the encoder's preprocessing contract: a new input size is a new config, saved as such.
-            encoder.config = dataclasses.replace(encoder.config, image_size=self.cfg.image_size)
-        return encoder
-
-    def _optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.cfg
-        groups = [
-            {"params": self.trunk_params, "lr": cfg.lr_backbone, "name": "backbone"},
-            {"params": list(self.encoder.head_parameters()), "lr": cfg.lr_head, "name": "head"},
-        ]
-        proxies = list(self.loss.parameters())
-        if proxies:   # class-circle: proxies move on the unit sphere; decay would only shrink their norm
-            lr = cfg.lr_proxies if cfg.lr_proxies is not None else 10 * cfg.lr_head
-            groups.append({"params": proxies, "lr": lr, "weight_decay": 0.0, "name": "proxies"})
-        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-    def _lr_lambda(self) -> Callable[[int], float]:
-        total = self.cfg.epochs * self.steps
-        warmup = round(self.cfg.warmup_epochs * self.steps)
-        schedule = self.cfg.schedule
-        return lambda step: lr_factor(step, total=total, warmup=warmup, schedule=schedule)
-
     def _resume_config(self) -> dict:
-        cfg = self.cfg
-        return {"dataset": cfg.dataset, "root": str(self.root.resolve()), "crop": cfg.crop,
-                "train_fraction": cfg.train_fraction, "model": cfg.model, "embed_dim": self.encoder.embed_dim,
-                "loss": cfg.loss, "loss_params": {**LOSS_DEFAULTS[cfg.loss], **cfg.loss_params}, "p": cfg.p,
-                "k": cfg.k, "steps_per_epoch": cfg.steps_per_epoch, "image_size": self.encoder.image_size,
-                "seed": cfg.seed, "world_size": self.ctx.world_size, "lr_backbone": cfg.lr_backbone,
-                "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
-                "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init,
-                "locked_groups": self.locked_groups}
+        return resume_settings(self.cfg, root=self.root, embed_dim=self.encoder.embed_dim,
+                               image_size=self.encoder.image_size, world_size=self.ctx.world_size,
+                               locked_groups=self.locked_groups)
+
+    def _modules(self) -> dict[str, Any]:
+        """What a checkpoint holds the state of, in the order it is restored."""
+        return {"encoder": self.encoder, "loss": self.loss, "optimizer": self.optimizer,
+                "scheduler": self.scheduler}   # the scheduler keeps our lambda (more epochs: a longer cosine)
 
     def _run_config(self) -> dict:
         """The full configuration as plain JSON values (written to metrics.json and the checkpoint)."""
@@ -403,7 +281,7 @@ class Trainer:
                      f"{len(self.train_records)} train / {len(self.val_records)} validation / "
                      f"{len(self.test_records)} test images, world size {ctx.world_size}, device {ctx.device}, "
                      f"{self.steps} steps of {self.p}x{cfg.k} per epoch")
-            self.log(self._selection_note())
+            self.log(selection_note(self.chooser, self.val_records, cfg.val_fraction))
             if self.batch_note:
                 self.log(self.batch_note)
             if self.locked_groups:
@@ -426,7 +304,7 @@ class Trainer:
             raise TrainingInterrupted(
                 f"interrupted after {self.state.epoch} epoch(s) + {self.state.step} step(s); state saved to "
                 f"{self.run_dir.out / CHECKPOINT}; resume with --resume") from None
-        chosen = [_chosen_split(row) for row in self.state.history]
+        chosen = [chosen_split(row) for row in self.state.history]
         if ctx.main and (warning := recall_lost_warning(chosen, self.state.best_epoch, self.chooser)):
             self.log(warning)
         return self._result(time.perf_counter() - start) if ctx.main else None
@@ -496,10 +374,10 @@ class Trainer:
                 val, embeddings, labels = self._evaluate(self.val_records)
             row = {"epoch": epoch, **train, **metrics, "val": val,
                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups}}
-            history = [_chosen_split(r) for r in self.state.history]
+            history = [chosen_split(r) for r in self.state.history]
             best = history[self.state.best_epoch] if self.state.best_epoch is not None else None
             # the pretrained weights are the baseline, not a result
-            improved = epoch > 0 and is_better(_chosen_split(row), best, history[0] if history else row)
+            improved = epoch > 0 and is_better(chosen_split(row), best, history[0] if history else row)
             self.pairs[str(epoch)] = hardest_pairs(embeddings, labels)
             self.state.history.append(row)
             self.state.best_epoch = epoch if improved else self.state.best_epoch
@@ -538,15 +416,6 @@ class Trainer:
             dist.broadcast(stop, src=0)
         return bool(stop.item())
 
-    def _selection_note(self) -> str:
-        if self.chooser == "validation":
-            names = sorted({r.class_name for r in self.val_records})
-            return (f"the validation split ({len(names)} train classes held out: {', '.join(names[:8])}"
-                    f"{', ...' if len(names) > 8 else ''}) chooses the kept epoch and stops early; the test split "
-                    f"is only reported")
-        why = "--val-fraction 0" if self.cfg.val_fraction == 0 else "too few train classes to hold some out"
-        return f"no validation split ({why}): the test split chooses the kept epoch, so its figures are optimistic"
-
     def _boundary(self) -> dict[str, float]:
         """m of the circle and the triplet line drawn in pairs.png: the run's own loss parameters where it
         has them, else Circle Loss's default m (the circle) and triplet's default margin (the line)."""
@@ -580,27 +449,12 @@ class Trainer:
     # -- what the run directory keeps ---------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        s = self.state
-        self.run_dir.save_checkpoint({
-            "config": self._run_config(), "epoch": s.epoch, "step": s.step, "partial_loss": s.partial_loss,
-            "history": s.history, "best_epoch": s.best_epoch, "encoder": self.encoder.state_dict(),
-            "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        })
+        self.run_dir.save_checkpoint(state_payload(self.state, self._run_config(), self._modules()))
 
     def _load_checkpoint(self) -> None:
-        payload = self.run_dir.load_checkpoint(self.ctx.device)
         path = self.run_dir.out / CHECKPOINT
-        saved, now = payload["config"], self._resume_config()
-        changed = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in _RESUME_KEYS if saved.get(k) != now[k]]
-        if changed:
-            raise RetrievalError(f"{path}: cannot resume with different settings: {'; '.join(changed)}")
-        self.encoder.load_state_dict(payload["encoder"])
-        self.loss.load_state_dict(payload["loss"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])   # keeps our lambda (more epochs: a longer cosine)
-        self.state = _State(payload["epoch"], payload["step"], payload["partial_loss"], payload["history"],
-                            payload["best_epoch"])
+        self.state = restore(self.run_dir.load_checkpoint(self.ctx.device), path, self._resume_config(),
+                             self._modules())
         self.pairs = self.run_dir.read_pairs()
         self.log(f"resumed from {path}: {self.state.epoch} epoch(s) + {self.state.step} step(s) done, "
                  f"training to epoch {self.cfg.epochs}")

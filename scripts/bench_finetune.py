@@ -34,14 +34,9 @@ import torch
 from retrieval.allocator import keep_freed_memory
 from retrieval.data import load_records, split_records
 from retrieval.data.sampler import PKSampler
+from retrieval.device import resolve_device
 from retrieval.encoder import load_encoder
-from retrieval.finetune import (
-    TrainStep,
-    resolve_device,
-    train_loader,
-    train_mode,
-    train_step,
-)
+from retrieval.finetune import TrainStep, train_loader, train_mode, train_step
 from retrieval.finetune_config import default
 from retrieval.losses import make_loss
 

@@ -199,10 +199,20 @@ def test_pretrained_tag_without_network_fails_fast_with_a_hint(offline_hub):
     assert "pass a local checkpoint: --model ViT-B-32:/path/to/open_clip_model.safetensors" in message
 
 
+def test_pretrained_tag_in_the_hubs_offline_mode_never_tries_the_network(offline_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    import retrieval.encoder.sources as sources
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(sources, "_reachable", lambda host, timeout=0: pytest.fail("probed the network"))
+    with pytest.raises(EncoderError, match=r"not in the Hugging Face cache and HF_HUB_OFFLINE is set\); pass a local"):
+        load_encoder("ViT-B-32:laion2b_s34b_b79k")
+
+
 def test_pretrained_tag_loads_from_the_local_cache_through_open_clip(offline_hub, monkeypatch, tiny_model_name):
     """The real tag path (open_clip.create_model) with the weights already in the Hugging Face cache."""
     import open_clip
-    import open_clip.pretrained
     from safetensors.torch import save_file
 
     clip = open_clip.create_model(tiny_model_name)
@@ -212,7 +222,9 @@ def test_pretrained_tag_loads_from_the_local_cache_through_open_clip(offline_hub
     (offline_hub / "models--test-org--tiny" / "refs").mkdir()
     (offline_hub / "models--test-org--tiny" / "refs" / "main").write_text("0" * 40)
     tag = {"hf_hub": "test-org/tiny/", "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
-    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, tiny_model_name, {"testtag": tag})
+    real = open_clip.get_pretrained_cfg   # the tag registered through open_clip's public lookup, as a real tag is
+    monkeypatch.setattr(open_clip, "get_pretrained_cfg",
+                        lambda model, name: tag if (model, name) == (tiny_model_name, "testtag") else real(model, name))
 
     with hang_guard(60):
         encoder = load_encoder(f"{tiny_model_name}:testtag")

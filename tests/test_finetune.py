@@ -22,14 +22,10 @@ from retrieval.data.records import carve_validation
 from retrieval.embed import embed_records, evaluate_records
 from retrieval.encoder import load_encoder, save_encoder
 from retrieval.errors import RetrievalError
-from retrieval.finetune import (
-    TrainingInterrupted,
-    is_better,
-    lr_factor,
-    recall_lost_warning,
-    run_finetune,
-)
+from retrieval.finetune import TrainingInterrupted, run_finetune
 from retrieval.finetune_config import AUTO_LOCKED, FinetuneConfig, default
+from retrieval.finetune_select import is_better, recall_lost_warning
+from retrieval.finetune_setup import lr_factor
 from retrieval.run_dir import CHECKPOINT
 from tests.signals import default_sigint
 
@@ -158,7 +154,7 @@ def test_frozen_backbone_epochs_train_only_the_head_and_train_bn_updates_statist
 def test_locked_groups_freeze_the_towers_first_groups(data, tiny_dir, tmp_path):
     """test_efficientnet's 6 groups: stem, blocks.0 ... blocks.3, blocks.4 + conv_head. By default half of
     them (3, below AUTO_LOCKED) stay frozen; an explicit count is taken as given."""
-    from retrieval.finetune import locked_groups
+    from retrieval.finetune_setup import locked_groups
 
     assert [locked_groups(None, n) for n in (None, 6, 17, 40)] == [0, 3, AUTO_LOCKED, AUTO_LOCKED]
     assert locked_groups(4, 6) == 4 and locked_groups(0, 17) == 0
@@ -202,6 +198,36 @@ def test_resume_continues_from_the_saved_epoch_and_matches_an_uninterrupted_run(
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     with pytest.raises(RetrievalError, match="p 3 -> 2"):             # a different batch layout cannot resume
         run_finetune(_config(data, tiny_dir, split, epochs=4, p=2, resume=True), progress=False)
+
+
+def test_resuming_with_other_locked_groups_is_one_line_from_the_cli(data, tiny_dir, tmp_path):
+    """The optimiser state depends on which groups train: a changed --locked-groups names itself, exit 1."""
+    from click.testing import CliRunner
+
+    from cli import cli
+
+    out = tmp_path / "run"
+    fast = ("--steps-per-epoch", "1")
+    assert CliRunner().invoke(cli, _finetune_args(data, tiny_dir, out, "--epochs", "1", *fast,
+                                                  "--locked-groups", "0")).exit_code == 0
+    result = CliRunner().invoke(cli, _finetune_args(data, tiny_dir, out, "--epochs", "2", *fast, "--resume",
+                                                    "--locked-groups", "2"))
+    assert result.exit_code == 1, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and "cannot resume with different settings: locked_groups 0 -> 2" in line
+
+
+def test_a_saved_state_that_no_longer_fits_is_one_error_not_a_torch_traceback(tmp_path):
+    from retrieval.finetune_resume import TrainState, restore, state_payload
+
+    two = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))]
+    saved = torch.optim.AdamW([{"params": two[:1]}, {"params": two[1:]}])
+    payload = state_payload(TrainState(epoch=1), {"p": 3}, {"optimizer": saved})
+    now = torch.optim.AdamW([{"params": two}])                      # one group where the checkpoint has two
+    with pytest.raises(RetrievalError, match=r"saved optimizer state does not fit this run \(") as info:
+        restore(payload, tmp_path / "last.pt", {"p": 3}, {"optimizer": now})
+    assert "\n" not in str(info.value)
+    assert restore(payload, tmp_path / "last.pt", {"p": 3}, {"optimizer": saved}).epoch == 1
 
 
 def test_keyboard_interrupt_mid_epoch_saves_a_checkpoint_that_resumes(data, tiny_dir, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from indexer.store import ann
 from indexer.store.layout import NewItem
 from indexer.store.lmdb_store import Store
 from indexer.store.search import SearchIndex
+from retrieval.compat import cpu_has_bf16
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 from tests.index_support import (
     assert_ann_matches_lmdb,
@@ -275,7 +276,7 @@ def test_reduced_precision_is_kept_only_when_close_to_fp32(tiny_run_dir):
     encoder = load_encoder(str(tiny_run_dir))
     with pytest.raises(EncoderError, match="GPU"):
         Embedder(encoder, "cpu", "fp16")
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not cpu_has_bf16():
         with pytest.raises(EncoderError, match="AVX512-BF16"):
             Embedder(encoder, "cpu", "bf16")
         return

@@ -200,9 +200,15 @@ def _fetch_pretrained(model: str, tag: str, pretrained: dict) -> str:
     cached = _cached_pretrained(pretrained)
     if cached:
         return cached
-    host = _download_host(pretrained)
     hint = f"pass a local checkpoint: --model {model}:/path/to/open_clip_model.safetensors"
-    if not _reachable(host):
+    if pretrained.get("hf_hub"):
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:   # the hub's own offline mode: never try the network
+            raise EncoderError(f"cannot download open_clip weights {model}:{tag} (not in the Hugging Face cache "
+                               f"and HF_HUB_OFFLINE is set); {hint}")
+    host = _download_host(pretrained)
+    if not _reachable(host):   # a plain URL download has no timeout of its own: probe first, fail in seconds
         raise EncoderError(f"cannot download open_clip weights {model}:{tag} ({host[0]}:{host[1]} unreachable); "
                            f"{hint}")
     try:
@@ -253,7 +259,7 @@ def _reachable(host: tuple[str, int], timeout: float = PROBE_TIMEOUT_S) -> bool:
     proxy = urllib.request.getproxies().get("https")
     if proxy:
         parsed = urllib.parse.urlparse(proxy)
-        host = (parsed.hostname or "", parsed.port or 80)
+        host = (parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80))
     opened: list[bool] = []
 
     def probe() -> None:
