@@ -16,7 +16,7 @@ import click
 
 from retrieval import __version__
 from retrieval.errors import RetrievalError
-from retrieval.eval_config import DEFAULT_KS
+from retrieval.eval_config import DEFAULT_EXPAND_ALPHA, DEFAULT_KS
 from retrieval.finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES
 from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
@@ -189,12 +189,17 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Encoder spec; optional, as the DB records its own (one that disagrees with it is an error).")
 @click.option("--device", default="auto", show_default=True,
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
+@click.option("--expand", "expand_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Query expansion: search again with the query plus its top K hits' stored embeddings, "
+                   "weighted by similarity^alpha (0: off; one more search per query, no encoder pass).")
+@click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
+              help="Exponent of the hits' similarity weights in --expand (0: plain average).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
-def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, html_file: Path | None,
-              as_json: bool) -> None:
+def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, expand_k: int,
+              expand_alpha: float, html_file: Path | None, as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -202,9 +207,11 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     indexer did, and embedded with the encoder recorded in the DB.
     """
     from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
+    from indexer.store.expand import Expansion
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
-    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device))
+    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device,
+                                    expand=Expansion(expand_k, expand_alpha)))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -244,7 +251,8 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
-    POST /api/search?k=10            multipart upload (field "image"): the query --json element + ids, timings
+    POST /api/search?k=10&expand=0   multipart upload (field "image"): the query --json element + ids, timings;
+                                     expand=K: query expansion with the top K hits (as query --expand)
     GET  /api/items/ID/similar?k=10  more like an indexed item (its stored embedding, no encoder pass)
     GET  /api/items/ID/thumbnail     small JPEG of an indexed item
     GET  /api/stats, /healthz        counts, labels, encoder, FAISS; liveness
@@ -283,6 +291,11 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder and the kNN.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.md, report.json, recall_at_k.png and report.html (+ thumbnails) into this folder.")
+@click.option("--expand", "expand_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --db, query expansion: each item searches again with itself plus its top K "
+                   "hits (never itself), weighted by similarity^alpha; plain search is shown beside it (0: off).")
+@click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
+              help="Exponent of the hits' similarity weights in --expand (0: plain average).")
 @click.option("--compare", type=click.Path(exists=True, path_type=Path),
               help="Show another result side by side: a report.json, a report folder, or a finetune run directory.")
 @click.option("--progress/--no-progress", default=None,
@@ -291,7 +304,8 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
               help='Print {"recall@1": ..., "map@r": ..., "r_precision": ..., "n_queries": ..., "n_classes": ...}.')
 def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model: str | None, split: str, crop: bool,
              train_fraction: float, ks: tuple[int, ...], batch_size: int, workers: int, device: str,
-             report_dir: Path | None, compare: Path | None, progress: bool | None, as_json: bool) -> None:
+             report_dir: Path | None, expand_k: int, expand_alpha: float, compare: Path | None, progress: bool | None,
+             as_json: bool) -> None:
     """Recall@K, MAP@R and R-Precision, leave-one-out (each query's own image is excluded).
 
     \b
@@ -303,9 +317,13 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
         if model is not None or root is not None:
             raise click.UsageError("--model and --root go with --dataset; a DB records its own encoder and folder")
         from indexer.eval_db import DbEvalConfig, evaluate_db
+        from indexer.store.expand import Expansion
 
-        result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device))
+        result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device,
+                                          expand=Expansion(expand_k, expand_alpha)))
     elif dataset is not None and db_dir is None:
+        if expand_k:
+            raise click.UsageError("--expand goes with --db (it searches the DB's stored embeddings)")
         if root is None:
             raise click.UsageError("--dataset needs --root DIR (make one with: python cli.py make-dataset DIR)")
         from retrieval.eval_config import DatasetEvalConfig

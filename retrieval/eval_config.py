@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
+DEFAULT_EXPAND_ALPHA = 3.0  # exponent of the hits' cosine weights in query expansion (indexer.store.expand)
 
 
 @dataclass(frozen=True)

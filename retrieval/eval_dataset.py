@@ -45,10 +45,11 @@ class EvalResult:
 
 def make_result(title: str, source: dict[str, str], ks: Sequence[int], metrics: Metrics, ranking: Ranking, *,
                 exact: Metrics | None = None, report_dir: Path | None = None,
-                compare: Path | None = None, embeddings: np.ndarray | None = None) -> EvalResult:
-    """Build the report (and write it when `report_dir` is given), with the comparison when asked for; with
-    the `embeddings` the report also draws each query's hardest negative vs hardest positive (pairs.png)."""
-    comparison = load_comparison(compare) if compare is not None else None
+                compare: Path | Comparison | None = None, embeddings: np.ndarray | None = None) -> EvalResult:
+    """Build the report (and write it when `report_dir` is given), with the comparison when asked for (its
+    metrics, or a path to read them from: see load_comparison); with the `embeddings` the report also draws
+    each query's hardest negative vs hardest positive (pairs.png)."""
+    comparison = compare if compare is None or isinstance(compare, Comparison) else load_comparison(compare)
     report = build_report(title, source, ks, metrics, ranking, exact=exact, top=SAMPLE_TOP)
     files = None
     if report_dir is not None:

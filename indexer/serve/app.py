@@ -136,8 +136,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/api/search", response_model=SearchResponse)
-    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
-        """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does."""
+    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K),
+                     expand: int = Query(0, ge=0, le=MAX_K)) -> SearchResponse:
+        """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does;
+        `expand`: query expansion with that many top hits (0: off)."""
         started = time.perf_counter()
         data, name = await _read_upload(request, cfg.max_upload_bytes)
         eng = engine(request)
@@ -147,7 +149,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         except DecodeError as exc:
             raise HTTPException(400, str(exc)) from None
         decode_ms = 1000 * (time.perf_counter() - decoding)
-        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k)), eng)
+        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k, expand)), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
         return SearchResponse(query=name, results=_hits(answer.hits), timings=timings)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from indexer.store.expand import Expansion, expanded_embeddings
 from indexer.store.layout import Item
 from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder
 from indexer.store.search import SearchIndex
@@ -59,6 +60,7 @@ class ServeConfig:
 class Query:
     pixels: torch.Tensor  # the decoded upload after the encoder's eval transform (a CHW tensor), made off the worker
     k: int
+    expand: int = 0  # query expansion with this many top hits (indexer.store.expand); 0: off
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,13 @@ class Engine:
         return self.encoder.config.resize_size
 
     def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
-        """Embed the uploads in one forward and search them in one call."""
+        """Embed the uploads in one forward and search them in one call (after expanding those that ask)."""
         start = time.perf_counter()
         embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
         embedded = time.perf_counter()
+        for k in {q.expand for q in queries} - {0}:
+            rows = [i for i, q in enumerate(queries) if q.expand == k]
+            embeddings[rows] = expanded_embeddings(self.index, embeddings[rows], Expansion(k))
         scores, ids = self.index.search(embeddings, max(q.k for q in queries))
         done = time.perf_counter()
         embed_ms, search_ms = 1000 * (embedded - start), 1000 * (done - embedded)
