@@ -16,7 +16,7 @@ import click
 
 from retrieval import __version__
 from retrieval.errors import RetrievalError
-from retrieval.eval_config import DEFAULT_EXPAND_ALPHA, DEFAULT_KS
+from retrieval.eval_config import DEFAULT_EXPAND_ALPHA, DEFAULT_KS, RESIZE_MODES
 from retrieval.finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES
 from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
@@ -89,6 +89,14 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
               help="Encoder spec or fine-tuned run directory; the DB stays bound to it.")
 @click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index directory (LMDB + FAISS); created if missing.")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Eval preprocessing: resize the shorter side to image_size / crop-pct, centre-crop image_size "
+                   "(1: the whole square; lite0's ImageNet habit is 0.875) [default: the DB's own, recorded in it; "
+                   "for a new DB the model's].")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="Eval preprocessing: shortest (resize the shorter side, centre crop) or squash (the whole "
+                   "image resized to a square, crop-pct unused) [default: the DB's own, recorded in it; for a new "
+                   "DB the model's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per encoder batch (and per LMDB commit).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -128,7 +136,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: int | None, device: str,
+def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, resize_mode: str | None,
+              batch_size: int, workers: int | None, device: str,
               precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
               max_remove: int | None, root_changed: bool, max_pixels: int | None, max_file_mb: float,
               use_ray: bool, ray_address: str | None,
@@ -148,7 +157,8 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
     prefer_passive_openmp()   # before the pipeline imports torch
     from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
-    cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size, workers=workers,
+    cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, crop_pct=crop_pct, resize_mode=resize_mode,
+                      batch_size=batch_size, workers=workers,
                       device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
                       strict=strict, allow_empty=allow_empty, max_remove=max_remove, root_changed=root_changed,
                       max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb,
@@ -281,6 +291,13 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
               help="Split to evaluate (with --dataset); test holds the classes unseen in training.")
 @click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --dataset, eval preprocessing: resize the shorter side to image_size / crop-pct, "
+                   "centre-crop image_size (1: the whole square; lite0's ImageNet habit is 0.875) "
+                   "[default: the encoder's].")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="With --dataset, eval preprocessing: shortest (resize the shorter side, centre crop) or "
+                   "squash (the whole image resized to a square, crop-pct unused) [default: the encoder's].")
 @click.option("--train-fraction", default=0.5, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="folder: share of the sorted classes in train.")
@@ -303,7 +320,8 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"recall@1": ..., "map@r": ..., "r_precision": ..., "n_queries": ..., "n_classes": ...}.')
 def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model: str | None, split: str, crop: bool,
-             train_fraction: float, ks: tuple[int, ...], batch_size: int, workers: int, device: str,
+             crop_pct: float | None, resize_mode: str | None, train_fraction: float, ks: tuple[int, ...],
+             batch_size: int, workers: int, device: str,
              report_dir: Path | None, expand_k: int, expand_alpha: float, compare: Path | None, progress: bool | None,
              as_json: bool) -> None:
     """Recall@K, MAP@R and R-Precision, leave-one-out (each query's own image is excluded).
@@ -314,8 +332,9 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
     eval --dataset cub --root DIR --model SPEC   embed a split and evaluate it (as finetune does per epoch)
     """
     if db_dir is not None and dataset is None:
-        if model is not None or root is not None:
-            raise click.UsageError("--model and --root go with --dataset; a DB records its own encoder and folder")
+        if model is not None or root is not None or crop_pct is not None or resize_mode is not None:
+            raise click.UsageError("--model, --root, --crop-pct and --resize-mode go with --dataset; a DB records its "
+                                   "own encoder, preprocessing and folder")
         from indexer.eval_db import DbEvalConfig, evaluate_db
         from indexer.store.expand import Expansion
 
@@ -330,7 +349,8 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
         from retrieval.eval_dataset import evaluate_dataset
 
         result = evaluate_dataset(DatasetEvalConfig(
-            dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop,
+            dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop, crop_pct=crop_pct,
+            resize_mode=resize_mode,
             train_fraction=train_fraction, batch_size=batch_size, workers=workers, device=device,
             report=report_dir, compare=compare, progress=sys.stderr.isatty() if progress is None else progress))
     else:
@@ -473,6 +493,13 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
                    f"the memory and 0.6 of the time per step; 0 trains all [default: {AUTO_LOCKED}, at most half "
                    f"the groups].")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Eval preprocessing: resize the shorter side to image_size / crop-pct, centre-crop image_size "
+                   "(1: the whole square; lite0's ImageNet habit is 0.875) [default: the encoder's; saved in "
+                   "encoder.json].")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="Eval preprocessing: shortest (resize the shorter side, centre crop) or squash (the whole "
+                   "image resized to a square, crop-pct unused) [default: the encoder's; saved in encoder.json].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
                    "cores from training), CPUs (max 8) with CUDA].")
@@ -495,7 +522,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
                  epochs: int, steps_per_epoch: int | None, lr_backbone: float, lr_head: float,
                  lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
                  freeze_backbone_epochs: int, freeze_bn: bool, locked_groups: int | None, image_size: int | None,
-                 workers: int | None, seed: int, resume: bool, device: str, amp: bool, eval_batch_size: int,
+                 crop_pct: float | None, resize_mode: str | None, workers: int | None, seed: int, resume: bool,
+                 device: str, amp: bool, eval_batch_size: int,
                  progress: bool | None, as_json: bool) -> None:
     """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and
     MAP@R on the unseen test classes before training (the pretrained baseline) and after every epoch.
@@ -516,8 +544,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
         p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, locked_groups=locked_groups,
-        image_size=image_size, workers=workers, seed=seed, resume=resume, device=device, amp=amp,
-        eval_batch_size=eval_batch_size)
+        image_size=image_size, crop_pct=crop_pct, resize_mode=resize_mode, workers=workers, seed=seed, resume=resume,
+        device=device, amp=amp, eval_batch_size=eval_batch_size)
     result = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if result is None:   # a torchrun rank other than 0
         return

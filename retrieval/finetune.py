@@ -67,7 +67,7 @@ PCA_IMAGES = 4096   # at most this many train images (evenly spaced) fit the PCA
 # Settings a resumed run must share with the run it continues (epochs may grow, workers etc. may change).
 _RESUME_KEYS = ("dataset", "root", "crop", "train_fraction", "model", "embed_dim", "loss", "loss_params", "p",
                 "k", "steps_per_epoch", "image_size", "seed", "world_size", "lr_backbone", "lr_head", "lr_proxies",
-                "weight_decay", "freeze_bn", "val_fraction", "head_init")
+                "weight_decay", "freeze_bn", "val_fraction", "head_init", "crop_pct", "resize_mode")
 
 
 class TrainingInterrupted(RetrievalError):
@@ -347,7 +347,8 @@ class Trainer:
         return train, test, Path(root)
 
     def _encoder(self) -> Encoder:
-        encoder = load_encoder(self.cfg.model, embed_dim=self.cfg.embed_dim, device=self.ctx.device)
+        encoder = load_encoder(self.cfg.model, embed_dim=self.cfg.embed_dim, device=self.ctx.device,
+                               crop_pct=self.cfg.crop_pct, resize_mode=self.cfg.resize_mode)
         self.layer_groups = encoder.layer_groups()
         self.locked_groups = locked_groups(self.cfg.locked_groups, self.layer_groups)
         if self.locked_groups:
@@ -384,7 +385,8 @@ class Trainer:
                 "seed": cfg.seed, "world_size": self.ctx.world_size, "lr_backbone": cfg.lr_backbone,
                 "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
                 "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init,
-                "locked_groups": self.locked_groups}
+                "locked_groups": self.locked_groups, "crop_pct": self.encoder.config.crop_pct,
+                "resize_mode": self.encoder.config.resize_mode}
 
     def _run_config(self) -> dict:
         """The full configuration as plain JSON values (written to metrics.json and the checkpoint)."""
