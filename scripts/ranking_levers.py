@@ -17,8 +17,11 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _half(root: Path, out: Path, half: str, fraction: float) -> Path:
