@@ -17,7 +17,7 @@ import click
 
 from retrieval import __version__
 from retrieval.errors import RetrievalError
-from retrieval.eval_config import DEFAULT_KS
+from retrieval.eval_config import DEFAULT_EXPAND_ALPHA, DEFAULT_KS, RESIZE_MODES
 from retrieval.finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES
 from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
@@ -100,6 +100,14 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
               help="Encoder spec or fine-tuned run directory; the DB stays bound to it.")
 @click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index directory (LMDB + FAISS); created if missing.")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Eval preprocessing: resize the shorter side to image_size / crop-pct, centre-crop image_size "
+                   "(1: the whole square; lite0's ImageNet habit is 0.875) [default: the DB's own, recorded in it; "
+                   "for a new DB the model's].")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="Eval preprocessing: shortest (resize the shorter side, centre crop) or squash (the whole "
+                   "image resized to a square, crop-pct unused) [default: the DB's own, recorded in it; for a new "
+                   "DB the model's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per encoder batch (and per LMDB commit).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -139,7 +147,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: int | None, device: str,
+def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, resize_mode: str | None,
+              batch_size: int, workers: int | None, device: str,
               precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
               max_remove: int | None, root_changed: bool, max_pixels: int | None, max_file_mb: float,
               use_ray: bool, ray_address: str | None,
@@ -162,7 +171,8 @@ def index_cmd(folder: Path, model: str, db_dir: Path, batch_size: int, workers: 
     _heavy_process()
     allow_pixels(max_pixels or DEFAULT_MAX_PIXELS)   # Pillow's process-wide cap must not undercut --max-pixels
 
-    cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, batch_size=batch_size, workers=workers,
+    cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, crop_pct=crop_pct, resize_mode=resize_mode,
+                      batch_size=batch_size, workers=workers,
                       device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
                       strict=strict, allow_empty=allow_empty, max_remove=max_remove, root_changed=root_changed,
                       max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb,
@@ -205,12 +215,17 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("--label", "labels", multiple=True, metavar="LABEL",
               help="Only items with this label (repeat for several): the top k of them, searched in the index.")
+@click.option("--expand", "expand_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Query expansion: search again with the query plus its top K hits' stored embeddings, "
+                   "weighted by similarity^alpha (0: off; one more search per query, no encoder pass).")
+@click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
+              help="Exponent of the hits' similarity weights in --expand (0: plain average).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--json", "as_json", is_flag=True,
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
 def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, labels: tuple[str, ...],
-              html_file: Path | None, as_json: bool) -> None:
+              expand_k: int, expand_alpha: float, html_file: Path | None, as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -218,9 +233,11 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     indexer did, and embedded with the encoder recorded in the DB.
     """
     from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
+    from indexer.store.expand import Expansion
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
-    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, labels=labels))
+    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, labels=labels,
+                                    expand=Expansion(expand_k, expand_alpha)))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -271,8 +288,9 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
-    POST /api/search?k=10&label=L    multipart upload (field "image"): the query --json element + ids, timings
-                                     (paths relative to the indexed folder unless --show-paths)
+    POST /api/search?k=10&label=L&expand=0   multipart upload (field "image"): the query --json element + ids,
+                                     timings (paths relative to the indexed folder unless --show-paths);
+                                     label=L: the top k of that label; expand=K: query expansion (query --expand)
     GET  /api/items/ID/similar?k=10  more like an indexed item (its stored embedding, no encoder pass)
     GET  /api/items/ID/thumbnail     small JPEG of an indexed item
     GET  /api/stats, /healthz        counts, labels, encoder, FAISS; liveness
@@ -318,6 +336,13 @@ def _read_key(path: Path) -> str:
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
               help="Split to evaluate (with --dataset); test holds the classes unseen in training.")
 @click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="With --dataset, eval preprocessing: resize the shorter side to image_size / crop-pct, "
+                   "centre-crop image_size (1: the whole square; lite0's ImageNet habit is 0.875) "
+                   "[default: the encoder's].")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="With --dataset, eval preprocessing: shortest (resize the shorter side, centre crop) or "
+                   "squash (the whole image resized to a square, crop-pct unused) [default: the encoder's].")
 @click.option("--train-fraction", default=0.5, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="folder: share of the sorted classes in train.")
@@ -328,6 +353,11 @@ def _read_key(path: Path) -> str:
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder and the kNN.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.md, report.json, recall_at_k.png and report.html (+ thumbnails) into this folder.")
+@click.option("--expand", "expand_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --db, query expansion: each item searches again with itself plus its top K "
+                   "hits (never itself), weighted by similarity^alpha; plain search is shown beside it (0: off).")
+@click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
+              help="Exponent of the hits' similarity weights in --expand (0: plain average).")
 @click.option("--compare", type=click.Path(exists=True, path_type=Path),
               help="Show another result side by side: a report.json, a report folder, or a finetune run directory.")
 @click.option("--progress/--no-progress", default=None,
@@ -335,8 +365,10 @@ def _read_key(path: Path) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"recall@1": ..., "map@r": ..., "r_precision": ..., "n_queries": ..., "n_classes": ...}.')
 def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model: str | None, split: str, crop: bool,
-             train_fraction: float, ks: tuple[int, ...], batch_size: int, workers: int, device: str,
-             report_dir: Path | None, compare: Path | None, progress: bool | None, as_json: bool) -> None:
+             crop_pct: float | None, resize_mode: str | None, train_fraction: float, ks: tuple[int, ...],
+             batch_size: int, workers: int, device: str,
+             report_dir: Path | None, expand_k: int, expand_alpha: float, compare: Path | None, progress: bool | None,
+             as_json: bool) -> None:
     """Recall@K, MAP@R and R-Precision, leave-one-out (each query's own image is excluded).
 
     \b
@@ -345,12 +377,17 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
     eval --dataset cub --root DIR --model SPEC   embed a split and evaluate it (as finetune does per epoch)
     """
     if db_dir is not None and dataset is None:
-        if model is not None or root is not None:
-            raise click.UsageError("--model and --root go with --dataset; a DB records its own encoder and folder")
+        if model is not None or root is not None or crop_pct is not None or resize_mode is not None:
+            raise click.UsageError("--model, --root, --crop-pct and --resize-mode go with --dataset; a DB records its "
+                                   "own encoder, preprocessing and folder")
         from indexer.eval_db import DbEvalConfig, evaluate_db
+        from indexer.store.expand import Expansion
 
-        result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device))
+        result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device,
+                                          expand=Expansion(expand_k, expand_alpha)))
     elif dataset is not None and db_dir is None:
+        if expand_k:
+            raise click.UsageError("--expand goes with --db (it searches the DB's stored embeddings)")
         if root is None:
             raise click.UsageError("--dataset needs --root DIR (make one with: python cli.py make-dataset DIR)")
         from retrieval.eval_config import DatasetEvalConfig
@@ -359,7 +396,8 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
         from retrieval.eval_dataset import evaluate_dataset
 
         result = evaluate_dataset(DatasetEvalConfig(
-            dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop,
+            dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop, crop_pct=crop_pct,
+            resize_mode=resize_mode,
             train_fraction=train_fraction, batch_size=batch_size, workers=workers, device=device,
             report=report_dir, compare=compare, progress=sys.stderr.isatty() if progress is None else progress))
     else:
@@ -504,6 +542,13 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
                    f"the memory and 0.6 of the time per step; 0 trains all [default: {AUTO_LOCKED}, at most half "
                    f"the groups].")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
+@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Eval preprocessing: resize the shorter side to image_size / crop-pct, centre-crop image_size "
+                   "(1: the whole square; lite0's ImageNet habit is 0.875) [default: the encoder's; saved in "
+                   "encoder.json].")
+@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+              help="Eval preprocessing: shortest (resize the shorter side, centre crop) or squash (the whole "
+                   "image resized to a square, crop-pct unused) [default: the encoder's; saved in encoder.json].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
                    "cores from training), CPUs (max 8) with CUDA].")
@@ -526,7 +571,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
                  epochs: int, steps_per_epoch: int | None, lr_backbone: float, lr_head: float,
                  lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
                  freeze_backbone_epochs: int, freeze_bn: bool, locked_groups: int | None, image_size: int | None,
-                 workers: int | None, seed: int, resume: bool, device: str, amp: bool, eval_batch_size: int,
+                 crop_pct: float | None, resize_mode: str | None, workers: int | None, seed: int, resume: bool,
+                 device: str, amp: bool, eval_batch_size: int,
                  progress: bool | None, as_json: bool) -> None:
     """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and
     MAP@R on the unseen test classes before training (the pretrained baseline) and after every epoch.
@@ -549,8 +595,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
         p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, locked_groups=locked_groups,
-        image_size=image_size, workers=workers, seed=seed, resume=resume, device=device, amp=amp,
-        eval_batch_size=eval_batch_size)
+        image_size=image_size, crop_pct=crop_pct, resize_mode=resize_mode, workers=workers, seed=seed, resume=resume,
+        device=device, amp=amp, eval_batch_size=eval_batch_size)
     result = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if result is None:   # a torchrun rank other than 0
         return

@@ -5,21 +5,28 @@ approximate (IVF, HNSW, PQ), the same queries also go through FAISS, and the rep
 Both rankings are scored by `metrics.ranking_metrics`, the function `finetune` and `eval --dataset` use.
 Unlabelled items (files directly in the indexed folder) are never queries but stay in the database as
 distractors.
+
+With `expand` (alpha query expansion, indexer.store.expand) each query is expanded with its top hits of the
+plain leave-one-out ranking (so never with itself) and ranked again, itself excluded; the plain metrics become
+the side-by-side comparison of the report.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from retrieval.errors import IndexStoreError
+from retrieval.errors import IndexStoreError, RetrievalError
 from retrieval.eval_config import DEFAULT_KS
 from retrieval.eval_dataset import SAMPLE_TOP, EvalResult, make_result
-from retrieval.metrics import neighbour_width, rank_leave_one_out, ranking_metrics
-from retrieval.report import Ranking, load_comparison
+from retrieval.metrics import knn_search, neighbour_width, rank_leave_one_out, ranking_metrics
+from retrieval.report import Comparison, Ranking, load_comparison
+
+from .store.expand import Expansion, expand
 
 if TYPE_CHECKING:
     from indexer.store.search import SearchIndex
@@ -34,12 +41,15 @@ class DbEvalConfig:
     report: Path | None = None
     compare: Path | None = None
     device: str = "cpu"
+    expand: Expansion = Expansion()  # k = 0: plain search only
 
 
 def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
     """Leave-one-out Recall@K, MAP@R, R-Precision of the DB's labelled items, through its FAISS index."""
     from indexer.store.search import SearchIndex
 
+    if cfg.compare is not None and cfg.expand.k:
+        raise RetrievalError("--expand shows plain search side by side, in the place of --compare: pass one of them")
     if cfg.compare is not None:
         load_comparison(cfg.compare)  # fail before the slow part
     with SearchIndex.open(cfg.db) as index:
@@ -54,25 +64,66 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
                                   f"(FOLDER/<class>/<image>) when the folder is indexed")
         code = {name: i for i, name in enumerate(class_names)}
         labels = np.array([code.get(it.label, -1) for it in items], dtype=np.int64)
-        queries, scores, neighbours = rank_leave_one_out(vectors, labels, cfg.ks, top=SAMPLE_TOP, device=cfg.device)
-        metrics, exact = ranking_metrics(labels, queries, neighbours, cfg.ks), None
+        width = neighbour_width(labels, cfg.ks, max(SAMPLE_TOP, cfg.expand.k))
+        queries, scores, neighbours = rank_leave_one_out(vectors, labels, cfg.ks, top=width, device=cfg.device)
+
+        def exact(query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _exact_neighbours(vectors, queries, query_vectors, width, cfg.device)
+
+        def faiss(query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return _faiss_neighbours(index, ids, query_vectors, queries, width)
+
+        rankings = [(scores, neighbours)]  # exact first; FAISS's own when the index is approximate
         if index.approximate:
-            scores, neighbours = _faiss_neighbours(index, ids, vectors, queries, neighbour_width(labels, cfg.ks))
-            metrics, exact = ranking_metrics(labels, queries, neighbours, cfg.ks), metrics
+            rankings.append(faiss(vectors[queries]))
+        if cfg.expand.k:
+            plain = ranking_metrics(labels, queries, rankings[-1][1], cfg.ks)
+            rankings = [_expanded(vectors, queries, first, cfg.expand, search)
+                        for first, search in zip(rankings, (exact, faiss), strict=False)]
         header, factory, root = index.header, index.factory, index.root
+    scores, neighbours = rankings[-1]
+    metrics = ranking_metrics(labels, queries, neighbours, cfg.ks)
+    exact_metrics = ranking_metrics(labels, queries, rankings[0][1], cfg.ks) if len(rankings) > 1 else None
     ranking = Ranking([str(root / it.relpath) for it in items], labels, class_names, queries, neighbours, scores)
     source = {"db": str(cfg.db), "root": header.root, "model": header.encoder.spec,
               "fingerprint": header.encoder.fingerprint, "index": factory}
     title = f"index {Path(cfg.db).name} (encoder {Path(header.encoder.spec).name or header.encoder.spec})"
-    return make_result(title, source, cfg.ks, metrics, ranking, exact=exact, report_dir=cfg.report,
-                       compare=cfg.compare, embeddings=vectors)
+    comparison: Path | Comparison | None = cfg.compare
+    if cfg.expand.k:
+        source["expand"] = f"k={cfg.expand.k} alpha={cfg.expand.alpha:g}"
+        title += f", query expansion k={cfg.expand.k} alpha={cfg.expand.alpha:g}"
+        comparison = Comparison("plain search", plain)
+    return make_result(title, source, cfg.ks, metrics, ranking, exact=exact_metrics, report_dir=cfg.report,
+                       compare=comparison, embeddings=vectors)
 
 
-def _faiss_neighbours(index: SearchIndex, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
+def _expanded(vectors: np.ndarray, queries: np.ndarray, first: tuple[np.ndarray, np.ndarray], expansion: Expansion,
+              search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The ranking of the expanded queries: each query row plus its top `expansion.k` of the leave-one-out
+    ranking `first` (rows, so never itself), searched again by `search` (which leaves the query out)."""
+    scores, rows = first[0][:, : expansion.k], first[1][:, : expansion.k]
+    hits = vectors[np.maximum(rows, 0)]
+    return search(expand(vectors[queries], np.where(rows >= 0, scores, -np.inf), hits, expansion.alpha))
+
+
+def _exact_neighbours(vectors: np.ndarray, queries: np.ndarray, query_vectors: np.ndarray, width: int,
+                      device: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-`width` of each query vector over the DB's rows, the query's own row left out."""
+    scores, rows = knn_search(query_vectors, vectors, width + 1, device=device)
+    return _drop_own(scores, rows, queries, width)
+
+
+def _faiss_neighbours(index: SearchIndex, ids: np.ndarray, query_vectors: np.ndarray, queries: np.ndarray,
                       width: int) -> tuple[np.ndarray, np.ndarray]:
-    """FAISS top-`width` of each query row (indices into `ids`), the query itself left out."""
-    scores, found = index.search(vectors[queries], width + 1)
+    """FAISS top-`width` of each query vector (indices into `ids`), the query's own row left out."""
+    scores, found = index.search(query_vectors, width + 1)
     rows = np.where(found >= 0, np.searchsorted(ids, found), -1)  # ids are ascending (LMDB key order)
+    return _drop_own(scores, rows, queries, width)
+
+
+def _drop_own(scores: np.ndarray, rows: np.ndarray, queries: np.ndarray,
+              width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first `width` columns (of `width` + 1) that are not its own query row."""
     keep = rows != queries[:, None]
     keep[keep.all(axis=1), -1] = False  # self not among the results: drop the extra one instead
     return scores[keep].reshape(len(queries), width), rows[keep].reshape(len(queries), width)

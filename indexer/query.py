@@ -13,6 +13,7 @@ from pathlib import Path
 from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
+from .store.expand import Expansion, expanded_embeddings
 from .store.read import Hit, embed_images, hits_of, load_db_encoder
 
 STDIN = "-"
@@ -29,6 +30,7 @@ class QueryConfig:
     device: str = "auto"  # see retrieval.device.resolve_device
     batch_size: int = 32
     labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
+    expand: Expansion = Expansion()  # alpha query expansion; k = 0: off
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def expand_queries(args: Sequence[str | Path], stdin_lines: Iterable[str] = ()) 
 
 
 def run_query(cfg: QueryConfig) -> list[QueryResult]:
-    """Top-k hits of every query image, in the order given.
+    """Top-k hits of every query image, in the order given (with `expand`, of its expanded embedding).
 
     Raises IndexStoreError for a missing or empty DB or a `model` other than the DB's encoder, DecodeError
     for a query image that cannot be decoded.
@@ -85,7 +87,8 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
             paths = cfg.images[start : start + cfg.batch_size]
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
-            scores, ids = index.search(embed_images(encoder, images), cfg.k, only=only)
+            embeddings = expanded_embeddings(index, embed_images(encoder, images), cfg.expand)
+            scores, ids = index.search(embeddings, cfg.k, only=only)
             results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids, strict=True)]
         return results
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
+RESIZE_MODES = ("shortest", "squash")  # eval resize of an encoder (retrieval.encoder.config.EncoderConfig)
+DEFAULT_EXPAND_ALPHA = 3.0  # exponent of the hits' cosine weights in query expansion (indexer.store.expand)
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class DatasetEvalConfig:
     root: Path
     model: str
     split: str = "test"
+    crop_pct: float | None = None  # eval crop; None: the encoder's own
+    resize_mode: str | None = None  # shortest | squash; None: the encoder's own
     ks: tuple[int, ...] = DEFAULT_KS
     crop: bool = False
     train_fraction: float = 0.5

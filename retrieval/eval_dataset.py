@@ -45,10 +45,11 @@ class EvalResult:
 
 def make_result(title: str, source: dict[str, str], ks: Sequence[int], metrics: Metrics, ranking: Ranking, *,
                 exact: Metrics | None = None, report_dir: Path | None = None,
-                compare: Path | None = None, embeddings: np.ndarray | None = None) -> EvalResult:
-    """Build the report (and write it when `report_dir` is given), with the comparison when asked for; with
-    the `embeddings` the report also draws each query's hardest negative vs hardest positive (pairs.png)."""
-    comparison = load_comparison(compare) if compare is not None else None
+                compare: Path | Comparison | None = None, embeddings: np.ndarray | None = None) -> EvalResult:
+    """Build the report (and write it when `report_dir` is given), with the comparison when asked for (its
+    metrics, or a path to read them from: see load_comparison); with the `embeddings` the report also draws
+    each query's hardest negative vs hardest positive (pairs.png)."""
+    comparison = compare if compare is None or isinstance(compare, Comparison) else load_comparison(compare)
     report = build_report(title, source, ks, metrics, ranking, exact=exact, top=SAMPLE_TOP)
     files = None
     if report_dir is not None:
@@ -72,7 +73,7 @@ def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     from retrieval.embed import embed_records
     from retrieval.encoder import load_encoder
 
-    encoder = load_encoder(cfg.model, device=cfg.device)
+    encoder = load_encoder(cfg.model, device=cfg.device, crop_pct=cfg.crop_pct, resize_mode=cfg.resize_mode)
     embeddings, labels = embed_records(encoder, records, batch_size=cfg.batch_size, workers=cfg.workers,
                                        device=cfg.device, progress=cfg.progress)
     queries, scores, neighbours = rank_leave_one_out(embeddings, labels, cfg.ks, top=SAMPLE_TOP, device=cfg.device)

@@ -256,8 +256,7 @@ class Trainer:
     # -- set-up ------------------------------------------------------------------------------------------
 
     def _resume_config(self) -> dict:
-        return resume_settings(self.cfg, root=self.root, embed_dim=self.encoder.embed_dim,
-                               image_size=self.encoder.image_size, world_size=self.ctx.world_size,
+        return resume_settings(self.cfg, root=self.root, encoder=self.encoder, world_size=self.ctx.world_size,
                                locked_groups=self.locked_groups)
 
     def _modules(self) -> dict[str, Any]:

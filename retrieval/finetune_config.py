@@ -41,6 +41,8 @@ class FinetuneConfig:
     freeze_bn: bool = True                 # keep BatchNorm running statistics (eval mode) while training
     locked_groups: int | None = None       # the tower's first N layer groups stay frozen; None: auto (AUTO_LOCKED)
     image_size: int | None = None          # None: the encoder's own input size
+    crop_pct: float | None = None          # eval crop (saved in encoder.json); None: the encoder's own
+    resize_mode: str | None = None         # eval resize, shortest | squash; None: the encoder's own
     workers: int | None = None             # None: 0 on a 2-core CPU, CPUs / 4 on a CPU, CPUs (max 8) with CUDA
     seed: int = 0
     resume: bool = False

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .encoder import Encoder
 from .errors import RetrievalError
 from .finetune_config import FinetuneConfig
 from .losses import LOSS_DEFAULTS
@@ -27,18 +28,18 @@ class TrainState:
     best_epoch: int | None = None
 
 
-def resume_settings(cfg: FinetuneConfig, *, root: Path, embed_dim: int, image_size: int, world_size: int,
-                    locked_groups: int) -> dict:
+def resume_settings(cfg: FinetuneConfig, *, root: Path, encoder: Encoder, world_size: int, locked_groups: int) -> dict:
     """Every setting the batches, the parameter groups or the optimiser state depend on (epochs may grow,
     workers, device and progress may change)."""
     return {"dataset": cfg.dataset, "root": str(root.resolve()), "crop": cfg.crop,
-            "train_fraction": cfg.train_fraction, "model": cfg.model, "embed_dim": embed_dim,
+            "train_fraction": cfg.train_fraction, "model": cfg.model, "embed_dim": encoder.embed_dim,
             "loss": cfg.loss, "loss_params": {**LOSS_DEFAULTS[cfg.loss], **cfg.loss_params}, "p": cfg.p,
-            "k": cfg.k, "steps_per_epoch": cfg.steps_per_epoch, "image_size": image_size,
+            "k": cfg.k, "steps_per_epoch": cfg.steps_per_epoch, "image_size": encoder.image_size,
             "seed": cfg.seed, "world_size": world_size, "lr_backbone": cfg.lr_backbone,
             "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
             "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init,
-            "locked_groups": locked_groups}
+            "locked_groups": locked_groups, "crop_pct": encoder.config.crop_pct,
+            "resize_mode": encoder.config.resize_mode}
 
 
 def resume_changes(saved: dict, now: dict) -> list[str]:

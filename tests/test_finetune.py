@@ -142,6 +142,20 @@ def test_short_finetune_lowers_the_loss_and_writes_every_artefact(data, tiny_dir
         run_finetune(_config(data, tiny_dir, out), progress=False)
 
 
+def test_the_eval_crop_is_used_by_every_evaluation_saved_with_the_weights_and_kept_on_resume(data, tiny_dir,
+                                                                                             tmp_path):
+    out = tmp_path / "run"
+    run_finetune(_config(data, tiny_dir, out, epochs=1, crop_pct=0.5, head_init="fixed"), progress=False)
+    assert json.loads((out / "encoder.json").read_text())["config"]["crop_pct"] == 0.5
+    baseline = _history(out)[0]
+    test = split_records(load_records("cub", data), "test")
+    pretrained = evaluate_records(load_encoder(str(tiny_dir), crop_pct=0.5), test, batch_size=7).metrics
+    assert baseline["map@r"] == pytest.approx(pretrained["map@r"], abs=1e-6)
+    with pytest.raises(RetrievalError, match="crop_pct 0.5 -> 0.75"):
+        run_finetune(_config(data, tiny_dir, out, epochs=2, crop_pct=0.75, head_init="fixed", resume=True),
+                     progress=False)
+
+
 def test_frozen_backbone_epochs_train_only_the_head_and_train_bn_updates_statistics(data, tiny_dir, tmp_path):
     out = tmp_path / "run"
     run_finetune(_config(data, tiny_dir, out, epochs=1, freeze_backbone_epochs=1, freeze_bn=False), progress=False)

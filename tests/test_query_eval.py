@@ -161,9 +161,10 @@ def _stored(db: Path) -> tuple[np.ndarray, list[str]]:
         return snap.vectors(ids), [item.label for item in snap.items(ids)]
 
 
-def _brute_force(emb: np.ndarray, labels: list[str], ks=KS) -> dict:
-    """Leave-one-out metrics by plain loops in float64; unlabelled items are distractors, never queries."""
-    sims = emb.astype(np.float64) @ emb.astype(np.float64).T
+def _brute_force(emb: np.ndarray, labels: list[str], ks=KS, query_emb: np.ndarray | None = None) -> dict:
+    """Leave-one-out metrics by plain loops in float64; unlabelled items are distractors, never queries.
+    Item q queries with `query_emb[q]` when given (an expanded query), else with its own embedding."""
+    sims = (emb if query_emb is None else query_emb).astype(np.float64) @ emb.astype(np.float64).T
     n = len(labels)
     recall = {k: 0 for k in ks}
     aps, rps, queries = [], [], 0
@@ -202,6 +203,71 @@ def test_eval_db_equals_brute_force(indexed):
     assert f"| recall@1 | {expected['recall@1']:.4f} |" in table.output
 
 
+def _expanded_brute_force(emb: np.ndarray, k: int, alpha: float, *, leave_out_self: bool = True) -> np.ndarray:
+    """Every item's aQE query by loops: itself + its k most similar other items (ties: lower row) weighted by
+    max(cosine, 0) ** alpha, normalised."""
+    e = emb.astype(np.float64)
+    out = np.empty_like(e)
+    for q in range(len(e)):
+        others = sorted((j for j in range(len(e)) if j != q or not leave_out_self), key=lambda j: (-(e[q] @ e[j]), j))
+        total = e[q] + sum(max(e[q] @ e[j], 0.0) ** alpha * e[j] for j in others[:k])
+        out[q] = total / np.linalg.norm(total)
+    return out
+
+
+@pytest.mark.parametrize(("k", "alpha"), [(3, 3.0), (2, 0.0)])
+def test_eval_db_with_expansion_equals_brute_force_and_never_expands_with_the_query_itself(indexed, k, alpha):
+    _, db = indexed
+    result = _invoke("eval", "--db", str(db), "--k", "1,2,4", "--expand", str(k), "--expand-alpha", str(alpha),
+                     "--json")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    emb, labels = _stored(db)
+    expected = _brute_force(emb, labels, query_emb=_expanded_brute_force(emb, k, alpha))
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-6), key
+    plain = _brute_force(emb, labels)
+    assert got["compare"]["name"] == "plain search"
+    for key, value in plain.items():
+        assert got["compare"]["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    with_self = _brute_force(emb, labels, query_emb=_expanded_brute_force(emb, k, alpha, leave_out_self=False))
+    assert with_self["map@r"] != pytest.approx(expected["map@r"], abs=1e-6)   # so the check above could fail
+
+
+def test_eval_db_expansion_report_shows_plain_search_beside_it(indexed, tmp_path):
+    _, db = indexed
+    report = tmp_path / "report"
+    table = _invoke("eval", "--db", str(db), "--k", "1,2,4", "--expand", "2", "--report", str(report))
+    assert table.exit_code == 0, table.output
+    assert "query expansion k=2 alpha=3" in table.output and "plain search" in table.output
+    saved = json.loads((report / "report.json").read_text())
+    assert saved["compare"]["name"] == "plain search" and saved["source"]["expand"] == "k=2 alpha=3"
+    assert "plain search" in (report / "report.md").read_text()
+    both = _invoke("eval", "--db", str(db), "--expand", "2", "--compare", str(report))
+    _one_line_error(both, "--expand", "--compare")
+    assert _invoke("eval", "--dataset", "cub", "--root", str(tmp_path), "--expand", "2").exit_code == 2
+
+
+def test_query_with_expansion_searches_with_the_expanded_embedding(indexed):
+    folder, db = indexed
+    image = folder / "class2" / "img001.jpg"
+    out = _query_json(str(image), "--db", str(db), "-k", "5", "--expand", "3", "--expand-alpha", "1")[0]["results"]
+    emb, _ = _stored(db)
+    from indexer.store.lmdb_store import Store
+
+    with Store.open(db) as store, store.snapshot() as snap:
+        paths = [str(folder.resolve() / item.relpath) for item in snap.items(snap.ids())]
+    own = paths.index(str(image.resolve()))
+    # the query is the indexed image (the same decoding and embedding), so its first pass finds itself first
+    e = emb.astype(np.float64)
+    first = sorted(range(len(e)), key=lambda j: (-(e[own] @ e[j]), j))[:3]
+    total = e[own] + sum(max(e[own] @ e[j], 0.0) * e[j] for j in first)
+    sims = e @ (total / np.linalg.norm(total))
+    order = sorted(range(len(e)), key=lambda j: (-sims[j], j))[:5]
+    assert [r["path"] for r in out] == [paths[j] for j in order]
+    assert [r["score"] for r in out] == pytest.approx([sims[j] for j in order], abs=1e-5)
+
+
 def test_eval_db_with_an_approximate_index_reports_exact_search_and_the_gap(tiny_run, tmp_path):
     import faiss
 
@@ -232,6 +298,11 @@ def test_eval_db_with_an_approximate_index_reports_exact_search_and_the_gap(tiny
     assert got["recall@1"] == pytest.approx(recall1)
     for k in KS:
         assert got["gap"][f"recall@{k}"] == pytest.approx(got["exact"][f"recall@{k}"] - got[f"recall@{k}"])
+    # with expansion: the exact column is the expanded brute force, the plain comparison is FAISS's own figures
+    expanded = json.loads(_invoke("eval", "--db", str(db), "--k", "1,2,4", "--expand", "2", "--json").output)
+    for key, value in _brute_force(emb, labels, query_emb=_expanded_brute_force(emb, 2, 3.0)).items():
+        assert expanded["exact"][key] == pytest.approx(value, abs=1e-6), key
+    assert expanded["compare"]["metrics"]["recall@1"] == pytest.approx(got["recall@1"])
 
 
 def test_eval_dataset_shares_finetunes_numbers_and_writes_a_compared_report(tiny_run, tmp_path):

@@ -114,6 +114,22 @@ def test_k_defaults_to_the_configured_value_and_is_honoured(client, served):
     assert len(_upload(client, data, k=1000).json()["results"]) == len(served["ids"])
 
 
+def test_expand_searches_with_the_expanded_upload_as_query_expand_does(client, served):
+    path = served["queries"][1]
+    resp = client.post("/api/search?k=5&expand=3", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+    assert resp.status_code == 200, resp.text
+    # the upload is an indexed image: its embedding is the stored one, so expand with its 3 nearest (itself first)
+    e = served["vectors"].astype(np.float64)
+    own = served["relpaths"].index(str(path.relative_to(served["images"])))
+    first = sorted(range(len(e)), key=lambda j: (-(e[own] @ e[j]), j))[:3]
+    total = e[own] + sum(max(e[own] @ e[j], 0.0) ** 3 * e[j] for j in first)
+    sims = e @ (total / np.linalg.norm(total))
+    order = sorted(range(len(e)), key=lambda j: (-sims[j], j))[:5]
+    assert [h["id"] for h in resp.json()["results"]] == served["ids"][order].tolist()
+    assert [h["score"] for h in resp.json()["results"]] == pytest.approx(sims[order], abs=1e-5)
+    assert client.post("/api/search?expand=-1", files={"image": (path.name, path.read_bytes())}).status_code == 422
+
+
 def test_more_like_this_is_brute_force_over_the_stored_embeddings(client, served):
     ids, vectors = served["ids"], served["vectors"]
     for row in (0, len(ids) // 2, len(ids) - 1):

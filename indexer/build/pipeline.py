@@ -29,6 +29,7 @@ from retrieval.errors import DecodeError, IndexStoreError
 
 from indexer.store import ann
 from indexer.store.layout import EncoderInfo, Failure, Header, limits_key
+from indexer.store.read import stored_eval_resize
 from .plan import Plan, make_plan
 from .scan import Unreachable, scan_stream
 from indexer.store.lmdb_store import Store
@@ -56,6 +57,8 @@ class IndexConfig:
     folder: Path
     db_dir: Path
     model: str = "lite0"
+    crop_pct: float | None = None  # eval crop; None: the DB's own (recorded) one, for a new DB the model's
+    resize_mode: str | None = None  # shortest | squash; None: as crop_pct
     batch_size: int = 64
     workers: int | None = None  # decode worker processes; None: default_workers(device, minimum=1), 0: in this process
     device: str = "auto"  # see retrieval.device.resolve_device
@@ -226,13 +229,14 @@ def _bind_and_plan(store: Store, cfg: IndexConfig,
     """
     header = store.header()
     if header is None or cfg.reembed:
-        encoder = _load_encoder(cfg)
+        encoder = _load_encoder(cfg, None)
         header = store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed)
         return (header, encoder, *_plan(store, folder, cfg))
     plan, timings = _plan(store, folder, cfg)
     try:
         _limit_removals(store, cfg, plan)
-        loaded = _load_encoder(cfg) if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder) else None
+        same = _same_encoder_cheap(cfg, header.encoder)
+        loaded = _load_encoder(cfg, header.encoder) if plan.todo or not same else None
         header = store.begin_run(EncoderInfo.of(loaded) if loaded else header.encoder, str(folder), reembed=False)
     except BaseException:
         plan.close()
@@ -282,17 +286,25 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: E
     return counts, embedder.precision, embedder.min_cosine
 
 
-def _load_encoder(cfg: IndexConfig) -> Encoder:
+def _load_encoder(cfg: IndexConfig, stored: EncoderInfo | None) -> Encoder:
+    """cfg.model with cfg's eval resize; what cfg leaves open is the `stored` DB's (when it is not re-embedded),
+    so a DB keeps the transform it was built with, else the model's own."""
     from retrieval.device import resolve_device
     from retrieval.encoder import load_encoder
 
-    return load_encoder(cfg.model, device=resolve_device(cfg.device))
+    resize = stored_eval_resize(stored) if stored is not None else {}
+    given = {"crop_pct": cfg.crop_pct, "resize_mode": cfg.resize_mode}
+    resize.update({key: value for key, value in given.items() if value is not None})
+    return load_encoder(cfg.model, device=resolve_device(cfg.device), **resize)
 
 
-def _same_encoder_cheap(spec: str, stored: EncoderInfo) -> bool:
-    """Whether `spec` names the stored encoder, without loading it: a run directory's recorded fingerprint,
-    else the same spec string. (A False is settled by loading the encoder; a checkpoint file changed in place
-    is caught by the next run that encodes, before it writes anything.)"""
+def _same_encoder_cheap(cfg: IndexConfig, stored: EncoderInfo) -> bool:
+    """Whether cfg names the stored encoder, without loading it: no eval resize given, and a run directory's
+    recorded fingerprint, else the same spec string. (A False is settled by loading the encoder; a checkpoint
+    file changed in place is caught by the next run that encodes, before it writes anything.)"""
+    if cfg.crop_pct is not None or cfg.resize_mode is not None:
+        return False
+    spec = cfg.model
     run_json = Path(spec).expanduser() / _RUN_DIR_JSON
     if run_json.is_file():
         try:

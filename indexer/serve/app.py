@@ -157,9 +157,11 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
 
     @app.post("/api/search", response_model=SearchResponse)
     async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K),
-                     label: Annotated[list[str] | None, Query()] = None) -> SearchResponse:
+                     label: Annotated[list[str] | None, Query()] = None,
+                     expand: int = Query(0, ge=0, le=MAX_K)) -> SearchResponse:
         """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does;
-        `label=` (repeatable): only items with one of these labels."""
+        `label=` (repeatable): only items with one of these labels; `expand`: query expansion with that many
+        top hits (0: off)."""
         started = time.perf_counter()
         data, name = await _read_upload(request, cfg.max_upload_bytes)
         eng = engine(request)
@@ -169,7 +171,8 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         except DecodeError as exc:
             raise HTTPException(400, str(exc)) from None
         decode_ms = 1000 * (time.perf_counter() - decoding)
-        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k, tuple(label or ()))), eng)
+        answer: Answer = await _queued(
+            lambda b: b.submit(ImageQuery(pixels, k or cfg.k, tuple(label or ()), expand)), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
         request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from indexer.store.expand import Expansion, expanded_embeddings
 from indexer.store.layout import Item
 from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder
 from indexer.store.search import SearchIndex
@@ -64,6 +65,7 @@ class Query:
     pixels: torch.Tensor  # the decoded upload after the encoder's eval transform (a CHW tensor), made off the worker
     k: int
     labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
+    expand: int = 0  # query expansion with this many top hits (indexer.store.expand); 0: off
 
 
 @dataclass(frozen=True)
@@ -112,12 +114,15 @@ class Engine:
         return self.encoder.config.resize_size
 
     def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
-        """Embed the uploads in one forward and search them in one call."""
+        """Embed the uploads in one forward and search them in one call (after expanding those that ask)."""
         start = time.perf_counter()
         if self.on_batch is not None:
             self.on_batch(len(queries))
         embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
         embedded = time.perf_counter()
+        for k in {q.expand for q in queries} - {0}:
+            rows = [i for i, q in enumerate(queries) if q.expand == k]
+            embeddings[rows] = expanded_embeddings(self.index, embeddings[rows], Expansion(k))
         groups: dict[tuple[str, ...], list[int]] = {}  # one search per label filter
         for row, q in enumerate(queries):
             groups.setdefault(q.labels, []).append(row)

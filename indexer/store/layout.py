@@ -40,11 +40,16 @@ class EncoderInfo:
     fingerprint: str
     dim: int
     image_size: int
+    # The eval resize the spec was loaded with (the fingerprint covers it; spec + these rebuild the encoder).
+    # None: a DB written before they were recorded, read with the spec's legacy crop (read.load_db_encoder).
+    crop_pct: float | None = None
+    resize_mode: str | None = None
 
     @classmethod
     def of(cls, encoder: Encoder) -> EncoderInfo:
         """The binding facts of a retrieval.encoder.Encoder."""
-        return cls(encoder.spec, encoder.fingerprint(), encoder.embed_dim, encoder.image_size)
+        return cls(encoder.spec, encoder.fingerprint(), encoder.embed_dim, encoder.image_size,
+                   encoder.config.crop_pct, encoder.config.resize_mode)
 
 
 @dataclass(frozen=True)

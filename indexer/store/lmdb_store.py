@@ -462,6 +462,11 @@ def require_encoder(header: Header, encoder: EncoderInfo, db_dir: str | Path) ->
 
 
 def _mismatch_message(db_dir: Path, stored: EncoderInfo, given: EncoderInfo) -> str:
+    if stored.spec == given.spec and stored.crop_pct is not None and (stored.crop_pct, stored.resize_mode) != (
+            given.crop_pct, given.resize_mode):
+        return (f"{db_dir} was built with encoder {stored.spec!r} at --crop-pct {stored.crop_pct:g} --resize-mode "
+                f"{stored.resize_mode}, not --crop-pct {given.crop_pct:g} --resize-mode {given.resize_mode}: "
+                f"leave them out to use the DB's, or pass --reembed to re-encode every image, or use another --db")
     return (f"{db_dir} was built with encoder {stored.spec!r} (fingerprint {stored.fingerprint[:12]}), "
             f"not {given.spec!r} ({given.fingerprint[:12]}): pass --model {stored.spec}, "
             f"or --reembed to re-encode every image with the new encoder, or use another --db")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usabl
 
     from retrieval.encoder import Encoder
 
+    from .layout import EncoderInfo
     from .search import SearchIndex
 
 
@@ -34,15 +35,26 @@ class Hit:
 
 
 def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto") -> Encoder:
-    """The encoder the DB records (its spec), or `model`; IndexStoreError unless its fingerprint is the DB's."""
+    """The encoder the DB records (its spec and eval resize), or `model` with the DB's eval resize;
+    IndexStoreError unless its fingerprint is the DB's."""
     from retrieval.device import resolve_device
     from retrieval.encoder import load_encoder
 
     stored = index.header.encoder
     encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim,
-                           device=resolve_device(device))
+                           device=resolve_device(device), **stored_eval_resize(stored))
     index.check_encoder(encoder)
     return encoder
+
+
+def stored_eval_resize(stored: EncoderInfo) -> dict[str, Any]:
+    """`load_encoder`'s crop_pct / resize_mode that rebuild a DB's encoder: the recorded ones, or for a DB
+    from before they were recorded the crop its spec then loaded with (retrieval.encoder.legacy_crop_pct)."""
+    from retrieval.encoder import legacy_crop_pct
+
+    if stored.crop_pct is None:
+        return {"crop_pct": legacy_crop_pct(stored.spec), "resize_mode": None}
+    return {"crop_pct": stored.crop_pct, "resize_mode": stored.resize_mode}
 
 
 def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:

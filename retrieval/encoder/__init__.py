@@ -12,7 +12,7 @@ Spec grammar: see `retrieval.encoder.sources`.
 from retrieval.encoder.config import DEFAULT_EMBED_DIM, EncoderConfig
 from retrieval.encoder.model import Encoder
 from retrieval.encoder.saved import ENCODER_JSON, save_encoder
-from retrieval.encoder.sources import SPEC_HELP, load_encoder
+from retrieval.encoder.sources import SPEC_HELP, legacy_crop_pct, load_encoder
 
-__all__ = ["DEFAULT_EMBED_DIM", "ENCODER_JSON", "SPEC_HELP", "Encoder", "EncoderConfig", "load_encoder",
-           "save_encoder"]
+__all__ = ["DEFAULT_EMBED_DIM", "ENCODER_JSON", "SPEC_HELP", "Encoder", "EncoderConfig", "legacy_crop_pct",
+           "load_encoder", "save_encoder"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from retrieval.errors import EncoderError
+from retrieval.eval_config import RESIZE_MODES
 
 DEFAULT_EMBED_DIM = 512
-RESIZE_MODES = ("shortest", "squash")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,12 @@ class EncoderConfig:
     def resize_size(self) -> int:
         """Shorter side after the eval resize (before the centre crop); a decoder may draft to it."""
         return round(self.image_size / self.crop_pct)
+
+    def with_eval_resize(self, crop_pct: float | None = None, resize_mode: str | None = None) -> EncoderConfig:
+        """This config with another eval resize (None keeps the current value): a new config, so a new
+        fingerprint, as the embeddings change with it."""
+        return replace(self, crop_pct=self.crop_pct if crop_pct is None else crop_pct,
+                       resize_mode=self.resize_mode if resize_mode is None else resize_mode)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,8 @@ from retrieval.errors import EncoderError
 
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
-LITE_CROP_PCT = 0.875   # timm's eval crop for these weights (resize to 256, crop 224 for lite0)
+LITE_LEGACY_CROP_PCT = 0.875   # timm's eval crop for these weights (resize to 256, crop 224 for lite0)
+LITE_CROP_PCT = LITE_LEGACY_CROP_PCT   # the eval crop `lite0` / `lite2` load with
 
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",

@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 
 from retrieval.encoder.config import DEFAULT_EMBED_DIM, EncoderConfig
-from retrieval.encoder.lite import LITE_CROP_PCT, LITE_MEAN, LITE_STD, LITE_VARIANTS, lite_state_dict, weights_origin
+from retrieval.encoder.lite import (
+    LITE_CROP_PCT,
+    LITE_LEGACY_CROP_PCT,
+    LITE_MEAN,
+    LITE_STD,
+    LITE_VARIANTS,
+    lite_state_dict,
+    weights_origin,
+)
 from retrieval.encoder.model import Encoder, build_visual, init_head, tower_output_dim
 from retrieval.encoder.saved import load_run_dir
 from retrieval.errors import EncoderError
@@ -36,10 +44,13 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 PROBE_TIMEOUT_S = 3.0
 
 
-def load_encoder(spec: str, *, embed_dim: int | None = None, device: str | torch.device = "cpu") -> Encoder:
+def load_encoder(spec: str, *, embed_dim: int | None = None, device: str | torch.device = "cpu",
+                 crop_pct: float | None = None, resize_mode: str | None = None) -> Encoder:
     """Build the encoder a spec names (see the module docstring), in eval mode, on `device`.
 
     `embed_dim` (default 512) sets the head width of a fresh encoder; a run directory keeps its own.
+    `crop_pct` / `resize_mode` replace the spec's eval resize (None: the spec's own; a run directory's is the
+    one its encoder.json records); the encoder's config, and so its fingerprint, records the choice.
     """
     spec = str(spec)
     if embed_dim is not None and embed_dim < 1:
@@ -53,7 +64,15 @@ def load_encoder(spec: str, *, embed_dim: int | None = None, device: str | torch
         if not model or not source:
             raise EncoderError(f"unknown encoder spec {spec!r}: expected {SPEC_HELP}")
         encoder = _load_open_clip(model, source, embed_dim)
+    encoder.config = encoder.config.with_eval_resize(crop_pct, resize_mode)
     return encoder.eval().to(device)
+
+
+def legacy_crop_pct(spec: str) -> float | None:
+    """The eval crop `spec` loaded with before index DBs recorded theirs (so a DB without one is read as it was
+    built): timm's 0.875 for the EfficientNet-Lite specs; None (the spec's own) for every other spec, whose
+    crop never changed (open_clip: 1.0; a run directory: its encoder.json)."""
+    return LITE_LEGACY_CROP_PCT if str(spec) in LITE_VARIANTS else None
 
 
 def _assemble(model: str, model_cfg: dict, visual: torch.nn.Module, embed_dim: int | None, preprocess: dict,
