@@ -10,7 +10,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import click
@@ -42,6 +42,20 @@ def _heavy_process() -> None:
     from retrieval.allocator import keep_freed_memory
 
     keep_freed_memory()
+
+
+def _preprocessing_options(what: str, default: str) -> Callable[[Callable], Callable]:
+    """--crop-pct and --resize-mode, worded for one command: `what` they set, and where the `default` comes from."""
+    def add(command: Callable) -> Callable:
+        command = click.option(
+            "--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
+            help=f"{what}: shortest (resize the shorter side, centre crop) or squash (the whole image resized to "
+                 f"a square, crop-pct unused) [default: {default}].")(command)
+        return click.option(
+            "--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
+            help=f"{what}: resize the shorter side to image_size / crop-pct, centre-crop image_size (1: the whole "
+                 f"square; lite0's ImageNet habit is 0.875) [default: {default}].")(command)
+    return add
 
 
 def _print_json(obj: object) -> None:
@@ -100,14 +114,7 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
               help="Encoder spec or fine-tuned run directory; the DB stays bound to it.")
 @click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index directory (LMDB + FAISS); created if missing.")
-@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Eval preprocessing: resize the shorter side to image_size / crop-pct, centre-crop image_size "
-                   "(1: the whole square; lite0's ImageNet habit is 0.875) [default: the DB's own, recorded in it; "
-                   "for a new DB the model's].")
-@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
-              help="Eval preprocessing: shortest (resize the shorter side, centre crop) or squash (the whole "
-                   "image resized to a square, crop-pct unused) [default: the DB's own, recorded in it; for a new "
-                   "DB the model's].")
+@_preprocessing_options("Eval preprocessing", "the DB's own, recorded in it; for a new DB the model's")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per encoder batch (and per LMDB commit).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -336,13 +343,7 @@ def _read_key(path: Path) -> str:
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True,
               help="Split to evaluate (with --dataset); test holds the classes unseen in training.")
 @click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
-@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="With --dataset, eval preprocessing: resize the shorter side to image_size / crop-pct, "
-                   "centre-crop image_size (1: the whole square; lite0's ImageNet habit is 0.875) "
-                   "[default: the encoder's].")
-@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
-              help="With --dataset, eval preprocessing: shortest (resize the shorter side, centre crop) or "
-                   "squash (the whole image resized to a square, crop-pct unused) [default: the encoder's].")
+@_preprocessing_options("With --dataset, eval preprocessing", "the encoder's")
 @click.option("--train-fraction", default=0.5, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="folder: share of the sorted classes in train.")
@@ -542,13 +543,7 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
                    f"the memory and 0.6 of the time per step; 0 trains all [default: {AUTO_LOCKED}, at most half "
                    f"the groups].")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
-@click.option("--crop-pct", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Eval preprocessing: resize the shorter side to image_size / crop-pct, centre-crop image_size "
-                   "(1: the whole square; lite0's ImageNet habit is 0.875) [default: the encoder's; saved in "
-                   "encoder.json].")
-@click.option("--resize-mode", type=click.Choice(RESIZE_MODES), default=None,
-              help="Eval preprocessing: shortest (resize the shorter side, centre crop) or squash (the whole "
-                   "image resized to a square, crop-pct unused) [default: the encoder's; saved in encoder.json].")
+@_preprocessing_options("Eval preprocessing", "the encoder's; saved in encoder.json")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
                    "cores from training), CPUs (max 8) with CUDA].")
