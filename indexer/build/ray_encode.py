@@ -248,7 +248,7 @@ def _actor_env(threads: int) -> dict[str, str]:
     - glibc gives that thread an arena of its own, whose heaps are trimmed as blocks are freed (and blocks
       over its 64 MB heaps, or over the mmap threshold, are mapped and unmapped each time): every batch's
       activations were faulted in again (measured with lite0 at batch 16: ~5,000 minor faults and 9 of 25
-      CPU-ms per image in the kernel; README "Scaling out"). One arena, no mmap and no trimming
+      CPU-ms per image in the kernel; docs/scaling.md). One arena, no mmap and no trimming
       (retrieval.allocator.keep_freed_memory's settings, as glibc tunables so they hold from the process's
       start) make one batch's freed memory the next's.
     Also the local path's OpenMP wait policy (pipeline.prefer_passive_openmp): idle threads sleep, beside the

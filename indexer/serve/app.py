@@ -6,7 +6,7 @@
 Endpoints (/api/* and /metrics need `Authorization: Bearer KEY` when a key is set): POST /api/search (multipart
 field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail, GET /api/stats, GET /metrics
 (Prometheus), GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
-opens the index (serve_engine.Engine); handlers only parse, decode uploads in the thread pool and await the
+opens the index (engine.Engine); handlers only parse, decode uploads in the thread pool and await the
 engine's worker thread. Nothing a client sends is used as a file-system path: items are found by integer id
 and their files by the path the DB stores.
 """
