@@ -278,7 +278,13 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
 @click.option("--batch-window-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="How long an upload waits for others to share its batch.")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1),
-              help="Requests that may wait; beyond it the answer is 503 with Retry-After.")
+              help="Uploads that may be in the server at once (and jobs waiting for the encoder); beyond it the "
+                   "answer is 503 with Retry-After, before the upload is read.")
+@click.option("--max-wait-ms", default=5000.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="A request still waiting (to decode, or for the encoder) this long after it arrived gets 503 "
+                   "with Retry-After instead of being computed late.")
+@click.option("--decode-threads", type=click.IntRange(min=1), default=None,
+              help="Uploads decoded at once, beside the encoder [default: the CPUs this process may use].")
 @click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), envvar="CIRCLE_RETRIEVAL_API_KEY_FILE",
               help="Require the key in this file (its first line) as 'Authorization: Bearer KEY' on /api/* and "
                    "/metrics [env CIRCLE_RETRIEVAL_API_KEY_FILE]; the page asks for it once per tab.")
@@ -290,8 +296,9 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
               help="Answer with absolute file paths and the encoder's run directory [default: paths relative to "
                    "the indexed folder, the run directory by its name].")
 def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
-              max_batch: int, batch_window_ms: float, queue_size: int, api_key_file: Path | None, no_auth: bool,
-              drain_s: int, show_paths: bool) -> None:
+              max_batch: int, batch_window_ms: float, queue_size: int, max_wait_ms: float,
+              decode_threads: int | None, api_key_file: Path | None, no_auth: bool, drain_s: int,
+              show_paths: bool) -> None:
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
@@ -316,7 +323,8 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k,
                            max_upload_bytes=int(max_upload_mb * (1 << 20)), cors=cors, max_batch=max_batch,
-                           batch_window_ms=batch_window_ms, queue_size=queue_size, drain_s=drain_s,
+                           batch_window_ms=batch_window_ms, queue_size=queue_size, max_wait_ms=max_wait_ms,
+                           decode_threads=decode_threads, drain_s=drain_s,
                            api_key=None if api_key_file is None else _read_key(api_key_file), no_auth=no_auth,
                            show_paths=show_paths))
 

@@ -66,15 +66,18 @@ def start_server(db: Path, *extra: str) -> tuple[subprocess.Popen, str]:
 
 
 def load(base: str, image: bytes, concurrency: int, requests: int) -> dict:
-    """`requests` uploads from `concurrency` client threads; latencies (s), wall time and the server's timings."""
+    """`requests` uploads from `concurrency` client threads; latencies (s), wall time and the server's timings.
+    A 503 (shed: the server is over --queue-size or --max-wait-ms) is counted, not retried; any other error stops."""
     import httpx
 
     latencies: list[float] = []
     server: list[dict] = []
+    shed = 0
     left = iter(range(requests))
     lock = threading.Lock()
 
     def client() -> None:
+        nonlocal shed
         with httpx.Client(base_url=base, timeout=60) as http:
             while True:
                 with lock:
@@ -83,6 +86,10 @@ def load(base: str, image: bytes, concurrency: int, requests: int) -> dict:
                 start = time.perf_counter()
                 resp = http.post("/api/search?k=10", files={"image": ("chelsea.jpg", image, "image/jpeg")})
                 elapsed = time.perf_counter() - start
+                if resp.status_code == 503:
+                    with lock:
+                        shed += 1
+                    continue
                 resp.raise_for_status()
                 with lock:
                     latencies.append(elapsed)
@@ -98,7 +105,7 @@ def load(base: str, image: bytes, concurrency: int, requests: int) -> dict:
     lat = sorted(latencies)
     return {
         "concurrency": concurrency, "requests": requests, "wall_s": round(wall, 3),
-        "throughput_rps": round(requests / wall, 2),
+        "throughput_rps": round(requests / wall, 2), "answered_rps": round(len(lat) / wall, 2), "shed_503": shed,
         "p50_ms": round(1000 * statistics.median(lat), 1),
         "p95_ms": round(1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))], 1),
         "server_median_ms": {key: round(statistics.median(t[key] for t in server), 1)
@@ -144,11 +151,13 @@ def main() -> None:
         return
     print(f"DB: {args.items:,} items ({args.model}); {os.cpu_count()} CPUs; OMP_NUM_THREADS="
           f"{result['omp_num_threads']}; load average {os.getloadavg()[0]:.2f}")
-    print("| concurrency | requests | p50 ms | p95 ms | req/s | server decode / embed / search ms | mean batch |")
-    print("|---|---|---|---|---|---|---|")
+    print("| concurrency | requests | p50 ms | p95 ms | req/s | 503s | server decode / embed / search ms "
+          "| mean batch |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in latency:
         s = r["server_median_ms"]
         print(f"| {r['concurrency']} | {r['requests']} | {r['p50_ms']} | {r['p95_ms']} | {r['throughput_rps']} | "
+              f"{r['shed_503']} | "
               f"{s['decode_ms']} / {s['embed_ms']} / {s['search_ms']} | {r['mean_batch']} |")
     for name in ("on", "off"):
         runs = ", ".join(str(r["throughput_rps"]) for r in rounds[name])

@@ -1,5 +1,6 @@
 """MicroBatcher: uploads that arrive together share one batch, a full queue says Busy at once, errors reach every
-waiting caller and the worker goes on, solo calls and ticks run on the worker thread."""
+waiting caller and the worker goes on, solo calls and ticks run on the worker thread, a job past its deadline
+is never run and fails with Expired."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from indexer.serve.batcher import Busy, MicroBatcher
+from indexer.serve.batcher import Busy, Expired, MicroBatcher
 
 
 def _recording(sizes: list[int], delay: float = 0.0):
@@ -115,4 +116,35 @@ def test_solo_calls_and_ticks_run_on_the_worker_thread_also_when_idle():
             time.sleep(0.02)
         assert len(ticks) >= 3 and set(ticks) == {"the-worker"}
     finally:
+        batcher.close()
+
+
+def test_a_job_whose_deadline_passed_while_it_waited_is_never_run_and_fails_with_expired():
+    batches: list[list[int]] = []
+    solos: list[str] = []
+
+    def run(payloads):
+        batches.append(list(payloads))
+        return [p * 10 for p in payloads]
+
+    release, running = threading.Event(), threading.Event()
+    batcher = MicroBatcher(run, max_batch=8, window_s=0.0, queue_size=8)
+    try:
+        blocker = batcher.call(lambda: (running.set(), release.wait(10)))
+        assert running.wait(10)
+        past = time.monotonic() - 1  # already passed when the worker gets to them
+        later = time.monotonic() + 3600
+        late, on_time = batcher.submit(1, deadline=past), batcher.submit(2, deadline=later)
+        late_solo = batcher.call(lambda: solos.append("late"), deadline=past)
+        no_deadline = batcher.submit(3)
+        release.set()
+        blocker.result(timeout=10)
+        assert on_time.result(timeout=10) == 20 and no_deadline.result(timeout=10) == 30
+        for future in (late, late_solo):
+            with pytest.raises(Expired, match="deadline"):
+                future.result(timeout=10)
+        assert issubclass(Expired, Busy)  # answered as any overload: 503 + Retry-After
+        assert 1 not in [p for b in batches for p in b] and solos == []
+    finally:
+        release.set()
         batcher.close()

@@ -1,6 +1,7 @@
 """The serve API through FastAPI's TestClient on a DB of the generated bird set (tiny random encoder): uploads
 find themselves with `query --json`'s exact answer, "more like this" equals brute force over the stored
-embeddings, thumbnails only by id, every bad input's status and message, 503 when the queue is full, and an
+embeddings, thumbnails only by id, every bad input's status and message, 503 when the queue is full, when too many
+uploads are in the server and when a request waited past --max-wait-ms (never encoded), and an
 `index` run's new images answered without restart."""
 
 from __future__ import annotations
@@ -400,6 +401,65 @@ def test_a_full_queue_answers_503_with_retry_after(strict_client):
         time.sleep(0.05)
     else:
         raise AssertionError("the service did not recover after the queue drained")
+
+
+def _blocking_worker(engine) -> threading.Event:
+    """Occupy the engine's worker until the returned event is set (so that requests wait in its queue)."""
+    release, running = threading.Event(), threading.Event()
+    engine.batcher.call(lambda: (running.set(), release.wait(20)))
+    assert running.wait(10)
+    return release
+
+
+def _in_background(fn) -> tuple[threading.Thread, dict]:
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("resp", fn()))
+    thread.start()
+    return thread, out
+
+
+def test_uploads_beyond_queue_size_are_shed_before_decoding(strict_client):
+    engine = strict_client.app.state.engine
+    release = _blocking_worker(engine)
+    try:
+        first, out = _in_background(lambda: _upload(strict_client, _jpeg()))
+        deadline = time.monotonic() + 20
+        while engine.batcher.depth() < 1 and time.monotonic() < deadline:  # decoded, waiting for the worker
+            time.sleep(0.01)
+        resp = _upload(strict_client, _jpeg(seed=1))  # queue_size=1: the first upload fills the server
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert resp.json()["detail"] == "busy: 1 uploads are already in the server; retry shortly"
+    finally:
+        release.set()
+    first.join(20)
+    assert out["resp"].status_code == 200
+    assert strict_client.app.state.admission.inside == 0
+
+
+def test_a_request_waiting_past_max_wait_ms_gets_503_and_is_never_encoded(served, single_thread_torch, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(served["db"], db)
+    wait_s = 0.2
+    with TestClient(create_app(ServeConfig(db=db, device="cpu", max_wait_ms=1000 * wait_s))) as client:
+        engine = client.app.state.engine
+        batches: list[int] = []
+        engine.on_batch = batches.append
+        release = _blocking_worker(engine)
+        try:
+            late, out = _in_background(lambda: _upload(client, _jpeg()))
+            while engine.batcher.depth() < 1 and late.is_alive():
+                time.sleep(0.01)
+            seen = time.monotonic()  # the upload arrived before this: its deadline is at most wait_s later
+            while time.monotonic() <= seen + wait_s:
+                time.sleep(0.01)
+        finally:
+            release.set()
+        late.join(20)
+        resp = out["resp"]
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert "--max-wait-ms" in resp.json()["detail"]
+        assert batches == []  # dropped before the encoder
+        assert _upload(client, _jpeg()).status_code == 200 and batches == [1]  # on time: answered
 
 
 def test_cors_only_for_the_configured_origin(strict_client):

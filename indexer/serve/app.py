@@ -7,8 +7,11 @@ Endpoints (/api/* and /metrics need `Authorization: Bearer KEY` when a key is se
 field `image`), GET /api/items/{id}/similar, GET /api/items/{id}/thumbnail, GET /api/stats, GET /metrics
 (Prometheus), GET /healthz, GET / (indexer/serve/static/index.html). The lifespan loads the DB's encoder once and
 opens the index (engine.Engine); handlers only parse, decode uploads in the thread pool and await the
-engine's worker thread. Nothing a client sends is used as a file-system path: items are found by integer id
-and their files by the path the DB stores.
+engine's worker thread. Overload: at most `queue_size` uploads are in the server (more get 503 before their body
+is read), at most `decode_threads` decode at once (indexer.serve.admission), and a request still waiting
+`max_wait_ms` after it arrived gets 503 instead of being computed late (both with Retry-After). Nothing a
+client sends is used as a file-system path: items are found by integer id and their files by the path the DB
+stores.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import re
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,8 +40,9 @@ from indexer.store.read import Hit
 from retrieval.compat import parse_multipart
 from retrieval.errors import DecodeError, RetrievalError
 
+from .admission import Admission, cpu_count
 from .auth import KeyMiddleware, check_exposure
-from .batcher import Busy
+from .batcher import Busy, Expired
 from .engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
 from .engine import Query as ImageQuery
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
@@ -123,6 +127,7 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         app.state.metrics = Metrics(app.state.engine)
         app.state.engine.on_batch = app.state.metrics.batch.observe
         app.state.thumbs = OrderedDict()
+        app.state.admission = Admission(cfg.queue_size, cfg.decode_threads or cpu_count())
         try:
             yield
         finally:
@@ -141,6 +146,10 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
 
     def engine(request: Request) -> Engine:
         return request.app.state.engine
+
+    def _deadline() -> float:
+        """When a request arriving now stops being worth computing (time.monotonic(), as the batcher's)."""
+        return time.monotonic() + cfg.max_wait_ms / 1000
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index_page() -> HTMLResponse:
@@ -162,17 +171,20 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does;
         `label=` (repeatable): only items with one of these labels; `expand`: query expansion with that many
         top hits (0: off)."""
-        started = time.perf_counter()
-        data, name = await _read_upload(request, cfg.max_upload_bytes)
+        started, deadline = time.perf_counter(), _deadline()
+        admission: Admission = request.app.state.admission
         eng = engine(request)
-        decoding = time.perf_counter()
-        try:
-            pixels = await run_in_threadpool(_preprocess, data, name, eng, cfg.max_pixels)
-        except DecodeError as exc:
-            raise HTTPException(400, str(exc)) from None
-        decode_ms = 1000 * (time.perf_counter() - decoding)
-        answer: Answer = await _queued(
-            lambda b: b.submit(ImageQuery(pixels, k or cfg.k, tuple(label or ()), expand)), eng)
+        with _shed(), admission.admit():
+            data, name = await _read_upload(request, cfg.max_upload_bytes)
+            async with admission.decoding(deadline):
+                decoding = time.perf_counter()
+                try:
+                    pixels = await run_in_threadpool(_preprocess, data, name, eng, cfg.max_pixels)
+                except DecodeError as exc:
+                    raise HTTPException(400, str(exc)) from None
+                decode_ms = 1000 * (time.perf_counter() - decoding)
+            query = ImageQuery(pixels, k or cfg.k, tuple(label or ()), expand)
+            answer: Answer = await _queued(lambda b: b.submit(query, deadline), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
         request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
@@ -186,7 +198,8 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         started = time.perf_counter()
         eng = engine(request)
         wanted = _parse_id(item_id)
-        found = await _queued(lambda b: b.call(lambda: eng.similar(wanted, k or cfg.k, tuple(label or ()))), eng)
+        found = await _queued(lambda b: b.call(lambda: eng.similar(wanted, k or cfg.k, tuple(label or ())),
+                                               _deadline()), eng)
         if found is None:
             raise HTTPException(404, "no such item")
         item, hits, search_ms = found
@@ -203,7 +216,7 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         jpeg = thumbs.get(wanted)
         if jpeg is None:
             eng = engine(request)
-            item = await _queued(lambda b: b.call(lambda: eng.item(wanted)), eng)
+            item = await _queued(lambda b: b.call(lambda: eng.item(wanted), _deadline()), eng)
             if item is None:
                 raise HTTPException(404, "no such item")
             try:
@@ -219,7 +232,7 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
     @app.get("/api/stats", response_model=StatsResponse)
     async def stats(request: Request) -> dict:
         eng = engine(request)
-        return await _queued(lambda b: b.call(eng.stats), eng)
+        return await _queued(lambda b: b.call(eng.stats, _deadline()), eng)
 
     return app
 
@@ -262,12 +275,23 @@ def _listen(host: str, port: int) -> socket.socket:
 
 
 async def _queued(put: Any, eng: Engine) -> Any:
-    """Queue work on the engine's worker (put(batcher) -> Future) and await it; 503 + Retry-After when full."""
-    try:
+    """Queue work on the engine's worker (put(batcher) -> Future) and await it; 503 + Retry-After when the queue
+    is full or the job expired unrun."""
+    with _shed():
         future: Future = put(eng.batcher)
+        return await asyncio.wrap_future(future)
+
+
+@contextmanager
+def _shed() -> Iterator[None]:
+    """Busy (a full queue, too many uploads) and Expired (waited past --max-wait-ms) as 503 + Retry-After."""
+    try:
+        yield
+    except Expired as exc:
+        raise HTTPException(503, f"busy: {exc} (--max-wait-ms); retry shortly",
+                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except Busy as exc:
         raise HTTPException(503, f"busy: {exc}; retry shortly", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    return await asyncio.wrap_future(future)
 
 
 def _hits(hits: tuple[Hit, ...], show_paths: bool) -> list[HitModel]:

@@ -3,11 +3,14 @@
     batcher = MicroBatcher(run_batch, max_batch=32, window_s=0.005, queue_size=64, tick_s=1.0, on_tick=refresh)
     future = batcher.submit(payload)   # Busy when the queue is full; the future gets run_batch's result for it
     future = batcher.call(fn)          # fn() alone on the worker thread (anything that touches the same state)
+    future = batcher.submit(payload, deadline=time.monotonic() + 5)  # Expired, never run, if still waiting then
 
 Payloads that arrive within `window_s` of the first one waiting (and any already queued) go to `run_batch`
 together, up to `max_batch`: on a CPU one forward of 8 images costs far less than 8 forwards of one. The queue
 is bounded so that overload answers "busy" at once instead of growing memory and latency. `on_tick` runs on
 the worker between jobs, at most every `tick_s` (also when idle): serve renews its index snapshot there.
+A job whose `deadline` (time.monotonic()) has passed when the worker takes it is dropped with Expired: work
+that waited too long is answered "busy" instead of being computed for a client that may have given up.
 Everything that touches the model or the index runs on this one thread, so neither needs a lock.
 """
 
@@ -29,11 +32,16 @@ class Busy(Exception):
     """The queue is full: the caller should answer 503 and ask the client to retry."""
 
 
+class Expired(Busy):
+    """The job waited past its deadline and was not run: answered as Busy."""
+
+
 @dataclass
 class _Job:
     future: Future
     payload: Any = None
     solo: Callable[[], Any] | None = None  # set for call(): run alone instead of batching
+    deadline: float | None = None  # time.monotonic() after which the job is dropped unrun
 
 
 _STOP = _Job(Future())
@@ -53,13 +61,14 @@ class MicroBatcher:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, payload: Any) -> Future:
-        """Queue `payload` for the next batch; Busy if the queue is full."""
-        return self._put(_Job(Future(), payload=payload))
+    def submit(self, payload: Any, deadline: float | None = None) -> Future:
+        """Queue `payload` for the next batch; Busy if the queue is full, Expired (in the future) if the worker
+        reaches it after `deadline`."""
+        return self._put(_Job(Future(), payload=payload, deadline=deadline))
 
-    def call(self, fn: Callable[[], Any]) -> Future:
-        """Queue `fn` to run alone on the worker thread; Busy if the queue is full."""
-        return self._put(_Job(Future(), solo=fn))
+    def call(self, fn: Callable[[], Any], deadline: float | None = None) -> Future:
+        """Queue `fn` to run alone on the worker thread; Busy and Expired as for submit."""
+        return self._put(_Job(Future(), solo=fn, deadline=deadline))
 
     def depth(self) -> int:
         """Jobs waiting in the queue now (approximate, as any queue size read from another thread)."""
@@ -90,6 +99,8 @@ class MicroBatcher:
                     continue
             if job is _STOP:
                 return
+            if _expired(job):
+                continue
             if job.solo is not None:
                 _settle(job.future, job.solo)
                 continue
@@ -104,7 +115,9 @@ class MicroBatcher:
                     held = nxt
                     break
                 batch.append(nxt)
-            self._run_one_batch(batch)
+            batch = [j for j in batch if not _expired(j)]  # the window may have outlived the first one's deadline
+            if batch:
+                self._run_one_batch(batch)
 
     def _run_one_batch(self, batch: list[_Job]) -> None:
         try:
@@ -127,6 +140,14 @@ class MicroBatcher:
             self._on_tick()
         except Exception:  # noqa: BLE001 - a failed refresh is retried at the next tick; serving goes on
             log.exception("periodic refresh failed")
+
+
+def _expired(job: _Job) -> bool:
+    """Fail a job whose deadline has passed with Expired (True), so that it is never run."""
+    if job.deadline is None or time.monotonic() <= job.deadline:
+        return False
+    job.future.set_exception(Expired("waited past its deadline"))
+    return True
 
 
 def _settle(future: Future, fn: Callable[[], Any]) -> None:

@@ -50,7 +50,9 @@ class ServeConfig:
     cors: str | None = None  # one allowed origin; None: no CORS headers at all
     max_batch: int = 32  # images per encoder batch; 1 turns micro-batching off
     batch_window_ms: float = 5.0  # how long the first waiting upload waits for others to join its batch
-    queue_size: int = 64  # waiting requests beyond this get 503 + Retry-After
+    queue_size: int = 64  # uploads in the server (and jobs waiting for the worker) beyond this get 503 + Retry-After
+    max_wait_ms: float = 5000.0  # a request still waiting this long after it arrived gets 503, is not computed
+    decode_threads: int | None = None  # uploads decoded at once; None: the CPUs this process may use
     refresh_s: float = 1.0  # how often the index snapshot is renewed
     thumb_px: int = 160  # longest side of a thumbnail
     thumb_cache: int = 4096  # thumbnails kept in memory (ids never change content, so they never go stale)
