@@ -220,6 +220,37 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
         click.echo(f"page: {html_file}")
 
 
+@cli.command("export")
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to export.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="New folder for img_emb/ and metadata/ (must not exist, or be empty).")
+@click.option("--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Items per partition (img_emb_N.npy + metadata_N.parquet).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Embedding type in the .npy files.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def export_cmd(db_dir: Path, out: Path, rows: int, dtype: str, progress: bool | None, as_json: bool) -> None:
+    """Export the embeddings as clip-retrieval's inference writes them (autofaiss, embedding-reader read it).
+
+    \b
+    OUT/img_emb/img_emb_{N}.npy         (rows, dim) embeddings, L2-normalised
+    OUT/metadata/metadata_{N}.parquet   image_path (relative to the indexed folder), id, label, width,
+                                        height, content_hash; same row order as the .npy
+    OUT appears only once complete: an interrupted export leaves nothing under it.
+    """
+    from indexer.export import ExportConfig, run_export
+
+    result = run_export(ExportConfig(db=db_dir, out=out, rows=rows, dtype=dtype,
+                                     progress=sys.stderr.isatty() if progress is None else progress))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        click.echo(f"exported {result.items} embeddings ({result.dim}-d {result.dtype}) in {result.partitions} "
+                   f"partition(s) to {result.out}")
+
+
 @cli.command("serve")
 @click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to serve.")
 @click.option("--host", default="127.0.0.1", show_default=True,
