@@ -191,10 +191,13 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
+@click.option("--dedup", type=float, default=None, metavar="T",
+              help="Collapse results whose embeddings' cosine is >= T into the best-ranked one (as clip-retrieval; "
+                   "e.g. 0.94) [default: off].")
 @click.option("--json", "as_json", is_flag=True,
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
 def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, html_file: Path | None,
-              as_json: bool) -> None:
+              dedup: float | None, as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -204,7 +207,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
     from indexer.query import QueryConfig, expand_queries, run_query, write_query_html
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
-    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device))
+    results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, dedup=dedup))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -249,6 +252,51 @@ def export_cmd(db_dir: Path, out: Path, rows: int, dtype: str, progress: bool | 
     else:
         click.echo(f"exported {result.items} embeddings ({result.dim}-d {result.dtype}) in {result.partitions} "
                    f"partition(s) to {result.out}")
+
+
+@cli.command("dedup")
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to check.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
+              help="Cosine from which two items are a candidate pair [default: 0.75, chosen on Caltech-101 with "
+                   "lite0 (docs/collection-tools.md); another encoder may need another].")
+@click.option("--min-match", type=click.FloatRange(-1, 1), default=None,
+              help="Correlation of the two images' aligned greyscale thumbnails from which a candidate pair is a "
+                   "duplicate [default: 0.97].")
+@click.option("--neighbours", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Nearest items looked at per item (a group larger than this is still found through its links).")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write DIR/index.html: one row of thumbnails per group (DIR must be new or empty).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"groups": [{"members": [{"path", "id", "label", "score"}, ...]}, ...], counts}.')
+def dedup_cmd(db_dir: Path, threshold: float | None, min_match: float | None, neighbours: int,
+              html_dir: Path | None, progress: bool | None, as_json: bool) -> None:
+    """List groups of near-duplicate images (re-saved, resized, cropped, mirrored copies), largest first.
+
+    Candidates are pairs whose embeddings' cosine is at least --threshold (a nearest-neighbour search of
+    every item, in bounded memory); each is confirmed by comparing the two files' pixels, as small greyscale
+    thumbnails aligned for crops of up to 10% and mirroring. A group's first member is its first-indexed
+    image; each score is a member's cosine to it.
+    """
+    from indexer.dedup import DEFAULT_MIN_MATCH, DEFAULT_THRESHOLD, DedupConfig, run_dedup
+
+    result = run_dedup(DedupConfig(
+        db=db_dir, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        min_match=DEFAULT_MIN_MATCH if min_match is None else min_match, neighbours=neighbours,
+        html=html_dir, progress=sys.stderr.isatty() if progress is None else progress))
+    if as_json:
+        _print_json(result.to_json())
+        return
+    for number, group in enumerate(result.to_json()["groups"], start=1):
+        click.echo(f"group {number} ({len(group['members'])} images):")
+        for member in group["members"]:
+            click.echo(f"  {member['score']:.4f}  {member['path']}")
+    click.echo(f"{len(result.groups)} groups of near-duplicates among {result.items} images "
+               f"({result.duplicates} of {result.candidates} candidate pairs confirmed"
+               + (f", {result.unchecked} with an unreadable file" if result.unchecked else "") + ")")
+    if result.html is not None:
+        click.echo(f"page: {result.html}")
 
 
 @cli.command("serve")

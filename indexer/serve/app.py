@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from indexer.store.collapse import FETCH_FACTOR, collapse_hits
 from indexer.store.read import Hit
 from retrieval.errors import DecodeError
 
@@ -136,7 +137,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/api/search", response_model=SearchResponse)
-    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
+    async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K),
+                     dedup: float | None = Query(None, ge=-1, le=1)) -> SearchResponse:
         """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does."""
         started = time.perf_counter()
         data, name = await _read_upload(request, cfg.max_upload_bytes)
@@ -147,10 +149,15 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         except DecodeError as exc:
             raise HTTPException(400, str(exc)) from None
         decode_ms = 1000 * (time.perf_counter() - decoding)
-        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, k or cfg.k)), eng)
+        wanted = k or cfg.k
+        fetch = wanted if dedup is None else wanted * FETCH_FACTOR
+        answer: Answer = await _queued(lambda b: b.submit(ImageQuery(pixels, fetch)), eng)
+        hits = answer.hits
+        if dedup is not None:  # as `query --dedup`, on the worker thread that owns the index
+            hits = await _queued(lambda b: b.call(lambda: collapse_hits(eng.index, answer.hits, dedup)[:wanted]), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
-        return SearchResponse(query=name, results=_hits(answer.hits), timings=timings)
+        return SearchResponse(query=name, results=_hits(hits), timings=timings)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
     async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K)) -> SearchResponse:
