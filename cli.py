@@ -259,9 +259,9 @@ def export_cmd(db_dir: Path, out: Path, rows: int, dtype: str, progress: bool | 
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
               help="Cosine from which two items are a candidate pair [default: 0.75, chosen on Caltech-101 with "
                    "lite0 (docs/collection-tools.md); another encoder may need another].")
-@click.option("--min-match", type=click.FloatRange(-1, 1), default=None,
-              help="Correlation of the two images' aligned greyscale thumbnails from which a candidate pair is a "
-                   "duplicate [default: 0.97].")
+@click.option("--max-diff", type=click.FloatRange(min=0), default=None,
+              help="Largest difference of the two images' aligned colour thumbnails (99th percentile, in standard "
+                   "deviations) for a candidate pair to be a duplicate; lower is stricter [default: 0.45].")
 @click.option("--neighbours", type=click.IntRange(min=1), default=16, show_default=True,
               help="Nearest items looked at per item (a group larger than this is still found through its links).")
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -270,20 +270,20 @@ def export_cmd(db_dir: Path, out: Path, rows: int, dtype: str, progress: bool | 
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"groups": [{"members": [{"path", "id", "label", "score"}, ...]}, ...], counts}.')
-def dedup_cmd(db_dir: Path, threshold: float | None, min_match: float | None, neighbours: int,
+def dedup_cmd(db_dir: Path, threshold: float | None, max_diff: float | None, neighbours: int,
               html_dir: Path | None, progress: bool | None, as_json: bool) -> None:
     """List groups of near-duplicate images (re-saved, resized, cropped, mirrored copies), largest first.
 
     Candidates are pairs whose embeddings' cosine is at least --threshold (a nearest-neighbour search of
-    every item, in bounded memory); each is confirmed by comparing the two files' pixels, as small greyscale
+    every item, in bounded memory); each is confirmed by comparing the two files' pixels, as small colour
     thumbnails aligned for crops of up to 10% and mirroring. A group's first member is its first-indexed
     image; each score is a member's cosine to it.
     """
-    from indexer.dedup import DEFAULT_MIN_MATCH, DEFAULT_THRESHOLD, DedupConfig, run_dedup
+    from indexer.dedup import DEFAULT_MAX_DIFF, DEFAULT_THRESHOLD, DedupConfig, run_dedup
 
     result = run_dedup(DedupConfig(
         db=db_dir, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
-        min_match=DEFAULT_MIN_MATCH if min_match is None else min_match, neighbours=neighbours,
+        max_diff=DEFAULT_MAX_DIFF if max_diff is None else max_diff, neighbours=neighbours,
         html=html_dir, progress=sys.stderr.isatty() if progress is None else progress))
     if as_json:
         _print_json(result.to_json())

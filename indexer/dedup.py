@@ -6,11 +6,12 @@ Caltech-101, see docs/collection-tools.md), so it is two steps:
 1. candidates: every item's `neighbours` nearest items by the DB's own search (SearchIndex.search, FAISS +
    LMDB), a `batch` of items at a time, kept when their cosine is >= `threshold`: memory grows with the
    candidate pairs, never with N x N;
-2. verification: both files decoded as small greyscale thumbnails, aligned (one image against every 90-100%
-   crop box of the other, and against the other's mirror image), and compared by correlation; a pair is a
-   duplicate when the best alignment's correlation is >= `min_match`. A perceptual hash (imagehash.phash) was
-   measured first: 10% crops moved it by up to 26 of 64 bits while distinct photos on a plain sky came within
-   4 bits, so no hash distance separated them (docs/collection-tools.md).
+2. verification: both files decoded as small colour thumbnails, aligned (one image against every 90-100% crop
+   box of the other, and against the other's mirror image), and compared value by value; a pair is a duplicate
+   when its difference (pixel_differences) is <= `max_diff`. A perceptual hash (imagehash.phash) was measured
+   first: 10% crops moved it by up to 26 of 64 bits while distinct photos on a plain sky came within 4 bits;
+   and a correlation of the aligned thumbnails left studio shots of one motorbike model in two colours at 0.99,
+   as close as copies (docs/collection-tools.md).
 
 Groups are the connected components of the verified pairs, largest first. Each group's first member is its
 lowest id (the first indexed); every member's score is its cosine to that first member.
@@ -35,19 +36,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.75
-DEFAULT_MIN_MATCH = 0.97
-UNREADABLE = -2.0  # the match of a pair whose file cannot be decoded now: never a duplicate
-THUMB = 24  # side of the greyscale thumbnails compared
+DEFAULT_MAX_DIFF = 0.45
+UNREADABLE = float("inf")  # the difference of a pair whose file cannot be decoded now: never a duplicate
+THUMB = 16  # side of the colour thumbnails compared
 _BASE = 96  # side of the greyscale image the crop boxes are cut from
 _DRAFT = 96  # JPEG draft size of the decode
-_CACHE = 1024  # images whose thumbnails are kept (about 250 KB each)
+_CACHE = 512  # images whose thumbnails are kept (about 330 KB each)
 
 
 @dataclass(frozen=True)
 class DedupConfig:
     db: Path
     threshold: float = DEFAULT_THRESHOLD  # cosine of a candidate pair
-    min_match: float = DEFAULT_MIN_MATCH  # correlation of the aligned thumbnails of a duplicate pair
+    max_diff: float = DEFAULT_MAX_DIFF  # difference of the aligned thumbnails of a duplicate pair (pixel_differences)
     neighbours: int = 16  # nearest items looked at per item
     batch: int = 4096  # items searched at a time
     html: Path | None = None  # a folder for the thumbnail report
@@ -84,7 +85,7 @@ class DedupResult:
     duplicates: int  # of them, pairs the perceptual check confirmed
     unchecked: int  # candidate pairs with a file that could not be decoded now (not called duplicates)
     threshold: float
-    min_match: float
+    max_diff: float
     groups: tuple[tuple[Member, ...], ...]
     html: Path | None = None
 
@@ -92,7 +93,7 @@ class DedupResult:
         """The `dedup --json` shape: {"groups": [{"members": [{"path", "id", "label", "score"}]}], counts...}."""
         return {
             "items": self.items, "candidates": self.candidates, "duplicates": self.duplicates,
-            "unchecked": self.unchecked, "threshold": self.threshold, "min_match": self.min_match,
+            "unchecked": self.unchecked, "threshold": self.threshold, "max_diff": self.max_diff,
             "groups": [{"members": [{"path": printable(m.path), "id": m.id, "label": printable(m.label),
                                      "score": m.score} for m in group]} for group in self.groups],
         }
@@ -104,8 +105,8 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
 
     if not -1.0 <= cfg.threshold <= 1.0:
         raise RetrievalError(f"--threshold is a cosine in [-1, 1], got {cfg.threshold}")
-    if not -1.0 <= cfg.min_match <= 1.0:
-        raise RetrievalError(f"--min-match is a correlation in [-1, 1], got {cfg.min_match}")
+    if not cfg.max_diff >= 0:
+        raise RetrievalError(f"--max-diff must be >= 0, got {cfg.max_diff}")
     if cfg.neighbours < 1:
         raise RetrievalError(f"--neighbours must be at least 1, got {cfg.neighbours}")
     if cfg.html is not None and cfg.html.exists() and not (cfg.html.is_dir() and not any(cfg.html.iterdir())):
@@ -114,11 +115,11 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
         if len(index) == 0:
             raise IndexStoreError(f"the index DB at {cfg.db} is empty: index a folder into it first")
         pairs = candidate_pairs(index, cfg.threshold, cfg.neighbours, cfg.batch, progress=cfg.progress)
-        matches = pixel_matches(index, pairs, progress=cfg.progress)
-        verified = pairs.subset(matches >= cfg.min_match)
+        differences = pixel_differences(index, pairs, progress=cfg.progress)
+        verified = pairs.subset(differences <= cfg.max_diff)
         groups = describe(index, components(verified))
-        result = DedupResult(len(index), len(pairs), len(verified), int(np.sum(matches == UNREADABLE)),
-                             cfg.threshold, cfg.min_match, groups)
+        result = DedupResult(len(index), len(pairs), len(verified), int(np.sum(differences == UNREADABLE)),
+                             cfg.threshold, cfg.max_diff, groups)
     if cfg.html is not None:
         result = DedupResult(**{**result.__dict__, "html": write_dedup_html(result, cfg.html)})
     return result
@@ -148,10 +149,12 @@ def candidate_pairs(index: SearchIndex, threshold: float, neighbours: int, batch
     return Pairs(a[first], b[first], s[first])
 
 
-def pixel_matches(index: SearchIndex, pairs: Pairs, *, progress: bool = False) -> np.ndarray:
-    """Per pair, how closely the two images' pixels agree after the best alignment (Pearson correlation of
-    greyscale thumbnails, in [-1, 1]; UNREADABLE where a file cannot be decoded now): the larger of either
-    image against every crop box of the other (ALIGN_BOXES) and against its mirror image."""
+def pixel_differences(index: SearchIndex, pairs: Pairs, *, progress: bool = False) -> np.ndarray:
+    """Per pair, how far the two images' pixels are apart after the best alignment (UNREADABLE, +inf, where a
+    file cannot be decoded now): the alignment is the crop box of one image (ALIGN_BOXES, either way round, or
+    the mirror image) whose thumbnail correlates best with the other's whole frame; the distance is the 99th
+    percentile of the absolute differences of the two standardised thumbnails' values, so that a local change
+    (another colour of the same motorbike, a face turned) counts where a correlation would average it away."""
     from tqdm import tqdm
 
     cache: dict[int, np.ndarray | None] = {}
@@ -164,13 +167,17 @@ def pixel_matches(index: SearchIndex, pairs: Pairs, *, progress: bool = False) -
         if first is None or second is None:
             out[row] = UNREADABLE
             continue
-        out[row] = max(float((first @ second[0]).max()), float((second @ first[0]).max()))
+        one, other = first @ second[0], second @ first[0]
+        aligned, whole = (first[one.argmax()], second[0]) if one.max() >= other.max() else (second[other.argmax()],
+                                                                                          first[0])
+        out[row] = np.percentile(np.abs(aligned - whole), 99) * np.sqrt(aligned.size)  # in standard deviations
     return out
 
 
 def _boxes(index: SearchIndex, item_id: int) -> np.ndarray | None:
-    """(len(ALIGN_BOXES) + 1, THUMB ** 2) unit-norm, zero-mean greyscale thumbnails of an item's image: each
-    crop box, then the mirror image; None if the file does not decode now (logged)."""
+    """(len(ALIGN_BOXES) + 1, THUMB * THUMB * 3) unit-norm, zero-mean colour thumbnails of an item's image: each
+    crop box, then the mirror image; None if the file does not decode now (logged). In colour, since studio
+    shots of one model in two colours agree in grey."""
     from PIL import Image
 
     from retrieval.data.decode import load_image
@@ -179,13 +186,13 @@ def _boxes(index: SearchIndex, item_id: int) -> np.ndarray | None:
     item = index.items([item_id])[0]
     assert item is not None  # ids of pairs read from this snapshot
     try:
-        image = load_image(index.root / item.relpath, draft_size=_DRAFT).image.convert("L")
+        image = load_image(index.root / item.relpath, draft_size=_DRAFT).image.convert("RGB")
     except DecodeError as exc:
         log.warning("dedup cannot check %s: %s", printable(item.relpath), exc.reason)
         return None
-    grey = image.resize((_BASE, _BASE), Image.Resampling.BILINEAR)
+    base = image.resize((_BASE, _BASE), Image.Resampling.BILINEAR)
     size = (THUMB, THUMB)
-    thumbs = [np.asarray(grey.resize(size, Image.Resampling.BILINEAR, box=(_BASE * x0, _BASE * y0, _BASE * x1,
+    thumbs = [np.asarray(base.resize(size, Image.Resampling.BILINEAR, box=(_BASE * x0, _BASE * y0, _BASE * x1,
                                                                           _BASE * y1)), dtype=np.float32)
               for x0, y0, x1, y1 in ALIGN_BOXES]
     thumbs.append(thumbs[0][:, ::-1])

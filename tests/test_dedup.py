@@ -103,7 +103,7 @@ def test_dedup_finds_the_planted_copies_and_nothing_else(planted):
 
 def test_a_strict_match_or_a_high_threshold_finds_less(planted):
     folder, db, truth = planted
-    assert _dedup_json(db, "--min-match", "0.9999")["duplicates"] < sum(len(g) - 1 for g in truth)
+    assert _dedup_json(db, "--max-diff", "0")["duplicates"] < sum(len(g) - 1 for g in truth)
     assert _dedup_json(db, "--threshold", "0.9999")["groups"] == []
 
 
