@@ -257,7 +257,7 @@ def export_cmd(db_dir: Path, out: Path, rows: int, dtype: str, progress: bool | 
 @cli.command("dedup")
 @click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to check.")
 @click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
-              help="Cosine from which two items are a candidate pair [default: 0.75, chosen on Caltech-101 with "
+              help="Cosine from which two items are a candidate pair [default: 0.70, chosen on Caltech-101 with "
                    "lite0 (docs/collection-tools.md); another encoder may need another].")
 @click.option("--max-diff", type=click.FloatRange(min=0), default=None,
               help="Largest difference of the two images' aligned colour thumbnails (99th percentile, in standard "

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.75
+DEFAULT_THRESHOLD = 0.70
 DEFAULT_MAX_DIFF = 0.45
 UNREADABLE = float("inf")  # the difference of a pair whose file cannot be decoded now: never a duplicate
 THUMB = 16  # side of the colour thumbnails compared
