@@ -261,7 +261,7 @@ def export_cmd(db_dir: Path, out: Path, rows: int, dtype: str, progress: bool | 
                    "lite0 (docs/collection-tools.md); another encoder may need another].")
 @click.option("--max-diff", type=click.FloatRange(min=0), default=None,
               help="Largest difference of the two images' aligned colour thumbnails (99th percentile, in standard "
-                   "deviations) for a candidate pair to be a duplicate; lower is stricter [default: 0.45].")
+                   "deviations) for a candidate pair to be a duplicate; lower is stricter [default: 0.35].")
 @click.option("--neighbours", type=click.IntRange(min=1), default=16, show_default=True,
               help="Nearest items looked at per item (a group larger than this is still found through its links).")
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path),

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.70
-DEFAULT_MAX_DIFF = 0.45
+DEFAULT_MAX_DIFF = 0.35
 UNREADABLE = float("inf")  # the difference of a pair whose file cannot be decoded now: never a duplicate
 THUMB = 16  # side of the colour thumbnails compared
 _BASE = 96  # side of the greyscale image the crop boxes are cut from
