@@ -157,8 +157,9 @@ def bench_scale(work: Path, sizes: list[int], sample: int) -> list[dict]:
     rows = []
     for n in sizes:
         db = work / f"synthetic-{n}"
-        if not (db / "data.mdb").exists():
-            write_db(db, n)
+        if not (db / ann.ANN_FILE).exists():
+            if not (db / "data.mdb").exists():
+                write_db(db, n)
             with Store.open(db, readonly=False) as store, store.snapshot() as snap:
                 ann.refresh(db, snap, "auto", rebuild=True)
         cmd = [sys.executable, __file__, "--step", str(db), "--items", str(n), "--sample", str(sample)]
@@ -172,7 +173,7 @@ def bench_scale(work: Path, sizes: list[int], sample: int) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", type=Path, help="a folder of class folders of JPEGs (e.g. Caltech-101)")
-    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--work", type=Path, help="where the copies, DBs and planted.json go")
     parser.add_argument("--copies", type=int, default=300)
     parser.add_argument("--items", default="100000,1000000", help="comma-separated sizes of the scale part")
     parser.add_argument("--sample", type=int, default=100_000,
@@ -185,6 +186,8 @@ def main() -> None:
         return
     from bench_scale import _cpu
 
+    if args.work is None:
+        parser.error("--work is required")
     args.work.mkdir(parents=True, exist_ok=True)
     print(json.dumps({"cpu": _cpu(), "threads": os.cpu_count(), "load_1min": os.getloadavg()[0]}), flush=True)
     images, db, listing = args.work / "images", args.work / "db", args.work / "planted.json"
