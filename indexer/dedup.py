@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,7 +121,7 @@ def run_dedup(cfg: DedupConfig) -> DedupResult:
         result = DedupResult(len(index), len(pairs), len(verified), int(np.sum(differences == UNREADABLE)),
                              cfg.threshold, cfg.max_diff, groups)
     if cfg.html is not None:
-        result = DedupResult(**{**result.__dict__, "html": write_dedup_html(result, cfg.html)})
+        result = replace(result, html=write_dedup_html(result, cfg.html))
     return result
 
 
