@@ -229,10 +229,13 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Exponent of the hits' similarity weights in --expand (0: plain average).")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
+@click.option("--dedup", type=float, default=None, metavar="T",
+              help="Collapse results whose embeddings' cosine is >= T into the best-ranked one (as clip-retrieval; "
+                   "e.g. 0.94) [default: off].")
 @click.option("--json", "as_json", is_flag=True,
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
 def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, labels: tuple[str, ...],
-              expand_k: int, expand_alpha: float, html_file: Path | None, as_json: bool) -> None:
+              expand_k: int, expand_alpha: float, html_file: Path | None, dedup: float | None, as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -244,7 +247,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
     results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, labels=labels,
-                                    expand=Expansion(expand_k, expand_alpha)))
+                                    expand=Expansion(expand_k, expand_alpha), dedup=dedup))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -258,6 +261,82 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
             click.echo(f"  {hit['rank']:>4}  {hit['score']:>10.4f}  {hit['label']:<{width}}  {hit['path']}")
     if html_file is not None:
         click.echo(f"page: {html_file}")
+
+
+@cli.command("export")
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to export.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="New folder for img_emb/ and metadata/ (must not exist, or be empty).")
+@click.option("--rows", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Items per partition (img_emb_N.npy + metadata_N.parquet).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Embedding type in the .npy files.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def export_cmd(db_dir: Path, out: Path, rows: int, dtype: str, progress: bool | None, as_json: bool) -> None:
+    """Export the embeddings as clip-retrieval's inference writes them (autofaiss, embedding-reader read it).
+
+    \b
+    OUT/img_emb/img_emb_{N}.npy         (rows, dim) embeddings, L2-normalised
+    OUT/metadata/metadata_{N}.parquet   image_path (relative to the indexed folder), id, label, width,
+                                        height, content_hash; same row order as the .npy
+    OUT appears only once complete: an interrupted export leaves nothing under it.
+    """
+    from indexer.export import ExportConfig, run_export
+
+    result = run_export(ExportConfig(db=db_dir, out=out, rows=rows, dtype=dtype,
+                                     progress=sys.stderr.isatty() if progress is None else progress))
+    if as_json:
+        _print_json(result.to_json())
+    else:
+        click.echo(f"exported {result.items} embeddings ({result.dim}-d {result.dtype}) in {result.partitions} "
+                   f"partition(s) to {result.out}")
+
+
+@cli.command("dedup")
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory to check.")
+@click.option("--threshold", type=click.FloatRange(-1, 1), default=None,
+              help="Cosine from which two items are a candidate pair [default: 0.70, chosen on Caltech-101 with "
+                   "lite0 (docs/collection-tools.md); another encoder may need another].")
+@click.option("--max-diff", type=click.FloatRange(min=0), default=None,
+              help="Largest difference of the two images' aligned colour thumbnails (99th percentile, in standard "
+                   "deviations) for a candidate pair to be a duplicate; lower is stricter [default: 0.35].")
+@click.option("--neighbours", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Nearest items looked at per item (a group larger than this is still found through its links).")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write DIR/index.html: one row of thumbnails per group (DIR must be new or empty).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar on stderr [default: when stderr is a terminal].")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"groups": [{"members": [{"path", "id", "label", "score"}, ...]}, ...], counts}.')
+def dedup_cmd(db_dir: Path, threshold: float | None, max_diff: float | None, neighbours: int,
+              html_dir: Path | None, progress: bool | None, as_json: bool) -> None:
+    """List groups of near-duplicate images (re-saved, resized, cropped, mirrored copies), largest first.
+
+    Candidates are pairs whose embeddings' cosine is at least --threshold (a nearest-neighbour search of
+    every item, in bounded memory); each is confirmed by comparing the two files' pixels, as small colour
+    thumbnails aligned for crops of up to 10% and mirroring. A group's first member is its first-indexed
+    image; each score is a member's cosine to it.
+    """
+    from indexer.dedup import DEFAULT_MAX_DIFF, DEFAULT_THRESHOLD, DedupConfig, run_dedup
+
+    result = run_dedup(DedupConfig(
+        db=db_dir, threshold=DEFAULT_THRESHOLD if threshold is None else threshold,
+        max_diff=DEFAULT_MAX_DIFF if max_diff is None else max_diff, neighbours=neighbours,
+        html=html_dir, progress=sys.stderr.isatty() if progress is None else progress))
+    if as_json:
+        _print_json(result.to_json())
+        return
+    for number, group in enumerate(result.to_json()["groups"], start=1):
+        click.echo(f"group {number} ({len(group['members'])} images):")
+        for member in group["members"]:
+            click.echo(f"  {member['score']:.4f}  {member['path']}")
+    click.echo(f"{len(result.groups)} groups of near-duplicates among {result.items} images "
+               f"({result.duplicates} of {result.candidates} candidate pairs confirmed"
+               + (f", {result.unchecked} with an unreadable file" if result.unchecked else "") + ")")
+    if result.html is not None:
+        click.echo(f"page: {result.html}")
 
 
 @cli.command("serve")

@@ -13,6 +13,7 @@ from pathlib import Path
 from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
+from .store.collapse import FETCH_FACTOR, collapse_hits
 from .store.expand import Expansion, expanded_embeddings
 from .store.read import Hit, embed_images, hits_of, load_db_encoder
 
@@ -31,6 +32,7 @@ class QueryConfig:
     batch_size: int = 32
     labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
     expand: Expansion = Expansion()  # alpha query expansion; k = 0: off
+    dedup: float | None = None  # collapse results whose cosine is >= this into the best-ranked (store.collapse)
 
 
 @dataclass(frozen=True)
@@ -76,20 +78,27 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
 
     if cfg.k < 1:
         raise RetrievalError(f"-k must be at least 1, got {cfg.k}")
+    if cfg.dedup is not None and not -1.0 <= cfg.dedup <= 1.0:
+        raise RetrievalError(f"--dedup is a cosine in [-1, 1], got {cfg.dedup}")
     with SearchIndex.open(cfg.db) as index:
         if len(index) == 0:
             raise IndexStoreError(f"the index DB at {cfg.db} is empty: index a folder into it first "
                                   f"(python cli.py index FOLDER --db {cfg.db})")
         only = index.ids_with_labels(cfg.labels) if cfg.labels else None  # before torch: a typo shows at once
         encoder = load_db_encoder(index, model=cfg.model, device=cfg.device)
+        fetch = cfg.k if cfg.dedup is None else cfg.k * FETCH_FACTOR
         results: list[QueryResult] = []
         for start in range(0, len(cfg.images), cfg.batch_size):
             paths = cfg.images[start : start + cfg.batch_size]
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
             embeddings = expanded_embeddings(index, embed_images(encoder, images), cfg.expand)
-            scores, ids = index.search(embeddings, cfg.k, only=only)
-            results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids, strict=True)]
+            scores, ids = index.search(embeddings, fetch, only=only)
+            for path, s, i in zip(paths, scores, ids, strict=True):
+                hits = hits_of(index, s, i)
+                if cfg.dedup is not None:
+                    hits = collapse_hits(index, hits, cfg.dedup)[: cfg.k]
+                results.append(QueryResult(str(path), hits))
         return results
 
 

@@ -49,6 +49,29 @@ def remove_stale_temporaries(path: str | Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+def remove_orphaned_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries of `path` (files or folders) whose writer process is gone, e.g. killed with -9;
+    safe beside a running writer, whose PID is in its temporary's name. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for stale in path.parent.glob(f".{glob.escape(path.name)}{_TEMP_MARK}*"):
+        pid = stale.name[len(path.name) + 1 + len(_TEMP_MARK):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path to write `path`'s new content to; on a clean exit it replaces `path` durably.

@@ -256,13 +256,15 @@ def write_report(
     return ReportFiles(files.json, files.markdown, files.curve, files.html, tuple(thumbs.written), pairs_png)
 
 
-def write_query_page(rows: Sequence[Row], html_file: str | Path, *, thumb_size: int = THUMB_SIZE) -> Path:
-    """A stand-alone page of query images and their top results; thumbnails go to `<name>_thumbs/` beside it."""
+def write_query_page(rows: Sequence[Row], html_file: str | Path, *, thumb_size: int = THUMB_SIZE,
+                     title: str = "Query results", lead: str = "query") -> Path:
+    """A stand-alone page of query images and their top results; thumbnails go to `<name>_thumbs/` beside it.
+    `lead` names each row's first image (dedup: the member kept)."""
     html_file = Path(html_file)
     html_file.parent.mkdir(parents=True, exist_ok=True)
     thumbs = _Thumbnailer(html_file.parent, f"{html_file.stem}_thumbs", thumb_size)
-    body = "<h1>Query results</h1>\n" + _grid(rows, thumbs)
-    html_file.write_text(_page("Query results", body))
+    body = f"<h1>{html.escape(title)}</h1>\n" + _grid(rows, thumbs, lead)
+    html_file.write_text(_page(title, body))
     return html_file
 
 
@@ -410,14 +412,15 @@ def _html_metrics(report: Report, compare: Comparison | None) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _grid(rows: Sequence[Row], thumbs: _Thumbnailer) -> str:
+def _grid(rows: Sequence[Row], thumbs: _Thumbnailer, lead: str = "query") -> str:
     def e(text: str) -> str:
         return html.escape(printable(text))
 
     out = ['<table class="grid">']
     for row in rows:
         label = f"<br>{e(row.label)}" if row.label is not None else ""
-        cells = [f'<td class="query">{thumbs.img(row.query)}<br><b>query</b>{label}{_caption(row.query)}</td>']
+        first = f"<br><b>{html.escape(lead)}</b>{label}{_caption(row.query)}"
+        cells = [f'<td class="query">{thumbs.img(row.query)}{first}</td>']
         for c in row.results:
             mark, sign = ("", "") if c.hit is None else ((" hit", "✓ ") if c.hit else (" miss", "✗ "))
             cells.append(

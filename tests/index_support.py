@@ -159,3 +159,27 @@ def kill_at(db: Path, proc: subprocess.Popen, at_least: int) -> int:
     proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     return count
+
+
+def write_db(db: Path, root: Path, entries: list[tuple[str, np.ndarray]], *, batch: int = 64) -> list[int]:
+    """Commit (relpath, embedding) items through the store API, without an encoder (a made-up one of the
+    embeddings' dim); the files need not exist. Returns their ids (in order). For tests of the read side."""
+    from indexer.store.layout import EncoderInfo, NewItem
+    from indexer.store.lmdb_store import Store
+
+    dim = len(entries[0][1])
+    ids: list[int] = []
+    with Store.open(db, readonly=False) as store:
+        store.begin_run(EncoderInfo("made-up", "0" * 64, dim, 32), str(root), reembed=False)
+        for at in range(0, len(entries), batch):
+            part = entries[at:at + batch]
+            ids += store.commit_batch([
+                NewItem(rel, rel.split("/")[0] if "/" in rel else "", 1000 + i, i, 40 + i % 7, 30 + i % 5,
+                        (at + i).to_bytes(16, "little"), np.asarray(v, dtype=np.float32))
+                for i, (rel, v) in enumerate(part)], [])
+    return ids
+
+
+def unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

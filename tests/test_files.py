@@ -122,3 +122,21 @@ def test_atomic_dir_never_replaces_a_folder_with_content(tmp_path):
         (tmp / "mine.txt").write_text("mine")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_orphaned_temporaries_of_dead_writers_go_and_a_live_writers_stay(tmp_path):
+    from retrieval.files import remove_orphaned_temporaries, temp_path
+
+    target = tmp_path / "out"
+    live = temp_path(target)                        # this process: alive
+    live.mkdir()
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    dead_dir = tmp_path / f".out.tmp-{dead_pid}-abcd1234"
+    (dead_dir / "img_emb").mkdir(parents=True)
+    dead_file = tmp_path / f".out.tmp-{dead_pid}-ffff0000.json"
+    dead_file.write_text("{}")
+    other = tmp_path / f".outer.tmp-{dead_pid}-00000000"  # another target's name
+    other.write_text("x")
+    assert sorted(remove_orphaned_temporaries(target)) == sorted([dead_dir, dead_file])
+    assert live.is_dir() and other.exists() and not dead_dir.exists() and not dead_file.exists()

@@ -219,7 +219,7 @@ def _dataset(ray: Any, root: Path, todo: list[FileEntry], encoder: Encoder, embe
              batch_size: int, max_pixels: int, max_file_bytes: int, plan: RayPlan, held: Any) -> Any:
     """files -> (CPU tasks) decoded pixels -> (actor pool) embeddings, as a lazy Ray Dataset; `held`: the
     _HeldContent actor whose stored content the actors skip, or None to encode every file."""
-    import pyarrow as pa  # type: ignore[import-untyped]  # (comes with ray[data])
+    import pyarrow as pa
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # Ray Data's per-run INFO lines on stderr
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver shows its own

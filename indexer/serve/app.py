@@ -36,6 +36,7 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
+from indexer.store.collapse import FETCH_FACTOR, collapse_hits
 from indexer.store.read import Hit
 from retrieval.compat import parse_multipart
 from retrieval.errors import DecodeError, RetrievalError
@@ -167,10 +168,11 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
     @app.post("/api/search", response_model=SearchResponse)
     async def search(request: Request, k: int | None = Query(None, ge=1, le=MAX_K),
                      label: Annotated[list[str] | None, Query()] = None,
-                     expand: int = Query(0, ge=0, le=MAX_K)) -> SearchResponse:
+                     expand: int = Query(0, ge=0, le=MAX_K),
+                     dedup: float | None = Query(None, ge=-1, le=1)) -> SearchResponse:
         """Top-k of an uploaded image (multipart field `image`), decoded and embedded as the indexer does;
         `label=` (repeatable): only items with one of these labels; `expand`: query expansion with that many
-        top hits (0: off)."""
+        top hits (0: off); `dedup`: collapse results whose cosine is >= it into the best-ranked one."""
         started, deadline = time.perf_counter(), _deadline()
         admission: Admission = request.app.state.admission
         eng = engine(request)
@@ -183,12 +185,18 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
                 except DecodeError as exc:
                     raise HTTPException(400, str(exc)) from None
                 decode_ms = 1000 * (time.perf_counter() - decoding)
-            query = ImageQuery(pixels, k or cfg.k, tuple(label or ()), expand)
+            wanted = k or cfg.k
+            fetch = wanted if dedup is None else wanted * FETCH_FACTOR
+            query = ImageQuery(pixels, fetch, tuple(label or ()), expand)
             answer: Answer = await _queued(lambda b: b.submit(query, deadline), eng)
+            hits = answer.hits
+            if dedup is not None:  # as `query --dedup`, on the worker thread that owns the index
+                hits = await _queued(lambda b: b.call(lambda: collapse_hits(eng.index, answer.hits, dedup)[:wanted],
+                                                      deadline), eng)
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
         request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
-        return SearchResponse(query=name, results=_hits(answer.hits, cfg.show_paths), timings=timings)
+        return SearchResponse(query=name, results=_hits(hits, cfg.show_paths), timings=timings)
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
     async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K),

@@ -6,6 +6,8 @@
         items = index.items(ids[0])                   # Item records (path relative to index.root, label...)
         every = list(index.iter_items())              # bulk reads of the same snapshot (eval --db)
         vectors = index.vectors([it.id for it in every])
+        for items, vectors in index.iter_batches(16384):  # the same in bounded memory (export, dedup)
+            ...
 
 The FAISS file is trusted only if its ids are exactly the LMDB snapshot's (ids digest). While an `index` run
 is writing (or after one was killed, or when `index` left a large file lagging by a few percent, see
@@ -197,6 +199,13 @@ class SearchIndex:
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The stored embeddings (len(ids), dim) float32 of these ids, in the order given."""
         return self._snapshot.vectors(ids)
+
+    def iter_batches(self, batch: int = 16384) -> Iterator[tuple[list[Item], np.ndarray]]:
+        """Every item of the snapshot with its embedding (len, dim) float32, in id order, `batch` items at a time:
+        bulk reads in memory bounded by the batch (export, dedup)."""
+        for ids, vectors in self._snapshot.iter_vectors(batch):
+            items = [item for item in self._snapshot.items(ids) if item is not None]  # ids of this snapshot: all
+            yield items, vectors
 
     def close(self) -> None:
         try:
