@@ -12,16 +12,24 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import click
 
 from retrieval import __version__
 from retrieval.errors import RetrievalError
-from retrieval.eval_config import DEFAULT_EXPAND_ALPHA, DEFAULT_KS, RESIZE_MODES
+from retrieval.eval_config import DEFAULT_EXPAND_ALPHA, DEFAULT_KS, RESIZE_MODES, TTA_MODES
 from retrieval.finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES
 from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
 DEFAULT_MODEL = "lite0"
+
+
+def _tta_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--tta, the one test-time augmentation option (`default` says what leaving it out means)."""
+    return click.option("--tta", type=click.Choice(TTA_MODES), default=None,
+                        help="Test-time augmentation: flip embeds each image as the normalised mean of its own and "
+                             f"its mirror's embeddings (twice the encoder work) [default: {default}].")
 
 
 class _Group(click.Group):
@@ -115,6 +123,7 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--db", "db_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Index directory (LMDB + FAISS); created if missing.")
 @_preprocessing_options("Eval preprocessing", "the DB's own, recorded in it; for a new DB the model's")
+@_tta_option("the DB's own, recorded in it; for a new DB none")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Images per encoder batch (and per LMDB commit).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -155,7 +164,7 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, resize_mode: str | None,
-              batch_size: int, workers: int | None, device: str,
+              tta: str | None, batch_size: int, workers: int | None, device: str,
               precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
               max_remove: int | None, root_changed: bool, max_pixels: int | None, max_file_mb: float,
               use_ray: bool, ray_address: str | None,
@@ -179,7 +188,7 @@ def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, re
     allow_pixels(max_pixels or DEFAULT_MAX_PIXELS)   # Pillow's process-wide cap must not undercut --max-pixels
 
     cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, crop_pct=crop_pct, resize_mode=resize_mode,
-                      batch_size=batch_size, workers=workers,
+                      tta=tta, batch_size=batch_size, workers=workers,
                       device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
                       strict=strict, allow_empty=allow_empty, max_remove=max_remove, root_changed=root_changed,
                       max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb,
@@ -227,6 +236,7 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
                    "weighted by similarity^alpha (0: off; one more search per query, no encoder pass).")
 @click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
               help="Exponent of the hits' similarity weights in --expand (0: plain average).")
+@_tta_option("the DB's own; another one is an error")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--dedup", type=float, default=None, metavar="T",
@@ -235,7 +245,8 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @click.option("--json", "as_json", is_flag=True,
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
 def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, labels: tuple[str, ...],
-              expand_k: int, expand_alpha: float, html_file: Path | None, dedup: float | None, as_json: bool) -> None:
+              expand_k: int, expand_alpha: float, tta: str | None, html_file: Path | None, dedup: float | None,
+              as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -247,7 +258,7 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
     results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, labels=labels,
-                                    expand=Expansion(expand_k, expand_alpha), dedup=dedup))
+                                    expand=Expansion(expand_k, expand_alpha), dedup=dedup, tta=tta))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -374,10 +385,11 @@ def dedup_cmd(db_dir: Path, threshold: float | None, max_diff: float | None, nei
 @click.option("--show-paths", is_flag=True,
               help="Answer with absolute file paths and the encoder's run directory [default: paths relative to "
                    "the indexed folder, the run directory by its name].")
+@_tta_option("the DB's own; another one is an error")
 def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
               max_batch: int, batch_window_ms: float, queue_size: int, max_wait_ms: float,
               decode_threads: int | None, api_key_file: Path | None, no_auth: bool, drain_s: int,
-              show_paths: bool) -> None:
+              show_paths: bool, tta: str | None) -> None:
     """Serve the index DB over HTTP: a search page at / and a JSON API, from one resident process.
 
     \b
@@ -405,7 +417,7 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
                            batch_window_ms=batch_window_ms, queue_size=queue_size, max_wait_ms=max_wait_ms,
                            decode_threads=decode_threads, drain_s=drain_s,
                            api_key=None if api_key_file is None else _read_key(api_key_file), no_auth=no_auth,
-                           show_paths=show_paths))
+                           show_paths=show_paths, tta=tta))
 
 
 def _read_key(path: Path) -> str:
@@ -431,6 +443,7 @@ def _read_key(path: Path) -> str:
               help="Split to evaluate (with --dataset); test holds the classes unseen in training.")
 @click.option("--crop", is_flag=True, help="CUB: crop images to their bounding boxes.")
 @_preprocessing_options("With --dataset, eval preprocessing", "the encoder's")
+@_tta_option("the encoder's; with --dataset")
 @click.option("--train-fraction", default=0.5, show_default=True,
               type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="folder: share of the sorted classes in train.")
@@ -453,7 +466,8 @@ def _read_key(path: Path) -> str:
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"recall@1": ..., "map@r": ..., "r_precision": ..., "n_queries": ..., "n_classes": ...}.')
 def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model: str | None, split: str, crop: bool,
-             crop_pct: float | None, resize_mode: str | None, train_fraction: float, ks: tuple[int, ...],
+             crop_pct: float | None, resize_mode: str | None, tta: str | None, train_fraction: float,
+             ks: tuple[int, ...],
              batch_size: int, workers: int, device: str,
              report_dir: Path | None, expand_k: int, expand_alpha: float, compare: Path | None, progress: bool | None,
              as_json: bool) -> None:
@@ -465,9 +479,9 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
     eval --dataset cub --root DIR --model SPEC   embed a split and evaluate it (as finetune does per epoch)
     """
     if db_dir is not None and dataset is None:
-        if model is not None or root is not None or crop_pct is not None or resize_mode is not None:
-            raise click.UsageError("--model, --root, --crop-pct and --resize-mode go with --dataset; a DB records its "
-                                   "own encoder, preprocessing and folder")
+        if model is not None or root is not None or crop_pct is not None or resize_mode is not None or tta:
+            raise click.UsageError("--model, --root, --crop-pct, --resize-mode and --tta go with --dataset; a DB "
+                                   "records its own encoder, preprocessing and folder")
         from indexer.eval_db import DbEvalConfig, evaluate_db
         from indexer.store.expand import Expansion
 
@@ -485,7 +499,7 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
 
         result = evaluate_dataset(DatasetEvalConfig(
             dataset=dataset, root=root, model=model or DEFAULT_MODEL, split=split, ks=ks, crop=crop, crop_pct=crop_pct,
-            resize_mode=resize_mode,
+            resize_mode=resize_mode, tta=tta,
             train_fraction=train_fraction, batch_size=batch_size, workers=workers, device=device,
             report=report_dir, compare=compare, progress=sys.stderr.isatty() if progress is None else progress))
     else:
@@ -631,6 +645,7 @@ def _parse_loss_params(ctx: click.Context, param: click.Parameter, values: tuple
                    f"the groups].")
 @click.option("--image-size", type=int, default=None, help="Input size [default: the encoder's, 224 for lite0].")
 @_preprocessing_options("Eval preprocessing", "the encoder's; saved in encoder.json")
+@_tta_option("the encoder's; used by every evaluation, saved in encoder.json")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Data loader worker processes [default: CPUs / 4 on a CPU (0 on 2 cores: workers there take "
                    "cores from training), CPUs (max 8) with CUDA].")
@@ -653,7 +668,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
                  epochs: int, steps_per_epoch: int | None, lr_backbone: float, lr_head: float,
                  lr_proxies: float | None, weight_decay: float, warmup_epochs: float, schedule: str,
                  freeze_backbone_epochs: int, freeze_bn: bool, locked_groups: int | None, image_size: int | None,
-                 crop_pct: float | None, resize_mode: str | None, workers: int | None, seed: int, resume: bool,
+                 crop_pct: float | None, resize_mode: str | None, tta: str | None, workers: int | None, seed: int,
+                 resume: bool,
                  device: str, amp: bool, eval_batch_size: int,
                  progress: bool | None, as_json: bool) -> None:
     """Fine-tune an encoder on P x K batches with Circle Loss (or another loss); evaluate Recall@1/2/4/8 and
@@ -677,7 +693,8 @@ def finetune_cmd(dataset: str, root: Path | None, crop: bool, train_fraction: fl
         p=p, k=k, epochs=epochs, steps_per_epoch=steps_per_epoch, lr_backbone=lr_backbone, lr_head=lr_head,
         lr_proxies=lr_proxies, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         freeze_backbone_epochs=freeze_backbone_epochs, freeze_bn=freeze_bn, locked_groups=locked_groups,
-        image_size=image_size, crop_pct=crop_pct, resize_mode=resize_mode, workers=workers, seed=seed, resume=resume,
+        image_size=image_size, crop_pct=crop_pct, resize_mode=resize_mode, tta=tta, workers=workers, seed=seed,
+        resume=resume,
         device=device, amp=amp, eval_batch_size=eval_batch_size)
     result = run_finetune(cfg, progress=sys.stderr.isatty() if progress is None else progress)
     if result is None:   # a torchrun rank other than 0

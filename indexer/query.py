@@ -33,6 +33,7 @@ class QueryConfig:
     labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
     expand: Expansion = Expansion()  # alpha query expansion; k = 0: off
     dedup: float | None = None  # collapse results whose cosine is >= this into the best-ranked (store.collapse)
+    tta: str | None = None  # test-time augmentation; None: the DB's own (another one is refused)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
             raise IndexStoreError(f"the index DB at {cfg.db} is empty: index a folder into it first "
                                   f"(python cli.py index FOLDER --db {cfg.db})")
         only = index.ids_with_labels(cfg.labels) if cfg.labels else None  # before torch: a typo shows at once
-        encoder = load_db_encoder(index, model=cfg.model, device=cfg.device)
+        encoder = load_db_encoder(index, model=cfg.model, device=cfg.device, tta=cfg.tta)
         fetch = cfg.k if cfg.dedup is None else cfg.k * FETCH_FACTOR
         results: list[QueryResult] = []
         for start in range(0, len(cfg.images), cfg.batch_size):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
 RESIZE_MODES = ("shortest", "squash")  # eval resize of an encoder (retrieval.encoder.config.EncoderConfig)
+TTA_MODES = ("none", "flip")  # test-time augmentation of an encoder in eval mode (EncoderConfig.tta)
 DEFAULT_EXPAND_ALPHA = 3.0  # exponent of the hits' cosine weights in query expansion (indexer.store.expand)
 
 
@@ -23,6 +24,7 @@ class DatasetEvalConfig:
     split: str = "test"
     crop_pct: float | None = None  # eval crop; None: the encoder's own
     resize_mode: str | None = None  # shortest | squash; None: the encoder's own
+    tta: str | None = None  # none | flip; None: the encoder's own
     ks: tuple[int, ...] = DEFAULT_KS
     crop: bool = False
     train_fraction: float = 0.5

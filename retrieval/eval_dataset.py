@@ -73,7 +73,8 @@ def evaluate_dataset(cfg: DatasetEvalConfig) -> EvalResult:
     from retrieval.embed import embed_records
     from retrieval.encoder import load_encoder
 
-    encoder = load_encoder(cfg.model, device=cfg.device, crop_pct=cfg.crop_pct, resize_mode=cfg.resize_mode)
+    encoder = load_encoder(cfg.model, device=cfg.device, crop_pct=cfg.crop_pct, resize_mode=cfg.resize_mode,
+                           tta=cfg.tta)
     embeddings, labels = embed_records(encoder, records, batch_size=cfg.batch_size, workers=cfg.workers,
                                        device=cfg.device, progress=cfg.progress)
     queries, scores, neighbours = rank_leave_one_out(embeddings, labels, cfg.ks, top=SAMPLE_TOP, device=cfg.device)

@@ -43,6 +43,7 @@ class FinetuneConfig:
     image_size: int | None = None          # None: the encoder's own input size
     crop_pct: float | None = None          # eval crop (saved in encoder.json); None: the encoder's own
     resize_mode: str | None = None         # eval resize, shortest | squash; None: the encoder's own
+    tta: str | None = None                 # evaluation's test-time augmentation, none | flip (saved in encoder.json)
     workers: int | None = None             # None: 0 on a 2-core CPU, CPUs / 4 on a CPU, CPUs (max 8) with CUDA
     seed: int = 0
     resume: bool = False

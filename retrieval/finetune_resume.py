@@ -39,12 +39,15 @@ def resume_settings(cfg: FinetuneConfig, *, root: Path, encoder: Encoder, world_
             "lr_head": cfg.lr_head, "lr_proxies": cfg.lr_proxies, "weight_decay": cfg.weight_decay,
             "freeze_bn": cfg.freeze_bn, "val_fraction": cfg.val_fraction, "head_init": cfg.head_init,
             "locked_groups": locked_groups, "crop_pct": encoder.config.crop_pct,
-            "resize_mode": encoder.config.resize_mode}
+            "resize_mode": encoder.config.resize_mode, "tta": encoder.config.tta}
 
 
 def resume_changes(saved: dict, now: dict) -> list[str]:
-    """The settings of `now` (resume_settings of this run) that differ from the checkpoint's, as 'key old -> new'."""
-    return [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in now.items() if saved.get(k) != v]
+    """The settings of `now` (resume_settings of this run) that differ from the checkpoint's, as 'key old -> new'.
+
+    A setting newer than the checkpoint (crop_pct, resize_mode, tta came later) cannot be compared: a run made
+    before it existed resumes as before, with the setting's value of this run."""
+    return [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
 
 
 def restore(payload: dict, path: Path, now: dict, modules: dict[str, Any]) -> TrainState:

@@ -41,7 +41,7 @@ def load_splits(cfg: FinetuneConfig, *, main: bool,
 def build_encoder(cfg: FinetuneConfig, device: torch.device) -> tuple[Encoder, int | None, int]:
     """(encoder, its tower's layer groups, how many of them are locked) for this run."""
     encoder = load_encoder(cfg.model, embed_dim=cfg.embed_dim, device=device, crop_pct=cfg.crop_pct,
-                           resize_mode=cfg.resize_mode)
+                           resize_mode=cfg.resize_mode, tta=cfg.tta)
     groups = encoder.layer_groups()
     locked = locked_groups(cfg.locked_groups, groups)
     if locked:

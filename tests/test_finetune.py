@@ -435,3 +435,12 @@ def test_validation_stops_early_after_patience_epochs_without_a_better_one(tiny_
     assert result is not None and result.epochs == 2 and result.best_epoch == 1 and result.selected_on == "validation"
     assert "early stop: no better validation epoch in the 1 epoch(s) after epoch 1" in (out / "train.log").read_text()
     assert result.validation is not None and result.validation["best"] == result.validation["baseline"]
+
+
+def test_resume_compares_the_settings_a_checkpoint_records_and_skips_newer_ones():
+    from retrieval.finetune_resume import resume_changes
+
+    now = {"p": 3, "locked_groups": 2, "tta": "flip"}
+    assert resume_changes({"p": 3, "locked_groups": 0, "tta": "none"}, now) == ["locked_groups 0 -> 2",
+                                                                              "tta 'none' -> 'flip'"]
+    assert resume_changes({"p": 3, "locked_groups": 2}, now) == []   # made before tta existed

@@ -114,6 +114,20 @@ def test_ray_path_gives_the_local_db_item_by_item(tmp_path, tiny_run_dir, ray_ad
     assert_ann_matches_lmdb(on_ray)
 
 
+def test_ray_actors_embed_with_the_encoders_tta(tmp_path, tiny_run_dir, ray_address):
+    """--tta flip travels with the encoder to the actors: the same flip-averaged DB as the local path."""
+    folder = tmp_path / "images"
+    make_folder(folder, classes=2, per_class=3)
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    run_index(_cfg(folder, local, tiny_run_dir, tta="flip"))
+    run_index(_cfg(folder, on_ray, tiny_run_dir, tta="flip", ray=True))
+    assert_same_state(db_state(on_ray), db_state(local))
+    with Store.open(on_ray) as store:
+        assert store.header().encoder.tta == "flip"
+    plain = run_index(_cfg(folder, tmp_path / "plain", tiny_run_dir))
+    assert plain.fingerprint != run_index(_cfg(folder, on_ray, tiny_run_dir)).fingerprint
+
+
 def _cpu_ticks() -> dict[str, int]:
     """CPU clock ticks (user + system) of each thread of this process."""
     out = {}

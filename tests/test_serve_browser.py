@@ -1,6 +1,7 @@
 """`python cli.py serve` as a real process on 127.0.0.1, driven by Debian's headless Chromium through Playwright
 (never a downloaded browser): upload an image and see it first in the grid, click a result and see its
-neighbours as brute force over the stored embeddings ranks them, filter by label, change k, an error shown
+neighbours as brute force over the stored embeddings ranks them, filter by label, change k, tick query
+expansion and see the expanded ranking, an error shown
 as a message, a class named like an HTML tag shown as text; fails on any JavaScript error. Plus a raw socket
 that announces a 1 GB upload and gets 413 without sending it."""
 
@@ -13,8 +14,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -198,6 +200,66 @@ def test_search_click_filter_in_a_real_browser(server, tmp_path):
             assert page.is_hidden("#error")
             # The only complaint is the browser's own note of the 400 response itself.
             assert all("status of 400" in e for e in errors) and len(errors) == 1, errors
+        finally:
+            browser.close()
+
+
+def test_the_expand_toggle_sends_expand_and_shows_the_expanded_ranking(server):
+    """Ticked, an upload is searched with &expand=K (K from its box, 5 by default) and the grid is the API's
+    expanded answer, which is brute-force aQE over the stored embeddings and differs from the plain one here."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import httpx
+
+    from indexer.store.expand import expand
+
+    def brute(row: int, k: int, width: int) -> tuple[list[int], list[int]]:
+        """(plain, expanded) top-`width` ids of the stored embedding at `row` (an upload of it is not excluded)."""
+        vectors, query = server["vectors"], server["vectors"][row][None]
+        top = np.argsort(-(vectors @ query[0]), kind="stable")[:k]
+        expanded = expand(query, (vectors @ query[0])[top][None], vectors[top][None], 3.0)[0]
+        ranked = [np.argsort(-(vectors @ q), kind="stable")[:width] for q in (query[0], expanded)]
+        return server["ids"][ranked[0]].tolist(), server["ids"][ranked[1]].tolist()
+
+    # an image whose plain and expanded (K=5) rankings differ by brute force
+    row = next(r for r in range(len(server["ids"])) if len(set(map(tuple, brute(r, 5, 10)))) == 2)
+    plain, expanded = brute(row, 5, 10)
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page.goto(server["base"] + "/")
+            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            assert page.input_value("#expand-k") == "5" and not page.is_checked("#expand")
+
+            def shown() -> list[int]:
+                return [int(x) for x in page.locator(".result").evaluate_all("els => els.map(e => e.dataset.id)")]
+
+            def wait_for(ids: list[int]) -> None:
+                page.wait_for_function(f"[...document.querySelectorAll('.result')].map(e => +e.dataset.id).join() "
+                                       f"=== {','.join(map(str, ids))!r}")
+
+            def answered(check: Callable[[str], bool]) -> Any:
+                return page.expect_response(lambda r: "/api/search" in r.url and check(r.url))
+
+            with answered(lambda url: "expand=" not in url):
+                page.set_input_files("#file", server["paths"][row])
+            wait_for(plain)
+            with answered(lambda url: url.endswith("&expand=5")):
+                page.check("#expand")   # ticking it searches the same upload again, expanded
+            wait_for(expanded)
+            with open(server["paths"][row], "rb") as f:
+                answer = httpx.post(server["base"] + "/api/search?k=10&expand=5", files={"image": f}, timeout=60)
+            assert shown() == [hit["id"] for hit in answer.json()["results"]] == expanded
+            with answered(lambda url: url.endswith("&expand=2")):
+                page.fill("#expand-k", "2")
+                page.dispatch_event("#expand-k", "change")
+            wait_for(brute(row, 2, 10)[1])
+            with answered(lambda url: "expand=" not in url):
+                page.uncheck("#expand")
+            wait_for(plain)
+            assert errors == []
         finally:
             browser.close()
 

@@ -59,6 +59,7 @@ class IndexConfig:
     model: str = "lite0"
     crop_pct: float | None = None  # eval crop; None: the DB's own (recorded) one, for a new DB the model's
     resize_mode: str | None = None  # shortest | squash; None: as crop_pct
+    tta: str | None = None  # test-time augmentation, none | flip; None: as crop_pct
     batch_size: int = 64
     workers: int | None = None  # decode worker processes; None: default_workers(device, minimum=1), 0: in this process
     device: str = "auto"  # see retrieval.device.resolve_device
@@ -287,22 +288,22 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: E
 
 
 def _load_encoder(cfg: IndexConfig, stored: EncoderInfo | None) -> Encoder:
-    """cfg.model with cfg's eval resize; what cfg leaves open is the `stored` DB's (when it is not re-embedded),
+    """cfg.model with cfg's eval resize and tta; what cfg leaves open is the `stored` DB's (when it is not re-embedded),
     so a DB keeps the transform it was built with, else the model's own."""
     from retrieval.device import resolve_device
     from retrieval.encoder import load_encoder
 
     resize = stored_eval_resize(stored) if stored is not None else {}
-    given = {"crop_pct": cfg.crop_pct, "resize_mode": cfg.resize_mode}
+    given = {"crop_pct": cfg.crop_pct, "resize_mode": cfg.resize_mode, "tta": cfg.tta}
     resize.update({key: value for key, value in given.items() if value is not None})
     return load_encoder(cfg.model, device=resolve_device(cfg.device), **resize)
 
 
 def _same_encoder_cheap(cfg: IndexConfig, stored: EncoderInfo) -> bool:
-    """Whether cfg names the stored encoder, without loading it: no eval resize given, and a run directory's
+    """Whether cfg names the stored encoder, without loading it: no eval resize or tta given, and a run directory's
     recorded fingerprint, else the same spec string. (A False is settled by loading the encoder; a checkpoint
     file changed in place is caught by the next run that encodes, before it writes anything.)"""
-    if cfg.crop_pct is not None or cfg.resize_mode is not None:
+    if cfg.crop_pct is not None or cfg.resize_mode is not None or cfg.tta is not None:
         return False
     spec = cfg.model
     run_json = Path(spec).expanduser() / _RUN_DIR_JSON

@@ -60,6 +60,7 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)  # required as a Bearer token on /api/* and /metrics
     no_auth: bool = False  # the user's explicit choice to serve a non-loopback host without a key
     show_paths: bool = False  # absolute file paths and encoder run directories in answers (else relative / names)
+    tta: str | None = None  # test-time augmentation of queries; None: the DB's own (another one is refused)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Engine:
         self.cfg = cfg
         self.index = SearchIndex.open(cfg.db)
         try:
-            self.encoder = load_db_encoder(self.index, device=cfg.device)
+            self.encoder = load_db_encoder(self.index, device=cfg.device, tta=cfg.tta)
         except BaseException:
             self.index.close()
             raise

@@ -44,12 +44,14 @@ class EncoderInfo:
     # None: a DB written before they were recorded, read with the spec's legacy crop (read.load_db_encoder).
     crop_pct: float | None = None
     resize_mode: str | None = None
+    # Test-time augmentation ("none" | "flip"); None: a DB written before it was recorded (none).
+    tta: str | None = None
 
     @classmethod
     def of(cls, encoder: Encoder) -> EncoderInfo:
         """The binding facts of a retrieval.encoder.Encoder."""
         return cls(encoder.spec, encoder.fingerprint(), encoder.embed_dim, encoder.image_size,
-                   encoder.config.crop_pct, encoder.config.resize_mode)
+                   encoder.config.crop_pct, encoder.config.resize_mode, encoder.config.tta)
 
 
 @dataclass(frozen=True)

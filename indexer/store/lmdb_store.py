@@ -462,6 +462,10 @@ def require_encoder(header: Header, encoder: EncoderInfo, db_dir: str | Path) ->
 
 
 def _mismatch_message(db_dir: Path, stored: EncoderInfo, given: EncoderInfo) -> str:
+    if stored.spec == given.spec and (stored.tta or "none") != given.tta and (
+            stored.crop_pct is None or (stored.crop_pct, stored.resize_mode) == (given.crop_pct, given.resize_mode)):
+        return (f"{db_dir} was built with --tta {stored.tta or 'none'}, not --tta {given.tta}: leave --tta out to "
+                f"use the DB's, or pass --reembed to re-encode every image, or use another --db")
     if stored.spec == given.spec and stored.crop_pct is not None and (stored.crop_pct, stored.resize_mode) != (
             given.crop_pct, given.resize_mode):
         return (f"{db_dir} was built with encoder {stored.spec!r} at --crop-pct {stored.crop_pct:g} --resize-mode "

@@ -34,27 +34,33 @@ class Hit:
     relpath: str  # relative to the indexed folder: what serve shows a client
 
 
-def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto") -> Encoder:
-    """The encoder the DB records (its spec and eval resize), or `model` with the DB's eval resize;
-    IndexStoreError unless its fingerprint is the DB's."""
+def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str = "auto",
+                    tta: str | None = None) -> Encoder:
+    """The encoder the DB records (its spec, eval resize and test-time augmentation), or `model` / `tta`
+    with the rest of the DB's; IndexStoreError unless its fingerprint is the DB's."""
     from retrieval.device import resolve_device
     from retrieval.encoder import load_encoder
 
     stored = index.header.encoder
+    settings = stored_eval_resize(stored)
+    if tta is not None:
+        settings["tta"] = tta
     encoder = load_encoder(model or stored.spec, embed_dim=None if model else stored.dim,
-                           device=resolve_device(device), **stored_eval_resize(stored))
+                           device=resolve_device(device), **settings)
     index.check_encoder(encoder)
     return encoder
 
 
 def stored_eval_resize(stored: EncoderInfo) -> dict[str, Any]:
-    """`load_encoder`'s crop_pct / resize_mode that rebuild a DB's encoder: the recorded ones, or for a DB
-    from before they were recorded the crop its spec then loaded with (retrieval.encoder.legacy_crop_pct)."""
+    """`load_encoder`'s crop_pct / resize_mode / tta that rebuild a DB's encoder: the recorded ones, or for a
+    DB from before they were recorded the crop its spec then loaded with (retrieval.encoder.legacy_crop_pct)
+    and no test-time augmentation."""
     from retrieval.encoder import legacy_crop_pct
 
+    tta = stored.tta or "none"
     if stored.crop_pct is None:
-        return {"crop_pct": legacy_crop_pct(stored.spec), "resize_mode": None}
-    return {"crop_pct": stored.crop_pct, "resize_mode": stored.resize_mode}
+        return {"crop_pct": legacy_crop_pct(stored.spec), "resize_mode": None, "tta": tta}
+    return {"crop_pct": stored.crop_pct, "resize_mode": stored.resize_mode, "tta": tta}
 
 
 def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:

@@ -7,7 +7,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from retrieval.errors import EncoderError
-from retrieval.eval_config import RESIZE_MODES
+from retrieval.eval_config import RESIZE_MODES, TTA_MODES
 
 DEFAULT_EMBED_DIM = 512
 
@@ -31,26 +31,36 @@ class EncoderConfig:
     resize_mode: str = "shortest"       # "shortest": resize shorter side + centre crop; "squash": resize to a square
     crop_pct: float = 1.0               # eval: resize the shorter side to image_size / crop_pct, then centre crop
     train_scale: tuple[float, float] = (0.35, 1.0)   # RandomResizedCrop area range for training
+    tta: str = "none"                   # eval: "flip" embeds normalise(f(x) + f(mirrored x)); see Encoder.forward
 
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise EncoderError(f"resize_mode must be one of {RESIZE_MODES}, not {self.resize_mode!r}")
         if not 0.0 < self.crop_pct <= 1.0:
             raise EncoderError(f"crop_pct must be in (0, 1], not {self.crop_pct}")
+        if self.tta not in TTA_MODES:
+            raise EncoderError(f"tta must be one of {TTA_MODES}, not {self.tta!r}")
 
     @property
     def resize_size(self) -> int:
         """Shorter side after the eval resize (before the centre crop); a decoder may draft to it."""
         return round(self.image_size / self.crop_pct)
 
-    def with_eval_resize(self, crop_pct: float | None = None, resize_mode: str | None = None) -> EncoderConfig:
-        """This config with another eval resize (None keeps the current value): a new config, so a new
-        fingerprint, as the embeddings change with it."""
+    def with_eval_resize(self, crop_pct: float | None = None, resize_mode: str | None = None,
+                         tta: str | None = None) -> EncoderConfig:
+        """This config with another eval resize or test-time augmentation (None keeps the current value): a
+        new config, so a new fingerprint, as the embeddings change with it."""
         return replace(self, crop_pct=self.crop_pct if crop_pct is None else crop_pct,
-                       resize_mode=self.resize_mode if resize_mode is None else resize_mode)
+                       resize_mode=self.resize_mode if resize_mode is None else resize_mode,
+                       tta=self.tta if tta is None else tta)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields as JSON; `tta` only when not "none", so that an encoder from before it existed keeps
+        its fingerprint (and its index DBs stay valid)."""
+        data = asdict(self)
+        if data["tta"] == "none":
+            del data["tta"]
+        return data
 
     def canonical_json(self) -> str:
         """Key-sorted, whitespace-free JSON: the config part of the fingerprint."""

@@ -53,6 +53,14 @@ class Encoder(nn.Module):
         return self.visual(images.to(self.head.weight.dtype)).float()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Embeddings; in eval mode with config.tta "flip", normalise(f(x) + f(x mirrored left-right)), where
+        f is the plain embedding (twice the encoder work). Training (train mode) never averages."""
+        out = self._embed(images)
+        if self.config.tta == "flip" and not self.training:
+            out = F.normalize(out + self._embed(images.flip(-1)), dim=-1)
+        return out
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
         features = self.visual(images.to(self.head.weight.dtype))
         return F.normalize(self.head(features).float(), dim=-1)
 

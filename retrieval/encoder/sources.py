@@ -45,12 +45,13 @@ PROBE_TIMEOUT_S = 3.0
 
 
 def load_encoder(spec: str, *, embed_dim: int | None = None, device: str | torch.device = "cpu",
-                 crop_pct: float | None = None, resize_mode: str | None = None) -> Encoder:
+                 crop_pct: float | None = None, resize_mode: str | None = None, tta: str | None = None) -> Encoder:
     """Build the encoder a spec names (see the module docstring), in eval mode, on `device`.
 
     `embed_dim` (default 512) sets the head width of a fresh encoder; a run directory keeps its own.
     `crop_pct` / `resize_mode` replace the spec's eval resize (None: the spec's own; a run directory's is the
-    one its encoder.json records); the encoder's config, and so its fingerprint, records the choice.
+    one its encoder.json records); `tta` likewise its test-time augmentation ("none" or "flip"). The encoder's
+    config, and so its fingerprint, records the choices.
     """
     spec = str(spec)
     if embed_dim is not None and embed_dim < 1:
@@ -64,7 +65,7 @@ def load_encoder(spec: str, *, embed_dim: int | None = None, device: str | torch
         if not model or not source:
             raise EncoderError(f"unknown encoder spec {spec!r}: expected {SPEC_HELP}")
         encoder = _load_open_clip(model, source, embed_dim)
-    encoder.config = encoder.config.with_eval_resize(crop_pct, resize_mode)
+    encoder.config = encoder.config.with_eval_resize(crop_pct, resize_mode, tta)
     return encoder.eval().to(device)
 
 
