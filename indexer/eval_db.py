@@ -34,6 +34,7 @@ class DbEvalConfig:
     report: Path | None = None
     compare: Path | None = None
     device: str = "cpu"
+    generation: int | None = None  # an index generation other than the live one (e.g. a candidate before a switch)
 
 
 def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
@@ -42,7 +43,7 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
 
     if cfg.compare is not None:
         load_comparison(cfg.compare)  # fail before the slow part
-    with SearchIndex.open(cfg.db) as index:
+    with SearchIndex.open(cfg.db, generation=cfg.generation) as index:
         items = list(index.iter_items())
         if not items:
             raise IndexStoreError(f"the index DB at {cfg.db} is empty: index a folder into it first")
@@ -59,11 +60,12 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
         if index.approximate:
             scores, neighbours = _faiss_neighbours(index, ids, vectors, queries, neighbour_width(labels, cfg.ks))
             metrics, exact = ranking_metrics(labels, queries, neighbours, cfg.ks), metrics
-        header, factory, root = index.header, index.factory, index.root
+        header, factory, root, gen = index.header, index.factory, index.root, index.generation_id
     ranking = Ranking([str(root / it.relpath) for it in items], labels, class_names, queries, neighbours, scores)
     source = {"db": str(cfg.db), "root": header.root, "model": header.encoder.spec,
-              "fingerprint": header.encoder.fingerprint, "index": factory}
-    title = f"index {Path(cfg.db).name} (encoder {Path(header.encoder.spec).name or header.encoder.spec})"
+              "fingerprint": header.encoder.fingerprint, "index": factory, "generation": str(gen)}
+    title = (f"index {Path(cfg.db).name} generation {gen} "
+             f"(encoder {Path(header.encoder.spec).name or header.encoder.spec})")
     return make_result(title, source, cfg.ks, metrics, ranking, exact=exact, report_dir=cfg.report,
                        compare=cfg.compare, embeddings=vectors)
 

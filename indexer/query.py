@@ -35,13 +35,17 @@ class QueryConfig:
 class QueryResult:
     query: str
     hits: tuple[Hit, ...]
+    generation: int = 1  # the index generation that answered
+    fingerprint: str = ""  # its encoder's
 
     def to_json(self) -> dict:
-        """The documented `query --json` element: {"query": PATH, "results": [{rank, path, score, label}]}."""
+        """The documented `query --json` element: {"query": PATH, "results": [{rank, path, score, label}],
+        "served_by": {"generation", "fingerprint"}}."""
         return {  # paths and labels printable: bytes that are not UTF-8 as backslash escapes (walk.printable)
             "query": printable(self.query),
             "results": [{"rank": h.rank, "path": printable(h.path), "score": h.score, "label": printable(h.label)}
                         for h in self.hits],
+            "served_by": {"generation": self.generation, "fingerprint": self.fingerprint},
         }
 
 
@@ -86,7 +90,8 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
             scores, ids = index.search(embed_images(encoder, images), cfg.k, only=only)
-            results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids, strict=True)]
+            results += [QueryResult(str(p), hits_of(index, s, i), index.generation_id, index.header.encoder.fingerprint)
+                        for p, s, i in zip(paths, scores, ids, strict=True)]
         return results
 
 
