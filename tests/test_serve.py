@@ -127,6 +127,7 @@ def test_more_like_this_is_brute_force_over_the_stored_embeddings(client, served
         np.testing.assert_allclose([h["score"] for h in body["results"]], scores[top], atol=1e-5)
         assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
         assert body["query_id"] == int(ids[row]) and body["query"] == served["relpaths"][row]
+        assert body["served_by"] == {"generation": 1, "fingerprint": served["header"].encoder.fingerprint}
         assert [h["label"] for h in body["results"]] == [served["labels"][i] for i in top]
 
 
