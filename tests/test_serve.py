@@ -314,6 +314,7 @@ def test_metrics_count_what_was_asked_and_parse_with_prometheus_own_parser(serve
     assert value("serve_queue_depth") == 0
     assert value("serve_index_items") == len(served["ids"])
     assert value("serve_db_generation") == served["header"].generation
+    assert value("serve_index_generation") == 1
     assert value("serve_faiss_lags") == 0
     fingerprint = served["header"].encoder.fingerprint
     assert value("serve_encoder_info", spec=Path(served["header"].encoder.spec).name, fingerprint=fingerprint) == 1

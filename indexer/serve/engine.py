@@ -98,6 +98,7 @@ class Status:
     lagging: bool  # FAISS is behind LMDB
     encoder_name: str  # public_spec of the DB's encoder
     fingerprint: str
+    index_generation: int = 1  # the index generation served (indexer.store.generations)
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ class Engine:
     def _status(self) -> Status:
         encoder = self.index.header.encoder
         return Status(len(self.index), self.index.generation, self.index.lagging,
-                      public_spec(encoder.spec, self.cfg.show_paths), encoder.fingerprint)
+                      public_spec(encoder.spec, self.cfg.show_paths), encoder.fingerprint, self.index.generation_id)
 
     def close(self) -> None:
         self.batcher.close()
