@@ -80,6 +80,7 @@ def clients(base: str, photos: list[Path], n: int, stop: threading.Event, log: l
 def phase(log: list[tuple], since: float, until: float) -> dict:
     """Requests started in [since, until): count, failed, p50 / p99 latency in ms."""
     rows = [r for r in log if since <= r[0] < until]
+    since, until = max(since, min(r[0] for r in log)), min(until, max(r[0] for r in log))
     ms = sorted(1000 * (end - start) for start, end, status, _ in rows if status == 200)
     pick = (lambda q: round(ms[min(len(ms) - 1, int(q * len(ms)))], 1)) if ms else (lambda q: None)
     return {"requests": len(rows), "failed": sum(r[2] != 200 for r in rows), "p50_ms": pick(0.5), "p99_ms": pick(0.99),

@@ -19,6 +19,7 @@ is freed with the last reference (no request can hold one: they all run on the w
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import threading
@@ -35,7 +36,7 @@ from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder
 from indexer.store.search import SearchIndex
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
-from .batcher import MicroBatcher
+from .batcher import Busy, MicroBatcher
 
 if TYPE_CHECKING:
     import numpy as np
@@ -230,7 +231,11 @@ class Engine:
             if not self._next.done():
                 return False
             pending, self._next = self._next, None
-            index, encoder = pending.result()  # a failed load raises here: logged, and retried at the next tick
+            try:
+                index, encoder = pending.result()
+            except Exception:  # noqa: BLE001 - serving goes on with the generation loaded; retried at the next tick
+                log.exception("cannot load generation %d", read_pointer(self.cfg.db).live)
+                return False
             if index.generation_id != read_pointer(self.cfg.db).live:  # switched again meanwhile
                 index.close()
                 return False
@@ -242,9 +247,14 @@ class Engine:
         live = read_pointer(self.cfg.db).live
         if live != self.index.generation_id:
             self._next = Future()
-            threading.Thread(target=_load_generation, args=(self._next, self.cfg.db, live, self.device),
+            threading.Thread(target=_load_generation, args=(self._next, self.cfg.db, live, self.device, self._wake),
                              name="serve-loader", daemon=True).start()
         return False
+
+    def _wake(self) -> None:
+        """Ask the worker to swap now rather than at its next tick (when the queue is full the tick will)."""
+        with contextlib.suppress(Busy):
+            self.batcher.call(self.refresh)
 
     def _use(self, index: SearchIndex, encoder: Encoder) -> None:
         """Serve `index` with `encoder` from the next batch on (worker thread, between batches)."""
@@ -267,8 +277,9 @@ class Engine:
             self._next.result()[0].close()
 
 
-def _load_generation(future: Future, db: Path, gen: int, device: str) -> None:
-    """Open generation `gen` of `db` and load its encoder (a loader thread): the result goes to `future`."""
+def _load_generation(future: Future, db: Path, gen: int, device: str, done: Callable[[], None]) -> None:
+    """Open generation `gen` of `db` and load its encoder (a loader thread): the result goes to `future`, then
+    `done()` is called."""
     try:
         index = SearchIndex.open(db, generation=gen)
         try:
@@ -278,6 +289,7 @@ def _load_generation(future: Future, db: Path, gen: int, device: str) -> None:
             raise
     except BaseException as exc:  # noqa: BLE001 - handed to the worker, which logs it and tries again
         future.set_exception(exc)
+    done()
 
 
 def public_spec(spec: str, show_paths: bool) -> str:
