@@ -21,7 +21,8 @@ from indexer.serve.engine import ServeConfig  # noqa: E402
 from tests.index_support import cli_index, make_folder, save_run  # noqa: E402
 
 K = 5
-PER_CLIENT = 400  # bound on each client's requests
+PER_CLIENT = 20_000  # bound on each client's requests (each pauses PAUSE_S between them: a build may take a while)
+PAUSE_S = 0.01
 
 
 def _expected(db, gen: int, uploads: dict[str, bytes]) -> tuple[str, dict[str, tuple[list[int], np.ndarray]]]:
@@ -68,6 +69,7 @@ def test_a_switch_under_upload_load_fails_nothing_and_each_answer_is_one_generat
                     answers.append((name, resp.json()))
                 else:
                     failures.append((resp.status_code, resp.text))
+                time.sleep(PAUSE_S)
 
         clients = [threading.Thread(target=upload_loop, args=(n,)) for n in range(3)]
         for thread in clients:
