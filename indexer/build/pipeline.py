@@ -215,7 +215,8 @@ def _after(first: IndexSummary, last: IndexSummary) -> IndexSummary:
                    reused=first.reused + last.reused, new_failures=first.new_failures + last.new_failures,
                    precision=first.precision or last.precision, images_per_s=first.images_per_s,
                    timings={k: round(first.timings.get(k, 0) + v, 3) for k, v in last.timings.items()},
-                   precision_min_cosine=first.precision_min_cosine)
+                   precision_min_cosine=first.precision_min_cosine,
+                   ann=first.ann if last.ann.action == "unchanged" else last.ann)
 
 
 def _run_in(path: Path, cfg: IndexConfig, folder: Path, encoder: Encoder | None, gen: int,
