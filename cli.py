@@ -138,7 +138,16 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--ann", default="auto", show_default=True,
               help="FAISS index: auto (exact Flat up to 100k x 512-d, then IVF), flat, hnsw, ivf-flat, ivf-pq, "
                    "or a faiss factory string such as IVF1024,PQ32.")
-@click.option("--reembed", is_flag=True, help="Re-encode every image (needed to switch the DB to another --model).")
+@click.option("--reembed", is_flag=True,
+              help="Build a new generation even with the live generation's --model (a --model other than the live "
+                   "one always builds one: beside the live generation, which stays served until the switch).")
+@click.option("--switch/--no-switch", default=True, show_default=True,
+              help="Make a newly built generation live at the end; --no-switch builds it for `eval --generation` "
+                   "and a later `generations --activate`.")
+@click.option("--keep", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Previous generations kept after a switch, for an instant rollback (older ones are dropped).")
+@click.option("--disk-check/--no-disk-check", default=True, show_default=True,
+              help="Refuse to build a new generation the free disk cannot hold (estimated from the live one).")
 @click.option("--rebuild-ann", is_flag=True, help="Rebuild the FAISS index from LMDB.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any file could not be indexed (they are still recorded).")
 @click.option("--allow-empty", is_flag=True,
@@ -165,7 +174,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, resize_mode: str | None,
               tta: str | None, batch_size: int, workers: int | None, device: str,
-              precision: str, ann: str, reembed: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
+              precision: str, ann: str, reembed: bool, switch: bool, keep: int,
+              disk_check: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
               max_remove: int | None, root_changed: bool, max_pixels: int | None, max_file_mb: float,
               use_ray: bool, ray_address: str | None,
               progress: bool | None, as_json: bool) -> None:
@@ -178,6 +188,11 @@ def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, re
     a decoder crash) are skipped and listed; I/O errors are retried on the next run. Items under a folder
     that cannot be reached (unlistable, a dangling link) are kept. The label of an image is its first
     folder below FOLDER.
+
+    \b
+    A --model other than the DB's builds a new generation beside the live one (which stays served), runs a
+    last incremental pass, then switches to it atomically; killed, the same command resumes the build.
+    `generations --db DB` lists them, `--activate ID` rolls back.
     """
     from indexer.build.pipeline import IndexConfig, prefer_passive_openmp, run_index
 
@@ -189,7 +204,8 @@ def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, re
 
     cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, crop_pct=crop_pct, resize_mode=resize_mode,
                       tta=tta, batch_size=batch_size, workers=workers,
-                      device=device, precision=precision, ann=ann, reembed=reembed, rebuild_ann=rebuild_ann,
+                      device=device, precision=precision, ann=ann, reembed=reembed, switch=switch, keep=keep,
+                      check_disk=disk_check, rebuild_ann=rebuild_ann,
                       strict=strict, allow_empty=allow_empty, max_remove=max_remove, root_changed=root_changed,
                       max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb,
                       ray=use_ray or ray_address is not None, ray_address=ray_address)
@@ -201,6 +217,8 @@ def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, re
                f"by content), {summary.unchanged} unchanged, {summary.removed} removed, "
                f"{summary.failed} failed: {summary.total} images in {db_dir} "
                f"(FAISS {summary.ann.factory}, {summary.ann.action}) in {summary.seconds:.1f} s")
+    if summary.generation != 1 or summary.live_generation != 1:
+        click.echo(f"  generation {summary.generation} ({summary.model}); live generation: {summary.live_generation}")
     for failure in summary.failures:
         retry = " (retried next run)" if failure.transient else ""
         click.echo(f"  failed: {failure.path}: {failure.reason}{retry}")
@@ -208,6 +226,33 @@ def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, re
         more = " ..." if len(summary.unreachable) > 5 else ""
         folders = ", ".join(summary.unreachable[:5])
         click.echo(f"  unreachable: {summary.unreachable_kept} items kept under {folders}{more}")
+
+
+@cli.command("generations")
+@click.option("--db", "db_dir", required=True, type=click.Path(path_type=Path), help="Index directory.")
+@click.option("--activate", type=int, metavar="ID", help="Make generation ID live (atomic; a rollback or forward).")
+@click.option("--drop", type=int, metavar="ID", help="Delete generation ID and free its disk (never the live one).")
+@click.option("--keep", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Drop all previous generations but the N most recently live.")
+@click.option("--json", "as_json", is_flag=True, help="Print the generations as a JSON list.")
+def generations_cmd(db_dir: Path, activate: int | None, drop: int | None, keep: int | None, as_json: bool) -> None:
+    """List the DB's generations (one index per encoder), switch the live one, drop old ones.
+
+    \b
+    States: live (served), previous (was live: --activate rolls back at once), built (finished with
+    index --no-switch), building (an index run with a new --model, killed or still running: run it again).
+    A running `serve` follows a switch within about a second, without restart.
+    """
+    from indexer.store.generations import manage
+
+    listed = manage(db_dir, activate=activate, drop=drop, keep=keep)
+    if as_json:
+        _print_json([g.to_json() for g in listed])
+        return
+    click.echo(f"  {'id':>3}  {'state':<9} {'items':>9} {'disk MiB':>9}  {'created':<25}  encoder (fingerprint)")
+    for g in listed:
+        click.echo(f"{'*' if g.state == 'live' else ' '} {g.id:>3}  {g.state:<9} {g.items:>9} "
+                   f"{g.disk_bytes / 2**20:>9.1f}  {g.created:<25}  {g.spec} ({g.fingerprint[:12]})")
 
 
 def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -435,6 +480,9 @@ def _read_key(path: Path) -> str:
 @cli.command("eval")
 @click.option("--db", "db_dir", type=click.Path(path_type=Path),
               help="Evaluate an index DB: every labelled item queries the rest of the DB.")
+@click.option("--generation", type=int, metavar="ID",
+              help="With --db: evaluate this index generation instead of the live one (compare a candidate built "
+                   "with index --no-switch before switching).")
 @click.option("--dataset", help="Or evaluate a data set split: cub, cars, sop or folder (with --root, --model).")
 @click.option("--root", type=click.Path(path_type=Path), help="Data set folder (with --dataset).")
 @click.option("--model", default=None,
@@ -465,10 +513,9 @@ def _read_key(path: Path) -> str:
               help="Progress bar on stderr [default: when stderr is a terminal].")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"recall@1": ..., "map@r": ..., "r_precision": ..., "n_queries": ..., "n_classes": ...}.')
-def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model: str | None, split: str, crop: bool,
-             crop_pct: float | None, resize_mode: str | None, tta: str | None, train_fraction: float,
-             ks: tuple[int, ...],
-             batch_size: int, workers: int, device: str,
+def eval_cmd(db_dir: Path | None, generation: int | None, dataset: str | None, root: Path | None,
+             model: str | None, split: str, crop: bool, crop_pct: float | None, resize_mode: str | None,
+             tta: str | None, train_fraction: float, ks: tuple[int, ...], batch_size: int, workers: int, device: str,
              report_dir: Path | None, expand_k: int, expand_alpha: float, compare: Path | None, progress: bool | None,
              as_json: bool) -> None:
     """Recall@K, MAP@R and R-Precision, leave-one-out (each query's own image is excluded).
@@ -486,7 +533,9 @@ def eval_cmd(db_dir: Path | None, dataset: str | None, root: Path | None, model:
         from indexer.store.expand import Expansion
 
         result = evaluate_db(DbEvalConfig(db=db_dir, ks=ks, report=report_dir, compare=compare, device=device,
-                                          expand=Expansion(expand_k, expand_alpha)))
+                                          expand=Expansion(expand_k, expand_alpha), generation=generation))
+    elif generation is not None:
+        raise click.UsageError("--generation goes with --db")
     elif dataset is not None and db_dir is None:
         if expand_k:
             raise click.UsageError("--expand goes with --db (it searches the DB's stored embeddings)")

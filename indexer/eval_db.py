@@ -42,6 +42,7 @@ class DbEvalConfig:
     compare: Path | None = None
     device: str = "cpu"
     expand: Expansion = Expansion()  # k = 0: plain search only
+    generation: int | None = None  # an index generation other than the live one (e.g. a candidate before a switch)
 
 
 def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
@@ -52,7 +53,7 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
         raise RetrievalError("--expand shows plain search side by side, in the place of --compare: pass one of them")
     if cfg.compare is not None:
         load_comparison(cfg.compare)  # fail before the slow part
-    with SearchIndex.open(cfg.db) as index:
+    with SearchIndex.open(cfg.db, generation=cfg.generation) as index:
         items = list(index.iter_items())
         if not items:
             raise IndexStoreError(f"the index DB at {cfg.db} is empty: index a folder into it first")
@@ -80,14 +81,15 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
             plain = ranking_metrics(labels, queries, rankings[-1][1], cfg.ks)
             rankings = [_expanded(vectors, queries, first, cfg.expand, search)
                         for first, search in zip(rankings, (exact, faiss), strict=False)]
-        header, factory, root = index.header, index.factory, index.root
+        header, factory, root, gen = index.header, index.factory, index.root, index.generation_id
     scores, neighbours = rankings[-1]
     metrics = ranking_metrics(labels, queries, neighbours, cfg.ks)
     exact_metrics = ranking_metrics(labels, queries, rankings[0][1], cfg.ks) if len(rankings) > 1 else None
     ranking = Ranking([str(root / it.relpath) for it in items], labels, class_names, queries, neighbours, scores)
     source = {"db": str(cfg.db), "root": header.root, "model": header.encoder.spec,
-              "fingerprint": header.encoder.fingerprint, "index": factory}
-    title = f"index {Path(cfg.db).name} (encoder {Path(header.encoder.spec).name or header.encoder.spec})"
+              "fingerprint": header.encoder.fingerprint, "index": factory, "generation": str(gen)}
+    title = (f"index {Path(cfg.db).name} generation {gen} "
+             f"(encoder {Path(header.encoder.spec).name or header.encoder.spec})")
     comparison: Path | Comparison | None = cfg.compare
     if cfg.expand.k:
         source["expand"] = f"k={cfg.expand.k} alpha={cfg.expand.alpha:g}"

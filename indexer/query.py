@@ -40,13 +40,17 @@ class QueryConfig:
 class QueryResult:
     query: str
     hits: tuple[Hit, ...]
+    generation: int = 1  # the index generation that answered
+    fingerprint: str = ""  # its encoder's
 
     def to_json(self) -> dict:
-        """The documented `query --json` element: {"query": PATH, "results": [{rank, path, score, label}]}."""
+        """The documented `query --json` element: {"query": PATH, "results": [{rank, path, score, label}],
+        "served_by": {"generation", "fingerprint"}}."""
         return {  # paths and labels printable: bytes that are not UTF-8 as backslash escapes (walk.printable)
             "query": printable(self.query),
             "results": [{"rank": h.rank, "path": printable(h.path), "score": h.score, "label": printable(h.label)}
                         for h in self.hits],
+            "served_by": {"generation": self.generation, "fingerprint": self.fingerprint},
         }
 
 
@@ -99,7 +103,7 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
                 hits = hits_of(index, s, i)
                 if cfg.dedup is not None:
                     hits = collapse_hits(index, hits, cfg.dedup)[: cfg.k]
-                results.append(QueryResult(str(path), hits))
+                results.append(QueryResult(str(path), hits, index.generation_id, index.header.encoder.fingerprint))
         return results
 
 

@@ -50,7 +50,7 @@ def build_db(db: Path, n: int, model: str, *, batch: int = 10_000, seed: int = 0
     info = EncoderInfo(encoder.spec, encoder.fingerprint(), encoder.embed_dim, encoder.image_size)
     rng = np.random.default_rng(seed)
     with Store.open(db, readonly=False) as store:
-        store.begin_run(info, str(db.parent / "synthetic-images"), reembed=False)
+        store.begin_run(info, str(db.parent / "synthetic-images"))
         for start in range(0, n, batch):
             vectors = rng.standard_normal((min(batch, n - start), info.dim), dtype=np.float32)
             vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

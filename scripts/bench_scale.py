@@ -71,7 +71,7 @@ def write_db(db: Path, n: int, start: int = 0, batch: int = 10_000) -> None:
     from indexer.store.lmdb_store import Store
 
     with Store.open(db, readonly=False) as store:
-        store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 224), str(db.parent / "images"), reembed=False)
+        store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 224), str(db.parent / "images"))
         for at in range(start, start + n, batch):
             vectors = _vectors(min(batch, start + n - at), seed=at)
             items = [NewItem(f"c{i % 1000:04d}/img{i:08d}.jpg", f"c{i % 1000:04d}", 50_000, 0, 640, 480,
@@ -121,7 +121,7 @@ def write_scan_db(db: Path, n: int, batch: int = 20_000) -> None:
 
     vector = np.full(SCAN_DIM, 0.5, dtype=np.float32)
     with Store.open(db, readonly=False) as store:
-        store.begin_run(EncoderInfo("synthetic", "f" * 64, SCAN_DIM, 224), str(db.parent / "tree"), reembed=False)
+        store.begin_run(EncoderInfo("synthetic", "f" * 64, SCAN_DIM, 224), str(db.parent / "tree"))
         for at in range(0, n, batch):
             store.commit_batch([NewItem(_scan_rel(j), f"d{j // FILES_PER_FOLDER:05d}", 50_000, 1, 640, 480,
                                         j.to_bytes(16, "little"), vector) for j in range(at, min(at + batch, n))], [])

@@ -170,7 +170,7 @@ def write_db(db: Path, root: Path, entries: list[tuple[str, np.ndarray]], *, bat
     dim = len(entries[0][1])
     ids: list[int] = []
     with Store.open(db, readonly=False) as store:
-        store.begin_run(EncoderInfo("made-up", "0" * 64, dim, 32), str(root), reembed=False)
+        store.begin_run(EncoderInfo("made-up", "0" * 64, dim, 32), str(root))
         for at in range(0, len(entries), batch):
             part = entries[at:at + batch]
             ids += store.commit_batch([

@@ -8,6 +8,8 @@ POINT:
   removals_2nd the same in the second removal transaction, removals committed 4 at a time
   ann_renames  after ann.faiss is renamed into place, before ann.json is
   map_resize   at the 2nd "LMDB map full" (the DB starts with a 48 KiB map), before the map grows
+  switch_before  the switch to a new generation: generations.json's new version written and fsync'd, not renamed
+  switch_after   the same, just after the rename (before the folder's fsync and the pruning of old generations)
 The process kills itself with SIGKILL, as `kill -9` would: no cleanup runs.
 """
 
@@ -89,6 +91,23 @@ def arm(point: str) -> None:
                 real_log.info(msg, *args)
 
         store.log = DyingLog()
+    elif point in ("switch_before", "switch_after"):
+        import json
+
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            switching = False
+            if str(dst).endswith("generations.json"):
+                old = json.loads(Path(dst).read_text())["live"] if Path(dst).exists() else 1
+                switching = json.loads(Path(src).read_text())["live"] != old
+            if switching and point == "switch_before":
+                _die()
+            real_replace(src, dst, *args, **kwargs)
+            if switching:
+                _die()
+
+        os.replace = replace
     else:
         raise SystemExit(f"unknown kill point {point!r}")
 

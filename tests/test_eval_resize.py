@@ -65,6 +65,8 @@ def test_a_run_directory_keeps_the_crop_its_encoder_json_records(tiny_model_spec
 
 
 def test_index_records_the_resize_and_query_and_later_runs_use_it(tiny_run_dir, tmp_path):
+    from indexer.store.search import SearchIndex
+
     folder = tmp_path / "images"
     make_folder(folder, classes=2, per_class=3)
     db = tmp_path / "db"
@@ -85,13 +87,12 @@ def test_index_records_the_resize_and_query_and_later_runs_use_it(tiny_run_dir, 
     assert later.exit_code == 0, later.output
     assert _header(db).encoder == recorded
 
-    # another crop is another encoder: refused in one line, unless --reembed
+    # another crop is another encoder: a new generation is built beside the live one and switched to
     other = _invoke("index", folder, "--db", db, "--model", tiny_run_dir, "--crop-pct", "0.75", "--workers", "0")
-    assert other.exit_code == 1 and "--crop-pct 0.5" in other.output and "--reembed" in other.output
-    again = _invoke("index", folder, "--db", db, "--model", tiny_run_dir, "--crop-pct", "0.75", "--reembed",
-                    "--workers", "0")
-    assert again.exit_code == 0, again.output
-    assert _header(db).encoder.crop_pct == 0.75
+    assert other.exit_code == 0, other.output
+    with SearchIndex.open(db) as index:
+        assert (index.generation_id, index.header.encoder.crop_pct) == (2, 0.75)
+    assert _header(db).encoder == recorded   # generation 1 kept for a rollback
 
 
 def test_a_db_header_without_the_fields_reads_as_not_recorded():
@@ -115,8 +116,8 @@ def test_an_old_lite0_db_opens_with_its_old_crop_even_if_the_default_changes(tmp
     assert legacy_crop_pct("ViT-B-32:openai") is None and legacy_crop_pct(str(tmp_path)) is None
     old = load_encoder("lite0", crop_pct=0.875)
     with Store.open(tmp_path / "db", readonly=False) as store:
-        store.begin_run(EncoderInfo("lite0", old.fingerprint(), old.embed_dim, old.image_size), str(tmp_path),
-                        reembed=False)   # crop_pct / resize_mode None: as an old DB reads
+        # crop_pct / resize_mode None: as an old DB reads
+        store.begin_run(EncoderInfo("lite0", old.fingerprint(), old.embed_dim, old.image_size), str(tmp_path))
         vector = np.ones(old.embed_dim, np.float32) / np.sqrt(old.embed_dim)
         store.commit_batch([NewItem("c/a.jpg", "c", 1, 0, 1, 1, b"\0" * 16, vector)], [])
 

@@ -39,7 +39,7 @@ def db(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     db_dir = tmp_path_factory.mktemp("expand") / "db"
     vectors = _unit(np.random.default_rng(0), 40)
     with Store.open(db_dir, readonly=False) as store:
-        store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(db_dir.parent), reembed=False)
+        store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(db_dir.parent))
         ids = store.commit_batch([NewItem(f"c{i % 4}/{i}.jpg", f"c{i % 4}", 1, 0, 1, 1, i.to_bytes(16, "little"), v)
                                   for i, v in enumerate(vectors)], [])
         with store.snapshot() as snap:
@@ -112,7 +112,7 @@ def test_a_db_smaller_than_k_expands_with_what_there_is(tmp_path):
 
     vectors = _unit(np.random.default_rng(3), 2)
     with Store.open(tmp_path / "db", readonly=False) as store:
-        store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path), reembed=False)
+        store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path))
         store.commit_batch([NewItem(f"c/{i}.jpg", "c", 1, 0, 1, 1, i.to_bytes(16, "little"), v)
                             for i, v in enumerate(vectors)], [])
     query = _unit(np.random.default_rng(4), 1)

@@ -110,7 +110,7 @@ def test_export_errors_are_one_line(db, tmp_path):
     with Store.open(empty, readonly=False) as store:
         from indexer.store.layout import EncoderInfo
 
-        store.begin_run(EncoderInfo("made-up", "0" * 64, DIM, 32), str(tmp_path), reembed=False)
+        store.begin_run(EncoderInfo("made-up", "0" * 64, DIM, 32), str(tmp_path))
     one_line(_invoke("export", "--db", str(empty), "--out", str(tmp_path / "o")), "empty")
     assert not (tmp_path / "o").exists()
 

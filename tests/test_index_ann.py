@@ -33,7 +33,7 @@ def _add(store: Store, vectors: np.ndarray, start: int) -> None:
 
 def _db(tmp_path, n: int, seed: int = 0) -> Store:
     store = Store.open(tmp_path / "db", readonly=False)
-    store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path), reembed=False)
+    store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path))
     _add(store, _vectors(n, seed), 0)
     return store
 
@@ -172,7 +172,7 @@ def test_a_rare_label_gets_k_of_its_items_as_brute_force_ranks_them(tmp_path, mo
     if not few:
         monkeypatch.setattr(ann, "EXACT_CHUNK", 7)
     store = Store.open(tmp_path / "db", readonly=False)
-    store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path), reembed=False)
+    store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path))
     _add_labelled(store, _vectors(6000, seed=4), 0, rare_every=100)
     _refresh(store, kind)
     _add_labelled(store, _vectors(100, seed=5), 6000, rare_every=100)  # one more rare item: 6000

@@ -25,6 +25,7 @@ from tests.index_support import (
     full_state,
     kill_at,
     make_folder,
+    save_run,
     wait_for_items,
     write_image,
 )
@@ -232,3 +233,64 @@ def _clean(folder: Path, tmp_path: Path, model: Path) -> Path:
     db = tmp_path / "clean"
     run_index(IndexConfig(folder=folder, db_dir=db, model=str(model), batch_size=4, workers=0))
     return db
+
+
+# ------------------------------------------------------------------------------------- generations (issue 20)
+
+
+def _live(db: Path) -> int:
+    from indexer.store.generations import read_pointer
+
+    return read_pointer(db).live
+
+
+def test_a_new_generation_killed_while_building_leaves_the_live_one_served_then_resumes(tmp_path, tiny_run_dir,
+                                                                                        tiny_model_spec):
+    from indexer.store.generations import generation_dir, list_generations
+
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=4, per_class=40)
+    other = save_run(tiny_model_spec, tmp_path / "other", perturb=1, embed_dim=16)
+    run_index(IndexConfig(folder=folder, db_dir=db, model=str(tiny_run_dir), batch_size=8, workers=0))
+    live_before = db_state(db)
+    seen = []
+    for target in (1, 90):  # after the first commit into generation 2, then late in the resumed build
+        proc = cli_index(folder, db, other, *ARGS, wait=False)
+        seen.append(kill_at(generation_dir(db, 2), proc, target))
+        assert _live(db) == 1
+        assert_same_state(db_state(db), live_before)  # the live generation is untouched, and still served
+        assert _assert_search_matches_snapshot(db) == 160
+        _assert_consistent(generation_dir(db, 2))
+        assert {g.id: g.state for g in list_generations(db)} == {1: "live", 2: "building"}
+    held = len(db_state(generation_dir(db, 2)))
+    assert held >= seen[-1]
+    done = cli_index(folder, db, other, *ARGS)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["generation"], summary["live_generation"], summary["encoded"]) == (2, 2, 160 - held)
+    assert_same_state(db_state(generation_dir(db, 2)), _reference(folder, tmp_path / "reference", other))
+    assert_ann_matches_lmdb(generation_dir(db, 2))
+    assert_same_state(db_state(db), live_before)  # kept as the previous generation
+
+
+@pytest.mark.parametrize("point", ["switch_before", "switch_after"])
+def test_killed_during_the_switch_leaves_exactly_one_live_generation(tmp_path, tiny_run_dir, tiny_model_spec, point):
+    from indexer.store.generations import generation_dir, list_generations
+
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=2, per_class=10)
+    other = save_run(tiny_model_spec, tmp_path / "other", perturb=1)
+    run_index(IndexConfig(folder=folder, db_dir=db, model=str(tiny_run_dir), batch_size=8, workers=0))
+    killed = cli_index(folder, db, other, *ARGS, kill_point=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    states = {g.id: g.state for g in list_generations(db)}
+    assert list(states.values()).count("live") == 1
+    assert _live(db) == (1 if point == "switch_before" else 2)
+    with SearchIndex.open(db) as index:  # whichever is live answers, complete
+        assert index.generation_id == _live(db) and len(index) == 20
+    done = cli_index(folder, db, other, *ARGS)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["live_generation"], summary["encoded"]) == (2, 0)  # nothing encoded twice
+    assert {g.id: g.state for g in list_generations(db)} == {1: "previous", 2: "live"}
+    assert_same_state(db_state(generation_dir(db, 2)), _reference(folder, tmp_path / "reference", other))

@@ -346,7 +346,7 @@ def test_chunks_of_deleted_rows_are_compacted(tmp_path):
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((64, 8)).astype(np.float32)
     with Store.open(db, readonly=False) as store:
-        store.begin_run(EncoderInfo("x", "f", 8, 32), "/r", reembed=False)
+        store.begin_run(EncoderInfo("x", "f", 8, 32), "/r")
         store.commit_batch([NewItem(f"{i}.jpg", "", 1, 1, 1, 1, bytes([i]) * 16, vectors[i]) for i in range(64)], [])
         raw_size = len(store._env.begin().get((0).to_bytes(8, "big"), db=store._dbs["vectors"]))
         store.remove_paths([f"{i}.jpg".encode() for i in range(40)])

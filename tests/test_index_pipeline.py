@@ -159,21 +159,21 @@ def test_unreadable_file_is_skipped(tmp_path, tiny_run_dir):
 
 
 def test_db_is_bound_to_its_encoder(tmp_path, tiny_run_dir, tiny_model_spec):
+    """Another --model never writes into the live generation: it builds generation 2 beside it (see
+    test_generations.py), which then answers only to its own encoder."""
+    from indexer.store.generations import generation_dir
+
     folder, db = tmp_path / "images", tmp_path / "db"
     make_folder(folder, classes=2, per_class=2)
     run_index(_cfg(folder, db, tiny_run_dir))
+    before = db_state(db)
     other = save_run(tiny_model_spec, tmp_path / "other", perturb=1)
-    with pytest.raises(IndexStoreError, match="--reembed"):  # nothing to encode, still refused
-        run_index(_cfg(folder, db, other))
     write_image(folder / "class0/more.jpg", 77)
-    result = CliRunner().invoke(cli.cli, ["index", str(folder), "--db", str(db), "--model", str(other)])
-    assert result.exit_code == 1 and "--reembed" in result.output and "Traceback" not in result.output
-    assert "class0/more.jpg" not in db_state(db)  # nothing written with the wrong encoder
-
-    summary = run_index(_cfg(folder, db, other, reembed=True))
-    assert (summary.encoded, summary.total) == (5, 5)
-    assert_same_state(db_state(db), _fresh_state(folder, tmp_path, other))
-    assert_ann_matches_lmdb(db)
+    summary = run_index(_cfg(folder, db, other))
+    assert (summary.generation, summary.encoded, summary.total) == (2, 5, 5)
+    assert_same_state(db_state(db), before)  # nothing written into generation 1 with the other encoder
+    assert_same_state(db_state(generation_dir(db, 2)), _fresh_state(folder, tmp_path, other))
+    assert_ann_matches_lmdb(generation_dir(db, 2))
     with SearchIndex.open(db) as index:
         from retrieval.encoder import load_encoder
 
@@ -365,7 +365,7 @@ def test_the_files_to_encode_are_taken_one_batch_at_a_time(tmp_path, tiny_run_di
 
     monkeypatch.setattr(Store, "commit_batch", commit)
     with Store.open(tmp_path / "db", readonly=False) as store:
-        store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=False)
+        store.begin_run(EncoderInfo.of(encoder), str(folder))
         counts = encode_files(store, folder, files(), Embedder(encoder, "cpu", "fp32"), batch_size=2, workers=1,
                               max_pixels=10**7, checkpoint=lambda: None, checkpoint_seconds=1e9, progress=False)
     assert counts.encoded == committed[0] == taken[0] == 40

@@ -54,7 +54,7 @@ def test_a_file_the_encode_step_has_no_embedding_for_is_left_to_the_caller(tmp_p
     loaded = [Loaded(i, content_hash=bytes([i]) * 16, size=10, mtime_ns=1, width=4, height=4) for i in range(3)]
     vectors = np.eye(3, dtype=np.float32)
     with Store.open(db, readonly=False) as store:
-        store.begin_run(EncoderInfo("test", "f" * 64, 3, 8), str(tmp_path), reembed=False)
+        store.begin_run(EncoderInfo("test", "f" * 64, 3, 8), str(tmp_path))
         committer = Committer(store, total=3, limits="", checkpoint=lambda: None, checkpoint_seconds=600.0,
                               progress=False)
         missing = committer.take(todo, loaded, lambda rows: [None if r == 1 else vectors[r] for r in rows])

@@ -214,7 +214,7 @@ def _assert_same_plan(found, db: Path, limits="") -> None:
 def _fill_db(db: Path, items: dict[str, tuple[int, int]], failures: list[Failure]) -> None:
     """A DB holding `items` (relpath -> stored (size, mtime_ns)) and `failures`, written through the store API."""
     with Store.open(db, readonly=False) as store:
-        store.begin_run(EncoderInfo("synthetic", "f" * 64, 4, 32), "/nowhere", reembed=False)
+        store.begin_run(EncoderInfo("synthetic", "f" * 64, 4, 32), "/nowhere")
         rels = list(items)
         for start in range(0, len(rels), 50):
             store.commit_batch([NewItem(rel, "", *items[rel], 1, 1, path_key(rel)[-16:].rjust(16, b"-"),

@@ -24,7 +24,7 @@ def _item(rel: str, seed: int, dim: int = 4, content: bytes | None = None) -> Ne
 
 def _writer(db, **kw) -> Store:
     store = Store.open(db, readonly=False, **kw)
-    store.begin_run(ENC, "/images", reembed=False)
+    store.begin_run(ENC, "/images")
     return store
 
 
@@ -82,7 +82,7 @@ def test_hash_lookup_survives_removal_of_one_duplicate(tmp_path):
 def test_map_grows_when_full(tmp_path):
     enc = EncoderInfo("tiny", "a" * 64, 256, 32)
     with Store.open(tmp_path, readonly=False, map_size=256 * 1024) as store:
-        store.begin_run(enc, "/images", reembed=False)
+        store.begin_run(enc, "/images")
         items = [_item(f"c/{i}.jpg", i, dim=256) for i in range(1500)]  # about 1.6 MB of embeddings
         for start in range(0, 1500, 100):
             store.commit_batch(items[start:start + 100], [])
@@ -129,23 +129,25 @@ def test_reader_on_missing_db_says_how_to_create_it(tmp_path):
         Store.open(tmp_path / "nope")
 
 
-def test_encoder_binding_and_resumable_reembed(tmp_path):
+def test_encoder_binding_never_empties_a_db(tmp_path):
     other = EncoderInfo("other", "b" * 64, 4, 32)
     with _writer(tmp_path) as store:
-        store.commit_batch([_item("a/1.jpg", 1)], [Failure("a/bad.jpg", "empty file (0 bytes)")])
-        with pytest.raises(IndexStoreError, match="--reembed"):
-            store.begin_run(other, "/images", reembed=False)
-        header = store.begin_run(other, "/images", reembed=True)
-        assert header.reembed_pending and header.encoder == other
+        store.commit_batch([_item("a/1.jpg", 1)], [])
+        with pytest.raises(IndexStoreError, match="builds a new generation"):
+            store.begin_run(other, "/images")
         with store.snapshot() as snap:
-            assert snap.count() == 0 and snap.failure_count() == 1  # failures do not depend on the model
-        store.commit_batch([_item("a/1.jpg", 5)], [])
-        # killed here; the same --reembed command again goes on instead of starting over
-        assert store.begin_run(other, "/images", reembed=True).reembed_pending
+            assert snap.count() == 1 and snap.header.encoder == ENC
+        store.remove_paths([b"a/1.jpg"])
+        assert store.begin_run(other, "/images").encoder == other  # an empty DB simply takes the new encoder
+
+
+def test_a_new_db_numbers_its_items_from_first_id(tmp_path):
+    with Store.open(tmp_path / "db", readonly=False) as store:
+        store.begin_run(ENC, "/images", first_id=1 << 40)
+        ids = store.commit_batch([_item("a/1.jpg", 1), _item("a/2.jpg", 2)], [])
+        assert ids == [1 << 40, (1 << 40) + 1]
         with store.snapshot() as snap:
-            assert snap.count() == 1
-        assert not store.finish_run().reembed_pending
-        assert store.header().next_id == 2
+            assert snap.vectors(ids).shape == (2, ENC.dim)
 
 
 def test_a_transient_failure_keeps_the_item_a_permanent_one_replaces_it(tmp_path):

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from indexer.build.pipeline import IndexSummary
+from indexer.store.lmdb_store import Store
 from tests.index_support import make_folder, save_run, write_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +68,10 @@ def test_query_returns_the_indexed_image_first_with_the_documented_shape(indexed
     folder, db = indexed
     image = folder / "class1" / "img002.jpg"
     out = _query_json(str(image), "--db", str(db), "-k", "4")
-    assert len(out) == 1 and set(out[0]) == {"query", "results"}
+    assert len(out) == 1 and set(out[0]) == {"query", "results", "served_by"}
     assert out[0]["query"] == str(image)
+    with Store.open(db) as store:
+        assert out[0]["served_by"] == {"generation": 1, "fingerprint": store.header().encoder.fingerprint}
     results = out[0]["results"]
     assert [r["rank"] for r in results] == [1, 2, 3, 4]
     assert all(set(r) == {"rank", "path", "score", "label"} for r in results)
@@ -154,8 +157,6 @@ def test_query_missing_db_in_a_real_process_prints_one_line(tmp_path):
 
 def _stored(db: Path) -> tuple[np.ndarray, list[str]]:
     """Embeddings and labels of every item, read straight from LMDB."""
-    from indexer.store.lmdb_store import Store
-
     with Store.open(db) as store, store.snapshot() as snap:
         ids = snap.ids()
         return snap.vectors(ids), [item.label for item in snap.items(ids)]

@@ -25,7 +25,7 @@ from indexer.store.lmdb_store import Store
 db, run = sys.argv[1], int(sys.argv[2])
 rng = np.random.default_rng(run)
 with Store.open(db, readonly=False) as store:
-    store.begin_run(EncoderInfo("synthetic", "f" * 64, {DIM}, 32), "/nonexistent", reembed=False)
+    store.begin_run(EncoderInfo("synthetic", "f" * 64, {DIM}, 32), "/nonexistent")
     for start in range(0, {N_ITEMS}, 64):
         vectors = rng.standard_normal((64, {DIM})).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)

@@ -144,6 +144,7 @@ def test_more_like_this_is_brute_force_over_the_stored_embeddings(client, served
         np.testing.assert_allclose([h["score"] for h in body["results"]], scores[top], atol=1e-5)
         assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
         assert body["query_id"] == int(ids[row]) and body["query"] == served["relpaths"][row]
+        assert body["served_by"] == {"generation": 1, "fingerprint": served["header"].encoder.fingerprint}
         assert [h["label"] for h in body["results"]] == [served["labels"][i] for i in top]
 
 
@@ -330,6 +331,7 @@ def test_metrics_count_what_was_asked_and_parse_with_prometheus_own_parser(serve
     assert value("serve_queue_depth") == 0
     assert value("serve_index_items") == len(served["ids"])
     assert value("serve_db_generation") == served["header"].generation
+    assert value("serve_index_generation") == 1
     assert value("serve_faiss_lags") == 0
     fingerprint = served["header"].encoder.fingerprint
     assert value("serve_encoder_info", spec=Path(served["header"].encoder.spec).name, fingerprint=fingerprint) == 1

@@ -76,6 +76,7 @@ def test_finetune_evaluation_embeds_with_the_runs_tta(tiny_model_spec, tmp_path)
 def test_index_records_flip_and_query_serve_and_later_runs_use_it(tiny_run_dir, tmp_path):
     from indexer.serve.engine import Engine, ServeConfig
     from indexer.store.lmdb_store import Store
+    from indexer.store.search import SearchIndex
     from retrieval.data.decode import load_image
     from retrieval.encoder import load_encoder
     from retrieval.errors import IndexStoreError
@@ -110,7 +111,7 @@ def test_index_records_flip_and_query_serve_and_later_runs_use_it(tiny_run_dir, 
     with pytest.raises(IndexStoreError, match="--tta flip"):
         Engine(ServeConfig(db=db, device="cpu", tta="none"))
 
-    # a later run keeps flip; switching is refused unless --reembed
+    # a later run keeps flip; another tta is another encoder: a new generation beside the live one, then switched
     make_folder(folder, classes=3, per_class=3)
     later = _invoke("index", folder, "--db", db, "--model", tiny_run_dir, "--workers", "0")
     assert later.exit_code == 0, later.output
@@ -118,12 +119,11 @@ def test_index_records_flip_and_query_serve_and_later_runs_use_it(tiny_run_dir, 
         load_image(folder / "class2" / "img000.jpg", draft_size=plain.config.resize_size).image)[None])[0],
         atol=1e-5)
     other = _invoke("index", folder, "--db", db, "--model", tiny_run_dir, "--tta", "none", "--workers", "0")
-    assert other.exit_code == 1 and "--tta flip" in other.output and "--reembed" in other.output
-    again = _invoke("index", folder, "--db", db, "--model", tiny_run_dir, "--tta", "none", "--reembed",
-                    "--workers", "0")
-    assert again.exit_code == 0, again.output
-    with Store.open(db) as store:
-        assert store.header().encoder.tta == "none"
+    assert other.exit_code == 0, other.output
+    with SearchIndex.open(db) as index:
+        assert (index.generation_id, index.header.encoder.tta) == (2, "none")
+    with Store.open(db) as store:   # generation 1, in the DB folder itself, is kept as it was (for a rollback)
+        assert store.header().encoder.tta == "flip"
 
 
 def test_a_db_from_before_tta_reads_as_none(tiny_model_spec, tmp_path):
@@ -140,7 +140,7 @@ def test_a_db_from_before_tta_reads_as_none(tiny_model_spec, tmp_path):
     info = EncoderInfo(tiny_model_spec, encoder.fingerprint(), encoder.embed_dim, encoder.image_size,
                        encoder.config.crop_pct, encoder.config.resize_mode)   # tta None: as an old DB reads
     with Store.open(tmp_path / "db", readonly=False) as store:
-        store.begin_run(info, str(tmp_path), reembed=False)
+        store.begin_run(info, str(tmp_path))
         vector = np.ones(encoder.embed_dim, np.float32) / np.sqrt(encoder.embed_dim)
         store.commit_batch([NewItem("c/a.jpg", "c", 1, 0, 1, 1, b"\0" * 16, vector)], [])
     with SearchIndex.open(tmp_path / "db", gpu=False) as index:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ from retrieval.data.decode import DEFAULT_MAX_PIXELS, default_workers
 from retrieval.data.walk import printable
 from retrieval.errors import DecodeError, IndexStoreError
 
-from indexer.store import ann
+from indexer.store import ann, generations
 from indexer.store.layout import EncoderInfo, Failure, Header, limits_key
 from indexer.store.read import stored_eval_resize
 from .plan import Plan, make_plan
@@ -65,7 +66,10 @@ class IndexConfig:
     device: str = "auto"  # see retrieval.device.resolve_device
     precision: str = "fp32"  # fp32 | bf16 (CPU with AVX512-BF16/AMX) | fp16 (CUDA)
     ann: str = "auto"  # see indexer.store.ann.choose_factory
-    reembed: bool = False
+    reembed: bool = False  # build a new generation even with the live generation's encoder
+    switch: bool = True  # make a newly built generation live at the end (False: build it for a later --activate)
+    keep: int = 1  # previous generations kept after a switch (for an instant rollback)
+    check_disk: bool = True  # refuse to build a generation the free disk cannot hold
     rebuild_ann: bool = False
     strict: bool = False  # raise after the run if any file could not be indexed
     allow_empty: bool = False  # let a folder with no files at all empty a DB that holds items
@@ -114,6 +118,8 @@ class IndexSummary:
     precision_min_cosine: float | None = None  # reduced precision: its first batch's min cosine to fp32
     unreachable: list[str] = field(default_factory=list)  # folders (or dangling links) the scan could not reach
     unreachable_kept: int = 0  # items kept because they lie below one of them
+    generation: int = 1  # the generation this run wrote (see indexer.store.generations)
+    live_generation: int = 1  # the live generation after the run
 
     def to_json(self) -> dict:
         """The `index --json` object (precision_min_cosine only when a reduced precision was checked)."""
@@ -126,17 +132,107 @@ class IndexSummary:
 def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
     """Bring the DB at cfg.db_dir level with cfg.folder and return what the run did.
 
-    With cfg.strict, raises DecodeError if any file failed.
+    With the live generation's encoder (or into a new DB) the live generation is updated in place. With another
+    encoder, or cfg.reembed, a new generation is built beside the live one (or the one being built is resumed),
+    brought level by a last incremental pass, and switched to (unless cfg.switch is False); see
+    indexer.store.generations. With cfg.strict, raises DecodeError if any file failed.
     """
     if cfg.batch_size < 1 or (cfg.workers or 0) < 0 or cfg.max_file_mb <= 0 or (cfg.max_remove or 0) < 0:
         raise ValueError("batch_size must be >= 1, workers >= 0, max_file_mb > 0 and max_remove >= 0")
+    if cfg.keep < 0:
+        raise ValueError("keep must be >= 0")
     started = time.perf_counter()
     folder = Path(cfg.folder).expanduser().resolve()
-    with Store.open(cfg.db_dir, readonly=False) as store:
-        _require_same_root(store, folder, cfg.root_changed)
-        if not cfg.allow_empty:
-            _refuse_to_empty(store, folder)
-        header, encoder, plan, timings = _bind_and_plan(store, cfg, folder)
+    with generations.changing(cfg.db_dir) as gens:
+        live = gens.pointer.live
+        gen, encoder = _target(gens, cfg, folder)
+        path = generations.generation_dir(cfg.db_dir, gen)
+        first = _run_in(path, cfg, folder, encoder, gen, progress)
+        if gen != live:  # the last incremental pass: files added during a long build are in before the switch
+            last = _run_in(path, cfg, folder, encoder, gen, progress)
+            first = _after(first, last)
+            gens.mark_built(gen)
+            if cfg.switch:
+                gens.activate(gen)
+                gens.prune(cfg.keep)
+        summary = replace(first, live_generation=gens.pointer.live, seconds=round(time.perf_counter() - started, 3))
+    if cfg.strict and summary.failures:
+        first_failure = summary.failures[0]
+        raise DecodeError(first_failure.path, f"{first_failure.reason} ({len(summary.failures)} file(s) could not "
+                                              f"be indexed; --strict)")
+    return summary
+
+
+def _target(gens: generations.Generations, cfg: IndexConfig, folder: Path) -> tuple[int, Encoder | None]:
+    """(the generation this run writes, the encoder if it had to be loaded to decide): the live one, unless it
+    holds items of another encoder (or cfg.reembed); then a generation for cfg.model being built (resumed), a
+    non-live one of the same encoder (brought level: a fast roll forward), or a new one (disk checked first)."""
+    pointer = gens.pointer
+    live_header, live_items, live_bytes = _peek(cfg.db_dir, pointer.live)
+    if live_header is not None:
+        _require_same_root(cfg.db_dir, live_header, folder, cfg.root_changed)
+    if live_header is None or not live_items:
+        return pointer.live, None  # a new or empty DB simply takes the encoder
+    if not cfg.allow_empty:
+        _refuse_to_empty(cfg.db_dir, live_items, folder)
+    if not cfg.reembed and _same_encoder_cheap(cfg, live_header.encoder):
+        return pointer.live, None
+    encoder = _load_encoder(cfg, None)   # a new generation takes the model's own eval resize and tta, or cfg's
+    info = EncoderInfo.of(encoder)
+    if not cfg.reembed:
+        if info.fingerprint == live_header.encoder.fingerprint:
+            return pointer.live, encoder
+        kept = _load_encoder(cfg, live_header.encoder)   # the same model with the transform the live DB records
+        if kept.fingerprint() == live_header.encoder.fingerprint:
+            return pointer.live, kept
+    for gen in reversed(generations.on_disk(cfg.db_dir)):
+        header, _, held_bytes = _peek(cfg.db_dir, gen)
+        building = pointer.state(gen) == "building"
+        if gen != pointer.live and (building or not cfg.reembed) and (
+                header is None and building or header is not None and header.encoder.fingerprint == info.fingerprint):
+            if building and cfg.check_disk:
+                _check_disk(cfg.db_dir, gen, generations.estimate_bytes(live_items, live_bytes, live_header.encoder.dim,
+                                                                       info.dim) - held_bytes)
+            return gen, encoder
+    if cfg.check_disk:
+        _check_disk(cfg.db_dir, pointer.next,
+                    generations.estimate_bytes(live_items, live_bytes, live_header.encoder.dim, info.dim))
+    return gens.create()[0], encoder
+
+
+def _peek(db_dir: Path, gen: int) -> tuple[Header | None, int, int]:
+    """(header, items, LMDB bytes in use) of a generation; (None, 0, 0) when it does not exist yet."""
+    if not generations.exists(db_dir, gen):
+        return None, 0, 0
+    with Store.open(generations.generation_dir(db_dir, gen)) as store, store.snapshot() as snap:
+        return snap.header, snap.count(), store.disk_bytes()
+
+
+def _check_disk(db_dir: Path, gen: int, needed: int) -> None:
+    free = shutil.disk_usage(db_dir).free
+    if needed > free:
+        raise IndexStoreError(f"generation {gen} needs about {needed / 2**30:.2f} GiB more on disk and {db_dir} has "
+                              f"{free / 2**30:.2f} GiB free: free some (python cli.py generations --db {db_dir} "
+                              f"--drop ID drops an old generation) or pass --no-disk-check")
+
+
+def _after(first: IndexSummary, last: IndexSummary) -> IndexSummary:
+    """One summary of a build's two passes: the work of both, the state after the last."""
+    return replace(last, indexed=first.indexed + last.indexed, unchanged=first.unchanged,
+                   removed=first.removed + last.removed, encoded=first.encoded + last.encoded,
+                   reused=first.reused + last.reused, new_failures=first.new_failures + last.new_failures,
+                   precision=first.precision or last.precision, images_per_s=first.images_per_s,
+                   timings={k: round(first.timings.get(k, 0) + v, 3) for k, v in last.timings.items()},
+                   precision_min_cosine=first.precision_min_cosine,
+                   ann=first.ann if last.ann.action == "unchanged" else last.ann)
+
+
+def _run_in(path: Path, cfg: IndexConfig, folder: Path, encoder: Encoder | None, gen: int,
+            progress: bool) -> IndexSummary:
+    """One incremental pass over `folder` into the generation at `path` (today's whole `index` run)."""
+    started = time.perf_counter()
+    with Store.open(path, readonly=False) as store:
+        header, encoder, plan, timings = _bind_and_plan(store, cfg, folder, encoder, generations.first_item_id(gen))
         with plan:
             ann.check_kind(cfg.ann, header.encoder.dim)
             for bad in plan.failures.batches(REMOVE_BATCH):
@@ -159,7 +255,7 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
             total, failures = snap.count(), list(snap.failures())
         lmdb_bytes = store.disk_bytes()
     encoded, reused, failed_now = (counts.encoded, counts.reused, len(counts.failures)) if counts else (0, 0, 0)
-    summary = IndexSummary(
+    return IndexSummary(
         indexed=encoded + reused, unchanged=plan.unchanged, removed=removed, failed=len(failures),
         total=total, encoded=encoded, reused=reused,
         new_failures=failed_now + len(plan.failures), files=plan.files,
@@ -170,32 +266,25 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
         timings={k: round(v, 3) for k, v in timings.items()},
         failures=[FailedFile(printable(f.relpath), f.reason, f.transient) for f in failures],
         precision_min_cosine=round(min_cosine, 6) if min_cosine is not None else None,
-        unreachable=[printable(p) for p in plan.unreachable], unreachable_kept=plan.unreachable_kept)
-    if cfg.strict and failures:
-        first = summary.failures[0]
-        raise DecodeError(first.path, f"{first.reason} ({len(failures)} file(s) could not be indexed; --strict)")
-    return summary
+        unreachable=[printable(p) for p in plan.unreachable], unreachable_kept=plan.unreachable_kept,
+        generation=gen)
 
 
-def _refuse_to_empty(store: Store, folder: Path) -> None:
+def _refuse_to_empty(db_dir: Path, held: int, folder: Path) -> None:
     """A folder with no files at all while the DB holds items is far more often an unmounted drive or a
-    wrong path than a real deletion of everything: stop before removing a single item (or re-embedding).
-    The scan stops at the first image file, or failure, it finds."""
+    wrong path than a real deletion of everything: stop before removing a single item (or building a new
+    generation). The scan stops at the first image file, or failure, it finds."""
     if any(not isinstance(entry, Unreachable) for entry in scan_stream(folder)):
         return
-    with store.snapshot() as snap:
-        held = snap.count()
-    if held:
-        raise IndexStoreError(f"{folder} has no image files, but {store.db_dir} holds {held}: refusing to remove "
-                              f"them all (an unmounted drive or a wrong path?); pass --allow-empty to empty the DB")
+    raise IndexStoreError(f"{folder} has no image files, but {db_dir} holds {held}: refusing to remove "
+                          f"them all (an unmounted drive or a wrong path?); pass --allow-empty to empty the DB")
 
 
-def _require_same_root(store: Store, folder: Path, root_changed: bool) -> None:
+def _require_same_root(db_dir: Path, header: Header, folder: Path, root_changed: bool) -> None:
     """A DB is bound to the folder it indexes: pointed at another one, every item would look deleted."""
-    header = store.header()
-    if header is None or header.root == str(folder) or root_changed:
+    if header.root == str(folder) or root_changed:
         return
-    raise IndexStoreError(f"{store.db_dir} indexes {header.root}, not {folder}: pass --root-changed if the "
+    raise IndexStoreError(f"{db_dir} indexes {header.root}, not {folder}: pass --root-changed if the "
                           f"collection moved there (stored paths are relative, so nothing is re-encoded), or use "
                           f"another --db")
 
@@ -220,29 +309,29 @@ def _limit_removals(store: Store, cfg: IndexConfig, plan: Plan) -> None:
                           f"--max-remove {n}; if a drive or share is not mounted, mount it and run again")
 
 
-def _bind_and_plan(store: Store, cfg: IndexConfig,
-                   folder: Path) -> tuple[Header, Encoder | None, Plan, dict[str, float]]:
-    """Bind the DB to the encoder (loading it only if needed) and plan the work: (header, encoder or None,
-    plan, {"scan_s": seconds of the scan and plan}).
+def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path, encoder: Encoder | None,
+                   first_id: int) -> tuple[Header, Encoder | None, Plan, dict[str, float]]:
+    """Bind the DB to the encoder (loading it only if needed and not given) and plan the work: (header, encoder
+    or None, plan, {"scan_s": seconds of the scan and plan}).
 
-    --reembed empties the DB, so it binds before planning; otherwise the plan comes first, and an unchanged
-    folder indexed with the same encoder never loads it.
+    A new DB binds before planning (its items numbered from `first_id`); otherwise the plan comes first, and an
+    unchanged folder indexed with the same encoder never loads it.
     """
     header = store.header()
-    if header is None or cfg.reembed:
-        encoder = _load_encoder(cfg, None)
-        header = store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed)
+    if header is None:
+        encoder = encoder or _load_encoder(cfg, None)
+        header = store.begin_run(EncoderInfo.of(encoder), str(folder), first_id=first_id)
         return (header, encoder, *_plan(store, folder, cfg))
     plan, timings = _plan(store, folder, cfg)
     try:
         _limit_removals(store, cfg, plan)
-        same = _same_encoder_cheap(cfg, header.encoder)
-        loaded = _load_encoder(cfg, header.encoder) if plan.todo or not same else None
-        header = store.begin_run(EncoderInfo.of(loaded) if loaded else header.encoder, str(folder), reembed=False)
+        if encoder is None and (plan.todo or not _same_encoder_cheap(cfg, header.encoder)):
+            encoder = _load_encoder(cfg, header.encoder)
+        header = store.begin_run(EncoderInfo.of(encoder) if encoder else header.encoder, str(folder))
     except BaseException:
         plan.close()
         raise
-    return header, loaded, plan, timings
+    return header, encoder, plan, timings
 
 
 def _plan(store: Store, folder: Path, cfg: IndexConfig) -> tuple[Plan, dict[str, float]]:

@@ -26,8 +26,9 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import asdict
 from importlib import resources
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -45,11 +46,7 @@ from .admission import Admission, cpu_count
 from .auth import KeyMiddleware, check_exposure
 from .batcher import Busy, Expired
 from .engine import LOOPBACK, MAX_K, Answer, Engine, ServeConfig, thumbnail_jpeg
-from .engine import Query as ImageQuery
 from .metrics import CONTENT_TYPE, Metrics, RequestMetrics
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +74,22 @@ class Timings(BaseModel):
     batch: int = 1  # uploads embedded in the same encoder batch
 
 
+class ServedByModel(BaseModel):
+    """The index generation that answered and its encoder's fingerprint (one generation per answer, always)."""
+
+    generation: int
+    fingerprint: str
+
+
 class SearchResponse(BaseModel):
-    """A `query --json` element ({"query", "results"}) plus the query item's id (similar) and the timings."""
+    """A `query --json` element ({"query", "results", "served_by"}) plus the query item's id (similar) and the
+    timings."""
 
     query: str
     query_id: int | None = None
     results: list[HitModel]
     timings: Timings
+    served_by: ServedByModel
 
 
 class LabelCount(BaseModel):
@@ -111,6 +117,7 @@ class StatsResponse(BaseModel):
     generation: int
     faiss_lags: bool  # FAISS is behind LMDB (an index run is going on): the rest is searched exactly
     device: str
+    served_by: ServedByModel
 
 
 class _TooLarge(Exception):
@@ -176,18 +183,18 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         started, deadline = time.perf_counter(), _deadline()
         admission: Admission = request.app.state.admission
         eng = engine(request)
+        wanted = k or cfg.k
+        fetch = wanted if dedup is None else wanted * FETCH_FACTOR
         with _shed(), admission.admit():
             data, name = await _read_upload(request, cfg.max_upload_bytes)
             async with admission.decoding(deadline):
                 decoding = time.perf_counter()
                 try:
-                    pixels = await run_in_threadpool(_preprocess, data, name, eng, cfg.max_pixels)
+                    query = await run_in_threadpool(eng.make_query, data, name, fetch, tuple(label or ()),
+                                                    cfg.max_pixels, expand)
                 except DecodeError as exc:
                     raise HTTPException(400, str(exc)) from None
                 decode_ms = 1000 * (time.perf_counter() - decoding)
-            wanted = k or cfg.k
-            fetch = wanted if dedup is None else wanted * FETCH_FACTOR
-            query = ImageQuery(pixels, fetch, tuple(label or ()), expand)
             answer: Answer = await _queued(lambda b: b.submit(query, deadline), eng)
             hits = answer.hits
             if dedup is not None:  # as `query --dedup`, on the worker thread that owns the index
@@ -196,7 +203,8 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
         timings = Timings(decode_ms=decode_ms, embed_ms=answer.embed_ms, search_ms=answer.search_ms,
                           total_ms=1000 * (time.perf_counter() - started), batch=answer.batch)
         request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
-        return SearchResponse(query=name, results=_hits(hits, cfg.show_paths), timings=timings)
+        return SearchResponse(query=name, results=_hits(hits, cfg.show_paths), timings=timings,
+                              served_by=ServedByModel(**asdict(answer.served_by)))
 
     @app.get("/api/items/{item_id}/similar", response_model=SearchResponse)
     async def similar(request: Request, item_id: str, k: int | None = Query(None, ge=1, le=MAX_K),
@@ -210,11 +218,12 @@ def create_app(cfg: ServeConfig, loaded: Engine | None = None) -> FastAPI:
                                                _deadline()), eng)
         if found is None:
             raise HTTPException(404, "no such item")
-        item, hits, search_ms = found
+        item, hits, search_ms, served = found
         timings = Timings(search_ms=search_ms, total_ms=1000 * (time.perf_counter() - started))
         request.app.state.metrics.observe_stages(**timings.model_dump(exclude={"batch"}))
         query = str(eng.file_of(item)) if cfg.show_paths else item.relpath
-        return SearchResponse(query=query, query_id=item.id, results=_hits(hits, cfg.show_paths), timings=timings)
+        return SearchResponse(query=query, query_id=item.id, results=_hits(hits, cfg.show_paths), timings=timings,
+                              served_by=ServedByModel(**asdict(served)))
 
     @app.get("/api/items/{item_id}/thumbnail", response_class=Response)
     async def thumbnail(request: Request, item_id: str) -> Response:
@@ -312,14 +321,6 @@ def _parse_id(text: str) -> int:
     if not _ID.fullmatch(text):
         raise HTTPException(404, "no such item")
     return int(text)
-
-
-def _preprocess(data: bytes, name: str, eng: Engine, max_pixels: int) -> torch.Tensor:
-    """Decode an upload as the indexer does and apply the encoder's eval transform (in the thread pool, so the
-    worker thread only runs the forward and the search)."""
-    from retrieval.data.decode import decode_image
-
-    return eng.transform(decode_image(data, name=name, draft_size=eng.draft_size, max_pixels=max_pixels).image)
 
 
 async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:

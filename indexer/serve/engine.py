@@ -8,29 +8,43 @@ micro-batching worker thread (indexer.serve.batcher), so neither is ever used fr
 
 Fresh data: the worker renews the index snapshot every `refresh_s` (SearchIndex.refresh), so an `index` run's
 commits are answered within about that time and the service never pins old LMDB pages for long.
+
+A switch of the DB's live generation (indexer.store.generations): the worker notices the pointer at a tick,
+a loader thread opens the new generation and loads its encoder off the request path, and a later tick swaps
+index and encoder together between two batches. A batch is thus embedded and searched by one generation, and
+every answer names it (generation id + fingerprint). An upload preprocessed for the old encoder and answered
+after the swap is preprocessed again from its decoded image. The old index is closed at the swap; its encoder
+is freed with the last reference (no request can hold one: they all run on the worker).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.store.expand import Expansion, expanded_embeddings
+from indexer.store.generations import read_pointer
 from indexer.store.layout import Item
 from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder
 from indexer.store.search import SearchIndex
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
-from .batcher import MicroBatcher
+from .batcher import Busy, MicroBatcher
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from PIL import Image
+
+    from retrieval.encoder import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +83,16 @@ class Query:
     k: int
     labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
     expand: int = 0  # query expansion with this many top hits (indexer.store.expand); 0: off
+    fingerprint: str = ""  # the encoder whose transform made `pixels`
+    image: Image.Image | None = None  # the decoded upload: preprocessed again if another encoder answers it
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """The index generation that answered, and its encoder's fingerprint."""
+
+    generation: int
+    fingerprint: str
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,7 @@ class Status:
     lagging: bool  # FAISS is behind LMDB
     encoder_name: str  # public_spec of the DB's encoder
     fingerprint: str
+    index_generation: int = 1  # the index generation served (indexer.store.generations)
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,7 @@ class Answer:
     embed_ms: float
     search_ms: float
     batch: int  # uploads embedded in the same encoder batch
+    served_by: ServedBy
 
 
 class Engine:
@@ -104,6 +130,8 @@ class Engine:
         self.fingerprint = self.index.header.encoder.fingerprint  # checked by load_db_encoder
         self.transform = self.encoder.eval_transform()
         self.device = str(next(self.encoder.parameters()).device)
+        self._front = (self.transform, self.fingerprint, self.encoder.config.resize_size)  # what uploads are made for
+        self._next: Future[tuple[SearchIndex, Encoder]] | None = None  # a generation loading off the request path
         self._stats: dict | None = None
         self.on_batch: Callable[[int], None] | None = None  # told each encoder batch's size (serve's metrics)
         self.status = self._status()
@@ -111,17 +139,23 @@ class Engine:
                                     queue_size=cfg.queue_size, tick_s=cfg.refresh_s, on_tick=self.refresh,
                                     name="serve-worker")
 
-    @property
-    def draft_size(self) -> int:
-        """JPEG draft size of the indexer's decoding (so an indexed image uploaded finds itself)."""
-        return self.encoder.config.resize_size
+    def make_query(self, data: bytes, name: str, k: int, labels: tuple[str, ...], max_pixels: int,
+                   expand: int = 0) -> Query:
+        """Decode an upload as the indexer does and preprocess it for the encoder served now (any thread)."""
+        from retrieval.data.decode import decode_image
+
+        transform, fingerprint, draft_size = self._front  # one read: a swap replaces the three together
+        image = decode_image(data, name=name, draft_size=draft_size, max_pixels=max_pixels).image
+        return Query(transform(image), k, labels, expand, fingerprint, image)
 
     def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
         """Embed the uploads in one forward and search them in one call (after expanding those that ask)."""
         start = time.perf_counter()
         if self.on_batch is not None:
             self.on_batch(len(queries))
-        embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
+        pixels = [q.pixels if q.fingerprint in ("", self.fingerprint) or q.image is None else self.transform(q.image)
+                  for q in queries]
+        embeddings = embed_tensors(self.encoder, pixels)
         embedded = time.perf_counter()
         for k in {q.expand for q in queries} - {0}:
             rows = [i for i, q in enumerate(queries) if q.expand == k]
@@ -136,7 +170,11 @@ class Engine:
                 hits[r] = hits_of(self.index, s[: queries[r].k], i[: queries[r].k])
         done = time.perf_counter()
         embed_ms, search_ms = 1000 * (embedded - start), 1000 * (done - embedded)
-        return [Answer(hits[r], embed_ms, search_ms, len(queries)) for r in range(len(queries))]
+        served = self.served_by()
+        return [Answer(hits[r], embed_ms, search_ms, len(queries), served) for r in range(len(queries))]
+
+    def served_by(self) -> ServedBy:
+        return ServedBy(self.index.generation_id, self.fingerprint)
 
     def _only(self, labels: tuple[str, ...]) -> np.ndarray | None:
         return self.index.ids_with_labels(labels) if labels else None
@@ -148,9 +186,10 @@ class Engine:
         """The indexed file of an item: the DB's root joined with its stored path (never a client's path)."""
         return self.index.root / item.relpath
 
-    def similar(self, item_id: int, k: int, labels: tuple[str, ...] = ()) -> tuple[Item, tuple[Hit, ...], float] | None:
-        """(item, its k nearest other items (with one of `labels`, if any), search ms) from the stored embedding;
-        None for an unknown id."""
+    def similar(self, item_id: int, k: int,
+                labels: tuple[str, ...] = ()) -> tuple[Item, tuple[Hit, ...], float, ServedBy] | None:
+        """(item, its k nearest other items (with one of `labels`, if any), search ms, who answered) from the
+        stored embedding; None for an unknown id."""
         item = self.item(item_id)
         if item is None:
             return None
@@ -158,7 +197,7 @@ class Engine:
         scores, ids = self.index.search(self.index.vectors([item_id]), k + 1, only=self._only(labels))
         keep = ids[0] != item_id
         hits = hits_of(self.index, scores[0][keep][:k], ids[0][keep][:k])
-        return item, hits, 1000 * (time.perf_counter() - start)
+        return item, hits, 1000 * (time.perf_counter() - start), self.served_by()
 
     def stats(self) -> dict:
         """Counts, labels, encoder, FAISS kind and lag, computed once per DB generation."""
@@ -178,29 +217,88 @@ class Engine:
                 "generation": header.generation,
                 "faiss_lags": self.index.lagging,
                 "device": self.device,
+                "served_by": {"generation": self.index.generation_id, "fingerprint": self.fingerprint},
             }
         return self._stats
 
     def refresh(self) -> None:
-        """Renew the snapshot; on a change drop cached stats, and reload the encoder if the DB changed it."""
+        """Follow a switch of the live generation; renew the snapshot; on a change drop cached stats, and reload
+        the encoder if the DB changed it (an empty DB bound to another encoder)."""
+        if self._follow_live():
+            return
         if not self.index.refresh():
             return
         self._stats = None
         if self.index.header.encoder.fingerprint != self.fingerprint:
-            log.warning("the DB was re-embedded with %s: loading it", self.index.header.encoder.spec)
-            self.encoder = load_db_encoder(self.index, device=self.device)
-            self.transform = self.encoder.eval_transform()
-            self.fingerprint = self.index.header.encoder.fingerprint
+            log.warning("the DB was bound to %s: loading it", self.index.header.encoder.spec)
+            self._use(self.index, load_db_encoder(self.index, device=self.device))
+        self.status = self._status()
+
+    def _follow_live(self) -> bool:
+        """Start loading the live generation when the pointer names another one; swap it in once loaded (True)."""
+        if self._next is not None:
+            if not self._next.done():
+                return False
+            pending, self._next = self._next, None
+            try:
+                index, encoder = pending.result()
+            except Exception:  # noqa: BLE001 - serving goes on with the generation loaded; retried at the next tick
+                log.exception("cannot load generation %d", read_pointer(self.cfg.db).live)
+                return False
+            if index.generation_id != read_pointer(self.cfg.db).live:  # switched again meanwhile
+                index.close()
+                return False
+            old = self.index
+            self._use(index, encoder)
+            old.close()
+            log.warning("now serving generation %d (%s)", index.generation_id, index.header.encoder.spec)
+            return True
+        live = read_pointer(self.cfg.db).live
+        if live != self.index.generation_id:
+            self._next = Future()
+            threading.Thread(target=_load_generation, args=(self._next, self.cfg.db, live, self.device, self._wake),
+                             name="serve-loader", daemon=True).start()
+        return False
+
+    def _wake(self) -> None:
+        """Ask the worker to swap now rather than at its next tick (when the queue is full the tick will)."""
+        with contextlib.suppress(Busy):
+            self.batcher.call(self.refresh)
+
+    def _use(self, index: SearchIndex, encoder: Encoder) -> None:
+        """Serve `index` with `encoder` from the next batch on (worker thread, between batches)."""
+        self.index, self.encoder = index, encoder
+        self.transform = encoder.eval_transform()
+        self.fingerprint = index.header.encoder.fingerprint
+        self._front = (self.transform, self.fingerprint, encoder.config.resize_size)
+        self._stats = None
         self.status = self._status()
 
     def _status(self) -> Status:
         encoder = self.index.header.encoder
         return Status(len(self.index), self.index.generation, self.index.lagging,
-                      public_spec(encoder.spec, self.cfg.show_paths), encoder.fingerprint)
+                      public_spec(encoder.spec, self.cfg.show_paths), encoder.fingerprint, self.index.generation_id)
 
     def close(self) -> None:
         self.batcher.close()
         self.index.close()
+        if self._next is not None and self._next.done() and self._next.exception() is None:
+            self._next.result()[0].close()
+
+
+def _load_generation(future: Future, db: Path, gen: int, device: str, done: Callable[[], None]) -> None:
+    """Open generation `gen` of `db` and load its encoder (a loader thread): the result goes to `future`, then
+    `done()` is called."""
+    try:
+        index = SearchIndex.open(db, generation=gen)
+        try:
+            future.set_result((index, load_db_encoder(index, device=device)))
+        except BaseException:
+            index.close()
+            raise
+    except BaseException as exc:  # noqa: BLE001 - handed to the worker, which logs it and tries again
+        future.set_exception(exc)
+    done()
 
 
 def public_spec(spec: str, show_paths: bool) -> str:

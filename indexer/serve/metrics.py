@@ -5,8 +5,8 @@
     metrics.observe_stages(decode_ms=..., embed_ms=..., search_ms=..., total_ms=...)
     text = metrics.scrape()                         # the text format GET /metrics answers
 
-Requests are labelled by route template and status (never by path or id). DB generations are not named yet
-(another issue): the live generation is exposed as the DB's commit counter and the encoder's fingerprint.
+Requests are labelled by route template and status (never by path or id). The index generation served
+(indexer.store.generations) is a gauge, beside the snapshot's commit counter and the encoder's fingerprint.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ class Metrics:
             lambda: engine.status.items)
         Gauge("serve_db_generation", "The served snapshot's DB generation (+1 per committed write)",
               registry=r).set_function(lambda: engine.status.generation)
+        Gauge("serve_index_generation", "The index generation served (switched by `generations --activate` or "
+              "`index --model`)", registry=r).set_function(lambda: engine.status.index_generation)
         Gauge("serve_faiss_lags", "1 while FAISS is behind LMDB (the rest is searched exactly)",
               registry=r).set_function(lambda: float(engine.status.lagging))
         self._encoder = Info("serve_encoder", "The encoder the DB is bound to", registry=r)

@@ -191,7 +191,7 @@ class Store:
         if readonly and not (db_dir / "data.mdb").is_file():
             raise IndexStoreError(f"no index DB at {db_dir} "
                                   f"(create one with: python cli.py index FOLDER --db {db_dir})")
-        lock_fd = None if readonly else _acquire_writer_lock(db_dir)
+        lock_fd = None if readonly else acquire_lock(db_dir / LOCK_FILE)
         try:
             env = lmdb.open(str(db_dir), readonly=readonly, max_dbs=len(_DBS), map_size=map_size,
                             lock=True)
@@ -199,7 +199,7 @@ class Store:
                                      dupfixed=name in _DUPSORT) for name in _DBS}
         except lmdb.Error as exc:
             if lock_fd is not None:
-                _release_writer_lock(db_dir, lock_fd)
+                release_lock(db_dir / LOCK_FILE, lock_fd)
             detail = "sub-databases missing" if isinstance(exc, lmdb.NotFoundError) else str(exc)
             raise IndexStoreError(f"{db_dir} cannot be opened as an index DB: {detail}") from None
         store = cls(db_dir, env, dbs, readonly, lock_fd)
@@ -214,7 +214,7 @@ class Store:
     def close(self) -> None:
         self._env.close()
         if self._lock_fd is not None:
-            _release_writer_lock(self.db_dir, self._lock_fd)
+            release_lock(self.db_dir / LOCK_FILE, self._lock_fd)
             self._lock_fd = None
 
     def __enter__(self) -> Store:
@@ -244,26 +244,20 @@ class Store:
 
     # -- writing (readonly=False) -------------------------------------------------------------------------
 
-    def begin_run(self, encoder: EncoderInfo, root: str, *, reembed: bool) -> Header:
-        """Bind the DB to `encoder` (IndexStoreError if it was built with another, unless reembed).
-
-        reembed empties the DB of items in this one transaction (ids are not reused) and marks the header, so
-        that a --reembed run killed half way and started again goes on instead of starting over.
-        """
+    def begin_run(self, encoder: EncoderInfo, root: str, *, first_id: int = 0) -> Header:
+        """Bind the DB to `encoder`: IndexStoreError if it holds items embedded by another (a new encoder gets a
+        new generation: indexer.store.generations; a DB is never emptied in place). A new DB numbers its items
+        from `first_id`."""
         self._env.reader_check()  # free the reader slots of dead processes, which would pin old pages forever
 
         def run(txn: lmdb.Transaction) -> Header:
             header = _read_header(txn, self._dbs)
             now = _now()
             if header is None:
-                header = Header(encoder=encoder, root=root, uuid=new_uuid(), created=now)
+                header = Header(encoder=encoder, root=root, uuid=new_uuid(), created=now, next_id=first_id)
             elif header.schema != SCHEMA_VERSION:
                 raise IndexStoreError(f"{self.db_dir} has index schema {header.schema}, this version reads "
                                       f"{SCHEMA_VERSION}; rebuild it into a new --db")
-            elif reembed and not (header.reembed_pending and header.encoder.fingerprint == encoder.fingerprint):
-                for name in ("items", "vectors", "paths", "hashes"):
-                    txn.drop(self._dbs[name], delete=False)
-                header = replace(header, encoder=encoder, ids_digest=0, reembed_pending=True)
             elif header.encoder.fingerprint != encoder.fingerprint and txn.stat(self._dbs["items"])["entries"]:
                 raise IndexStoreError(_mismatch_message(self.db_dir, header.encoder, encoder))
             if header.root != root:
@@ -275,7 +269,7 @@ class Store:
         return self._write(run)
 
     def finish_run(self) -> Header:
-        """Clear the --reembed mark once every file has been seen."""
+        """Clear the mark an in-place --reembed of an older version left, once every file has been seen."""
         return self._write(lambda txn: self._update_header(txn, [], [], reembed_pending=False))
 
     def commit_batch(self, items: Sequence[NewItem], failures: Sequence[Failure]) -> list[int]:
@@ -472,8 +466,8 @@ def _mismatch_message(db_dir: Path, stored: EncoderInfo, given: EncoderInfo) -> 
                 f"{stored.resize_mode}, not --crop-pct {given.crop_pct:g} --resize-mode {given.resize_mode}: "
                 f"leave them out to use the DB's, or pass --reembed to re-encode every image, or use another --db")
     return (f"{db_dir} was built with encoder {stored.spec!r} (fingerprint {stored.fingerprint[:12]}), "
-            f"not {given.spec!r} ({given.fingerprint[:12]}): pass --model {stored.spec}, "
-            f"or --reembed to re-encode every image with the new encoder, or use another --db")
+            f"not {given.spec!r} ({given.fingerprint[:12]}): pass --model {stored.spec} (or none), "
+            f"or index the folder with --model {given.spec}: that builds a new generation and switches to it")
 
 
 def read_chunk(raw: Raw | None, dim: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -499,34 +493,35 @@ def write_chunk(present: np.ndarray, vectors: np.ndarray) -> bytes:
     return bits.to_bytes(8, "little") + np.ascontiguousarray(vectors, dtype="<f4").tobytes()
 
 
-def _acquire_writer_lock(db_dir: Path) -> int:
-    """A POSIX record lock on DB_DIR/index.lock: held by this process only (a fork does not inherit it),
-    released by the kernel when the process ends however it ends."""
-    db_dir.mkdir(parents=True, exist_ok=True)
-    path = str((db_dir / LOCK_FILE).resolve())
-    if path in _HELD_LOCKS:  # closing a second descriptor would drop this process's lock: never open one
-        raise _locked(db_dir, str(os.getpid()))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+def acquire_lock(path: Path, *, what: str = "another index run") -> int:
+    """A POSIX record lock on the file `path` (created if needed): held by this process only (a fork does not
+    inherit it), released by the kernel when the process ends however it ends. IndexStoreError "locked"
+    (naming `what` holds it) when another process, or this one, holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD_LOCKS:  # closing a second descriptor would drop this process's lock: never open one
+        raise _locked(path.parent, str(os.getpid()), what)
+    fd = os.open(key, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno not in (errno.EACCES, errno.EAGAIN):
             os.close(fd)
-            raise IndexStoreError(f"cannot lock {path}: {exc.strerror or exc}") from None
+            raise IndexStoreError(f"cannot lock {key}: {exc.strerror or exc}") from None
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise _locked(db_dir, holder) from None
-    _HELD_LOCKS.add(path)
+        raise _locked(path.parent, holder, what) from None
+    _HELD_LOCKS.add(key)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
-def _release_writer_lock(db_dir: Path, fd: int) -> None:
-    _HELD_LOCKS.discard(str((db_dir / LOCK_FILE).resolve()))
+def release_lock(path: Path, fd: int) -> None:
+    _HELD_LOCKS.discard(str(path.resolve()))
     os.close(fd)  # drops the record lock
 
 
-def _locked(db_dir: Path, holder: str) -> IndexStoreError:
-    return IndexStoreError(f"{db_dir} is locked: another index run (pid {holder}) is writing to it; "
+def _locked(db_dir: Path, holder: str, what: str) -> IndexStoreError:
+    return IndexStoreError(f"{db_dir} is locked: {what} (pid {holder}) is writing to it; "
                            f"wait for it to finish or use another --db")

@@ -1,6 +1,6 @@
 """Read-only access to an index DB for queries and evaluation, as of one committed LMDB state.
 
-    with SearchIndex.open(db_dir) as index:
+    with SearchIndex.open(db_dir) as index:         # the live generation (generation=ID: another one)
         index.check_encoder(encoder)                  # IndexStoreError if the DB was built with another
         scores, ids = index.search(embeddings, k=10)  # (Q, k) float32 cosine, int64 LMDB ids (-1: none)
         items = index.items(ids[0])                   # Item records (path relative to index.root, label...)
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
-from . import ann
+from . import ann, generations
 from .layout import EncoderInfo, Header, Item, ids_digest
 from .lmdb_store import Snapshot, Store, require_encoder
 
@@ -47,8 +47,9 @@ class SearchIndex:
     Not thread-safe: use one SearchIndex from one thread at a time.
     """
 
-    def __init__(self, store: Store, *, mmap: bool = True, gpu: bool = True):
+    def __init__(self, store: Store, *, mmap: bool = True, gpu: bool = True, generation_id: int = 1):
         self.store = store
+        self.generation_id = generation_id  # the index generation searched (indexer.store.generations)
         self._mmap, self._gpu = mmap, gpu
         self._snapshot_cm: contextlib.AbstractContextManager[Snapshot] | None = None
         self._snapshot: Snapshot
@@ -65,11 +66,14 @@ class SearchIndex:
             raise
 
     @classmethod
-    def open(cls, db_dir: str | Path, *, mmap: bool = True, gpu: bool = True) -> SearchIndex:
-        """Open DB_DIR read-only (IndexStoreError if it is not an index DB); mmap the FAISS file by default."""
-        store = Store.open(db_dir, readonly=True)
+    def open(cls, db_dir: str | Path, *, generation: int | None = None, mmap: bool = True,
+             gpu: bool = True) -> SearchIndex:
+        """Open DB_DIR's live generation, or `generation`, read-only (IndexStoreError if there is none); mmap
+        the FAISS file by default."""
+        gen, path = generations.resolve(db_dir, generation)
+        store = Store.open(path, readonly=True)
         try:
-            return cls(store, mmap=mmap, gpu=gpu)
+            return cls(store, mmap=mmap, gpu=gpu, generation_id=gen)
         except BaseException:
             store.close()
             raise
@@ -81,7 +85,8 @@ class SearchIndex:
 
     @property
     def generation(self) -> int:
-        """The snapshot's DB generation (+1 per committed write transaction)."""
+        """The snapshot's commit counter (Header.generation: +1 per committed write transaction; not to be
+        confused with generation_id, the index generation)."""
         return self.header.generation
 
     def _renew(self, *, reload: bool) -> bool:
