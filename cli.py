@@ -408,8 +408,9 @@ def dedup_cmd(db_dir: Path, threshold: float | None, max_diff: float | None, nei
               help="Larger uploads get 413.")
 @click.option("--cors", "cors", metavar="ORIGIN", default=None,
               help="Allow this origin cross-site [default: CORS off].")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
-              help="Uploads embedded in one encoder batch (1: no micro-batching).")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Uploads embedded in one encoder batch (1: no micro-batching; on 2 cores batches of 16-32 were "
+                   "slower per image than 8).")
 @click.option("--batch-window-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
               help="How long an upload waits for others to share its batch.")
 @click.option("--queue-size", default=64, show_default=True, type=click.IntRange(min=1),

@@ -34,14 +34,14 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
+from indexer.store.layout import Failure, NewItem, limits_key
+from indexer.store.lmdb_store import Store
 from retrieval.compat import cpu_has_bf16, loader_workers, shutdown_loader
 from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 
-from indexer.store.layout import Failure, NewItem, limits_key
 from .scan import TRANSIENT_ERRNOS, FileEntry
-from indexer.store.lmdb_store import Store
 
 log = logging.getLogger(__name__)
 

@@ -24,16 +24,16 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from indexer.store import ann, generations
+from indexer.store.layout import EncoderInfo, Failure, Header, limits_key
+from indexer.store.lmdb_store import Store
+from indexer.store.read import stored_eval_resize
 from retrieval.data.decode import DEFAULT_MAX_PIXELS, default_workers
 from retrieval.data.walk import printable
 from retrieval.errors import DecodeError, IndexStoreError
 
-from indexer.store import ann, generations
-from indexer.store.layout import EncoderInfo, Failure, Header, limits_key
-from indexer.store.read import stored_eval_resize
 from .plan import Plan, make_plan
 from .scan import Unreachable, scan_stream
-from indexer.store.lmdb_store import Store
 
 if TYPE_CHECKING:  # torch stays unimported until an encoder is needed
     from retrieval.encoder import Encoder

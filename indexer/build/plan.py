@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Generic, TypeVar
 
+from indexer.store.layout import Failure, PathState, path_key
 from retrieval.errors import IndexStoreError
 
-from indexer.store.layout import Failure, PathState, path_key
 from .scan import FileEntry, ScanFailure, Scanned, Unreachable
 
 T = TypeVar("T")

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from indexer.store.layout import limits_key
+from indexer.store.lmdb_store import Store
 from retrieval.allocator import KEEP_FREED_TUNABLES
 from retrieval.compat import ray_init_private
 from retrieval.data.decode import allow_pixels
@@ -44,9 +46,7 @@ from retrieval.encoder import Encoder
 from retrieval.errors import IndexStoreError
 
 from .encode import Committer, Embedder, EncodeCounts, ImageFiles, Loaded
-from indexer.store.layout import limits_key
 from .scan import FileEntry
-from indexer.store.lmdb_store import Store
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from indexer.store.layout import KEY_PREFIX, path_key
 from retrieval.data.folder import IMAGE_EXTENSIONS
 from retrieval.data.walk import Found, walk
-
-from indexer.store.layout import KEY_PREFIX, path_key
 
 # errno values that say something about the moment (a network share, the machine's load), not about the file
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN,
