@@ -62,7 +62,8 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
         header, factory, root = index.header, index.factory, index.root
     ranking = Ranking([str(root / it.relpath) for it in items], labels, class_names, queries, neighbours, scores)
     source = {"db": str(cfg.db), "root": header.root, "model": header.encoder.spec,
-              "fingerprint": header.encoder.fingerprint, "index": factory}
+              "fingerprint": header.encoder.fingerprint, "index": factory,
+              "engine": f"{header.encoder.engine} {header.encoder.precision}"}
     title = f"index {Path(cfg.db).name} (encoder {Path(header.encoder.spec).name or header.encoder.spec})"
     return make_result(title, source, cfg.ks, metrics, ranking, exact=exact, report_dir=cfg.report,
                        compare=cfg.compare, embeddings=vectors)

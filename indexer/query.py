@@ -13,7 +13,7 @@ from pathlib import Path
 from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
-from .store.read import Hit, embed_images, hits_of, load_db_encoder
+from .store.read import Hit, embed_images, hits_of, load_db_encoder, load_db_runner
 
 STDIN = "-"
 
@@ -29,6 +29,8 @@ class QueryConfig:
     device: str = "auto"  # see retrieval.device.resolve_device
     batch_size: int = 32
     labels: tuple[str, ...] = ()  # only items with one of these labels (none: every item)
+    precision: str | None = None  # None: as the DB's vectors were made (see store.read.load_db_runner)
+    engine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,12 +82,13 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
                                   f"(python cli.py index FOLDER --db {cfg.db})")
         only = index.ids_with_labels(cfg.labels) if cfg.labels else None  # before torch: a typo shows at once
         encoder = load_db_encoder(index, model=cfg.model, device=cfg.device)
+        runner = load_db_runner(index, encoder, precision=cfg.precision, engine=cfg.engine)
         results: list[QueryResult] = []
         for start in range(0, len(cfg.images), cfg.batch_size):
             paths = cfg.images[start : start + cfg.batch_size]
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
-            scores, ids = index.search(embed_images(encoder, images), cfg.k, only=only)
+            scores, ids = index.search(embed_images(encoder, images, runner), cfg.k, only=only)
             results += [QueryResult(str(p), hits_of(index, s, i)) for p, s, i in zip(paths, scores, ids, strict=True)]
         return results
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,7 +59,9 @@ class IndexConfig:
     batch_size: int = 64
     workers: int | None = None  # decode worker processes; None: default_workers(device, minimum=1), 0: in this process
     device: str = "auto"  # see retrieval.device.resolve_device
-    precision: str = "fp32"  # fp32 | bf16 (CPU with AVX512-BF16/AMX) | fp16 (CUDA)
+    precision: str | None = None  # None: the DB's (fp32 for a new DB); fp32 | bf16 | fp16 | int8 | auto (see choose)
+    engine: str | None = None  # None: the DB's (torch for a new DB); torch | onnxruntime
+    calibration: str = "percentile"  # int8: retrieval.encoder.quantize.CALIBRATION_METHODS
     ann: str = "auto"  # see indexer.store.ann.choose_factory
     reembed: bool = False
     rebuild_ann: bool = False
@@ -101,21 +103,22 @@ class IndexSummary:
     model: str
     fingerprint: str
     precision: str | None  # the precision the encoder ran at (None: nothing encoded)
+    engine: str | None  # the engine it ran on (None: nothing encoded)
     ann: ann.Refresh
     lmdb_bytes: int
     seconds: float
     images_per_s: float | None
     timings: dict[str, float]
     failures: list[FailedFile]
-    precision_min_cosine: float | None = None  # reduced precision: its first batch's min cosine to fp32
+    gate: dict | None = None  # the ranking gate's figures per candidate tried, and the fallback reason if any
     unreachable: list[str] = field(default_factory=list)  # folders (or dangling links) the scan could not reach
     unreachable_kept: int = 0  # items kept because they lie below one of them
 
     def to_json(self) -> dict:
-        """The `index --json` object (precision_min_cosine only when a reduced precision was checked)."""
+        """The `index --json` object (gate only when a candidate was gated or fell back)."""
         out = {**asdict(self), "db": str(self.db), "folder": str(self.folder)}
-        if self.precision_min_cosine is None:
-            del out["precision_min_cosine"]
+        if self.gate is None:
+            del out["gate"]
         return out
 
 
@@ -139,11 +142,10 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
                 store.put_failures([Failure(f.relpath, f.reason, transient=f.transient) for f in bad])
             t = time.perf_counter()
             counts: EncodeCounts | None = None
-            precision: str | None = None
-            min_cosine: float | None = None
+            choice: dict | None = None
             if plan.todo:
                 assert encoder is not None  # _bind_and_plan loads the encoder whenever there is work
-                counts, precision, min_cosine = _encode(store, cfg, folder, plan, encoder, progress)
+                counts, choice = _encode(store, cfg, folder, plan, encoder, header, progress)
             timings["encode_s"] = time.perf_counter() - t
             removed = sum(store.remove_paths(keys) for keys in plan.removed.batches(REMOVE_BATCH))
         if header.reembed_pending:
@@ -160,12 +162,14 @@ def run_index(cfg: IndexConfig, *, progress: bool = False) -> IndexSummary:
         total=total, encoded=encoded, reused=reused,
         new_failures=failed_now + len(plan.failures), files=plan.files,
         db=Path(cfg.db_dir), folder=folder, model=header.encoder.spec, fingerprint=header.encoder.fingerprint,
-        precision=precision, ann=ann_info, lmdb_bytes=lmdb_bytes,
+        precision=choice["precision"] if choice else None, engine=choice["engine"] if choice else None, ann=ann_info,
+        lmdb_bytes=lmdb_bytes,
         seconds=round(time.perf_counter() - started, 3),
         images_per_s=round(len(plan.todo) / timings["encode_s"], 2) if plan.todo else None,
         timings={k: round(v, 3) for k, v in timings.items()},
         failures=[FailedFile(printable(f.relpath), f.reason, f.transient) for f in failures],
-        precision_min_cosine=round(min_cosine, 6) if min_cosine is not None else None,
+        gate={"candidates": choice["gate"], "fallback": choice["fallback"]}
+        if choice and (choice["gate"] or choice["fallback"]) else None,
         unreachable=[printable(p) for p in plan.unreachable], unreachable_kept=plan.unreachable_kept)
     if cfg.strict and failures:
         first = summary.failures[0]
@@ -227,13 +231,16 @@ def _bind_and_plan(store: Store, cfg: IndexConfig,
     header = store.header()
     if header is None or cfg.reembed:
         encoder = _load_encoder(cfg)
-        header = store.begin_run(EncoderInfo.of(encoder), str(folder), reembed=cfg.reembed)
+        info = EncoderInfo.of(encoder)  # a --reembed killed half way goes on with the engine it had chosen:
+        info = _same_engine(info, header.encoder) if header is not None and header.reembed_pending else info
+        header = store.begin_run(info, str(folder), reembed=cfg.reembed)
         return (header, encoder, *_plan(store, folder, cfg))
     plan, timings = _plan(store, folder, cfg)
     try:
         _limit_removals(store, cfg, plan)
         loaded = _load_encoder(cfg) if plan.todo or not _same_encoder_cheap(cfg.model, header.encoder) else None
-        header = store.begin_run(EncoderInfo.of(loaded) if loaded else header.encoder, str(folder), reembed=False)
+        header = store.begin_run(_same_engine(EncoderInfo.of(loaded), header.encoder) if loaded else header.encoder,
+                                 str(folder), reembed=False)
     except BaseException:
         plan.close()
         raise
@@ -253,33 +260,42 @@ def _max_file_bytes(cfg: IndexConfig) -> int:
     return int(cfg.max_file_mb * 2**20)
 
 
-def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: Encoder,
-            progress: bool) -> tuple[EncodeCounts, str, float | None]:
-    """Encode and commit plan.todo here or on Ray: (counts, the precision encoded at, its min cosine to fp32).
-    Both stream the files from the plan's spool (the Ray path one window of files at a time)."""
+def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: Encoder, header: Header,
+            progress: bool) -> tuple[EncodeCounts, dict]:
+    """Encode and commit plan.todo here or on Ray: (counts, the engine choice as `index --json` shows it).
+    The engine is chosen (indexer.build.choose) and recorded in the header before the first vector is written.
+    Both paths stream the files from the plan's spool (the Ray path one window of files at a time)."""
     from retrieval.device import resolve_device
+
+    from .choose import choose
 
     def checkpoint() -> None:
         _refresh_ann(store, cfg.ann, rebuild=False)
 
-    if cfg.ray or cfg.ray_address:
+    device = resolve_device(cfg.device)
+    ray = cfg.ray or cfg.ray_address
+    if ray and (cfg.precision in ("int8", "auto") or header.encoder.precision == "int8"):
+        raise IndexStoreError("--ray encodes with torch (fp32, bf16, fp16): int8 and --precision auto run locally")
+    choice = choose(store, folder, plan.todo, encoder, header.encoder, precision=cfg.precision, engine=cfg.engine,
+                    device=str(device), calibration=cfg.calibration)
+    if choice.info != header.encoder:
+        store.begin_run(choice.info, str(folder), reembed=False)
+    if ray:
         from .ray_encode import encode_files_ray
 
-        counts, used = encode_files_ray(
-            store, folder, plan.todo, encoder, precision=cfg.precision, batch_size=cfg.batch_size,
+        counts, _ = encode_files_ray(
+            store, folder, plan.todo, encoder, precision=choice.info.precision, batch_size=cfg.batch_size,
             max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg), address=cfg.ray_address, actors=None,
             checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
-        return counts, used.precision, used.min_cosine
+        return counts, choice.to_json()
     from .encode import Embedder, encode_files
 
-    device = resolve_device(cfg.device)
-    embedder = Embedder(encoder, device, cfg.precision)
     counts = encode_files(
-        store, folder, iter(plan.todo), embedder, batch_size=cfg.batch_size, total=len(plan.todo),
-        workers=default_workers(str(device), minimum=1) if cfg.workers is None else cfg.workers,
+        store, folder, iter(plan.todo), Embedder(encoder, device, runner=choice.runner), batch_size=cfg.batch_size,
+        total=len(plan.todo), workers=default_workers(str(device), minimum=1) if cfg.workers is None else cfg.workers,
         max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg),
         checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
-    return counts, embedder.precision, embedder.min_cosine
+    return counts, choice.to_json()
 
 
 def _load_encoder(cfg: IndexConfig) -> Encoder:
@@ -287,6 +303,13 @@ def _load_encoder(cfg: IndexConfig) -> Encoder:
     from retrieval.encoder import load_encoder
 
     return load_encoder(cfg.model, device=resolve_device(cfg.device))
+
+
+def _same_engine(info: EncoderInfo, stored: EncoderInfo) -> EncoderInfo:
+    """`info` with the stored engine, precision and graph when it is the stored encoder (its vectors' record)."""
+    if info.fingerprint != stored.fingerprint:
+        return info
+    return replace(info, engine=stored.engine, precision=stored.precision, graph=stored.graph)
 
 
 def _same_encoder_cheap(spec: str, stored: EncoderInfo) -> bool:

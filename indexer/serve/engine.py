@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from indexer.store.layout import Item
-from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder
+from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder, load_db_runner
 from indexer.store.search import SearchIndex
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
@@ -57,6 +57,8 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)  # required as a Bearer token on /api/* and /metrics
     no_auth: bool = False  # the user's explicit choice to serve a non-loopback host without a key
     show_paths: bool = False  # absolute file paths and encoder run directories in answers (else relative / names)
+    precision: str | None = None  # None: as the DB's vectors were made (see store.read.load_db_runner)
+    engine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class Engine:
         self.index = SearchIndex.open(cfg.db)
         try:
             self.encoder = load_db_encoder(self.index, device=cfg.device)
+            self.runner = load_db_runner(self.index, self.encoder, precision=cfg.precision, engine=cfg.engine)
         except BaseException:
             self.index.close()
             raise
@@ -116,7 +119,7 @@ class Engine:
         start = time.perf_counter()
         if self.on_batch is not None:
             self.on_batch(len(queries))
-        embeddings = embed_tensors(self.encoder, [q.pixels for q in queries])
+        embeddings = embed_tensors(self.encoder, [q.pixels for q in queries], self.runner)
         embedded = time.perf_counter()
         groups: dict[tuple[str, ...], list[int]] = {}  # one search per label filter
         for row, q in enumerate(queries):
@@ -165,7 +168,7 @@ class Engine:
                 "labels": [{"label": label, "count": n} for label, n in sorted(labels.items())],
                 "encoder": {"spec": public_spec(header.encoder.spec, self.cfg.show_paths),
                             "fingerprint": header.encoder.fingerprint, "dim": header.encoder.dim,
-                            "image_size": header.encoder.image_size},
+                            "image_size": header.encoder.image_size, "engine": str(self.runner.spec)},
                 "ann": None if meta is None else {"kind": meta.kind, "factory": meta.factory},
                 "generation": header.generation,
                 "faiss_lags": self.index.lagging,
@@ -181,6 +184,7 @@ class Engine:
         if self.index.header.encoder.fingerprint != self.fingerprint:
             log.warning("the DB was re-embedded with %s: loading it", self.index.header.encoder.spec)
             self.encoder = load_db_encoder(self.index, device=self.device)
+            self.runner = load_db_runner(self.index, self.encoder, precision=self.cfg.precision, engine=self.cfg.engine)
             self.transform = self.encoder.eval_transform()
             self.fingerprint = self.index.header.encoder.fingerprint
         self.status = self._status()

@@ -40,6 +40,9 @@ class EncoderInfo:
     fingerprint: str
     dim: int
     image_size: int
+    engine: str = "torch"  # how the vectors were computed (retrieval.encoder.engine); older DBs: torch fp32
+    precision: str = "fp32"
+    graph: str = ""  # int8: the quantized graph's file name in the DB folder (queries must use the same one)
 
     @classmethod
     def of(cls, encoder: Encoder) -> EncoderInfo:
