@@ -235,7 +235,7 @@ class Embedder:
         see split_transform). `runner` (what it runs: runner.spec) replaces the torch one of `precision`."""
         device = torch.device(device)
         if runner is None:
-            _require_precision(precision, device)
+            require_precision(precision, device)
             runner = TorchRunner(encoder, precision)
         self.device = device
         self.transform, self._finish = split_transform(encoder.eval_transform())
@@ -505,7 +505,7 @@ def _embed_batch(store: Store, todo: Sequence[FileEntry] | Mapping[int, FileEntr
     return items, failures, missing
 
 
-def _require_precision(precision: str, device: torch.device) -> None:
+def require_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise EncoderError(f"torch runs precision fp32, bf16 or fp16, not {precision!r}")
     if precision == "fp16" and device.type != "cuda":
