@@ -182,31 +182,47 @@ def _cfg(folder: Path, db: Path, model: Path, **kw) -> IndexConfig:
 
 def test_index_int8_records_its_engine_and_query_uses_the_same_graph(tmp_path, tiny_run_dir):
     folder, db = tmp_path / "images", tmp_path / "db"
-    make_folder(folder, classes=3, per_class=6)
-    summary = run_index(_cfg(folder, db, tiny_run_dir, precision="int8"))
-    gate = summary.to_json()["gate"]
+    make_folder(folder, classes=4, per_class=6)
+    out = CliRunner().invoke(cli.cli, ["index", str(folder), "--model", str(tiny_run_dir), "--db", str(db),
+                                       "--workers", "0", "--precision", "int8", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)  # only the summary on stdout (onnxruntime's calibrators print there)
+    gate = summary["gate"]
     figures = gate["candidates"]["onnxruntime int8"]
-    assert figures["images"] == 18 and 0.0 <= figures["overlap"] <= 1.0
+    assert figures["images"] == 24 and 0.0 <= figures["overlap"] <= 1.0
     with SearchIndex.open(db) as index:
         info = index.header.encoder
     if figures["passed"]:
-        assert (summary.engine, summary.precision, info.precision) == ("onnxruntime", "int8", "int8")
+        assert (summary["engine"], summary["precision"], info.precision) == ("onnxruntime", "int8", "int8")
         assert info.graph and (db / info.graph).is_file() and gate["fallback"] is None
     else:  # the fallback is recorded too, with its reason
-        assert (summary.precision, info.precision, info.graph) == ("fp32", "fp32", "")
+        assert (summary["precision"], info.precision, info.graph) == ("fp32", "fp32", "")
         assert "fails the ranking gate" in gate["fallback"]
     # a query embeds as the DB's vectors were made: an indexed image finds itself first
     out = CliRunner().invoke(cli.cli, ["query", str(folder / "class1/img002.jpg"), "--db", str(db), "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)[0]["results"][0]["path"].endswith("class1/img002.jpg")
     # later runs add with the same engine; asking for another precision is refused
-    make_folder(folder, classes=4, per_class=6)
+    make_folder(folder, classes=5, per_class=6)
     again = run_index(_cfg(folder, db, tiny_run_dir))
     assert (again.encoded, again.precision) == (6, info.precision)
-    make_folder(folder, classes=5, per_class=6)
+    make_folder(folder, classes=6, per_class=6)
     other = "bf16" if info.precision != "bf16" else "fp32"
     with pytest.raises(IndexStoreError, match="--reembed"):
         run_index(_cfg(folder, db, tiny_run_dir, precision=other))
+
+
+def test_too_few_images_to_gate_stay_fp32_with_a_reason(tmp_path, tiny_run_dir):
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=2, per_class=3)
+    out = CliRunner().invoke(cli.cli, ["index", str(folder), "--model", str(tiny_run_dir), "--db", str(db),
+                                       "--workers", "0", "--precision", "int8", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    assert (summary["engine"], summary["precision"]) == ("torch", "fp32")
+    assert "6 images are too few to check int8" in summary["gate"]["fallback"]
+    with SearchIndex.open(db) as index:
+        assert (index.header.encoder.engine, index.header.encoder.precision) == ("torch", "fp32")
 
 
 def test_index_onnxruntime_fp32_gives_torch_vectors(tmp_path, tiny_run_dir):

@@ -12,7 +12,9 @@ decided by retrieval.encoder.gate, not here.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -65,8 +67,8 @@ def quantize_int8(encoder: Encoder, batches: Iterable[torch.Tensor], out: Path, 
         except Exception as exc:  # noqa: BLE001 - e.g. an AssertionError inside symbolic shape inference
             log.info("int8: graph pre-processing skipped (%s)", first_line(exc))
             prepared = source
-        try:
-            with atomic_path(out, suffix=".onnx") as tmp:
+        try:  # onnxruntime's calibrators print progress to stdout, which `index --json` owns
+            with atomic_path(out, suffix=".onnx") as tmp, contextlib.redirect_stdout(io.StringIO()):
                 quantize_static(str(prepared), str(tmp), _Reader(batches), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=calibrate, extra_options={"CalibStridedMinMax": 1})
