@@ -131,10 +131,18 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
                    "on the CPU, CPUs (max 8) on a GPU].")
 @click.option("--device", default="auto", show_default=True,
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="bf16: encoder weights in bfloat16, for CPUs with AVX512-BF16 or AMX (refused elsewhere); "
-                   "fp16: for CUDA. Every run compares its first batch with fp32 and falls back to fp32 if any "
-                   "embedding's cosine to it is below 0.999 (check a collection with scripts/bench_precision.py).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default=None,
+              help="How vectors are computed, decided by the first run of a DB and recorded (later runs, query and "
+                   "serve use the same): fp32; int8 (ONNX Runtime, calibrated on this folder); bf16 (CPUs with "
+                   "AVX512-BF16 or AMX); fp16 (CUDA); auto: the fastest of int8, bf16 that passes the ranking gate. "
+                   "A reduced precision is kept only if its rankings agree with fp32's on a held sample of FOLDER, "
+                   "else fp32 with a warning (docs/engines.md) [default: the DB's, fp32 for a new DB].")
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="Inference engine for fp32: onnxruntime runs the exported encoder (the same vectors to 1e-6, "
+                   "faster on a CPU; cached in ~/.cache/circle-retrieval/engines) [default: the DB's, torch for a "
+                   "new DB].")
+@click.option("--calibration", type=click.Choice(["percentile", "entropy", "minmax"]), default="percentile",
+              show_default=True, help="int8: how activation ranges are measured on 256 images of FOLDER.")
 @click.option("--ann", default="auto", show_default=True,
               help="FAISS index: auto (exact Flat up to 100k x 512-d, then IVF), flat, hnsw, ivf-flat, ivf-pq, "
                    "or a faiss factory string such as IVF1024,PQ32.")
@@ -174,8 +182,8 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, resize_mode: str | None,
               tta: str | None, batch_size: int, workers: int | None, device: str,
-              precision: str, ann: str, reembed: bool, switch: bool, keep: int,
-              disk_check: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
+              precision: str | None, engine: str | None, calibration: str, ann: str, reembed: bool, switch: bool,
+              keep: int, disk_check: bool, rebuild_ann: bool, strict: bool, allow_empty: bool,
               max_remove: int | None, root_changed: bool, max_pixels: int | None, max_file_mb: float,
               use_ray: bool, ray_address: str | None,
               progress: bool | None, as_json: bool) -> None:
@@ -204,7 +212,8 @@ def index_cmd(folder: Path, model: str, db_dir: Path, crop_pct: float | None, re
 
     cfg = IndexConfig(folder=folder, db_dir=db_dir, model=model, crop_pct=crop_pct, resize_mode=resize_mode,
                       tta=tta, batch_size=batch_size, workers=workers,
-                      device=device, precision=precision, ann=ann, reembed=reembed, switch=switch, keep=keep,
+                      device=device, precision=precision, engine=engine,
+                      calibration=calibration, ann=ann, reembed=reembed, switch=switch, keep=keep,
                       check_disk=disk_check, rebuild_ann=rebuild_ann,
                       strict=strict, allow_empty=allow_empty, max_remove=max_remove, root_changed=root_changed,
                       max_pixels=max_pixels or DEFAULT_MAX_PIXELS, max_file_mb=max_file_mb,
@@ -282,6 +291,10 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
               help="Exponent of the hits' similarity weights in --expand (0: plain average).")
 @_tta_option("the DB's own; another one is an error")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default=None,
+              help="Embed the queries at this precision [default: the one the DB's vectors were made with].")
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="Inference engine for fp32 queries [default: the DB's].")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--dedup", type=float, default=None, metavar="T",
@@ -291,7 +304,7 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help='Print [{"query": PATH, "results": [{"rank", "path", "score", "label"}, ...]}, ...].')
 def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, device: str, labels: tuple[str, ...],
               expand_k: int, expand_alpha: float, tta: str | None, html_file: Path | None, dedup: float | None,
-              as_json: bool) -> None:
+              precision: str | None, engine: str | None, as_json: bool) -> None:
     """Search DB_DIR for the images most similar to each IMAGE.
 
     IMAGE is an image file, a folder of images (searched recursively), or - to read one path per line
@@ -303,7 +316,8 @@ def query_cmd(images: tuple[str, ...], db_dir: Path, k: int, model: str | None, 
 
     queries = expand_queries(images, sys.stdin if "-" in images else ())
     results = run_query(QueryConfig(db=db_dir, images=queries, k=k, model=model, device=device, labels=labels,
-                                    expand=Expansion(expand_k, expand_alpha), dedup=dedup, tta=tta))
+                                    expand=Expansion(expand_k, expand_alpha), dedup=dedup, tta=tta,
+                                    precision=precision, engine=engine))
     if html_file is not None:
         write_query_html(results, html_file)
     if as_json:
@@ -404,6 +418,10 @@ def dedup_cmd(db_dir: Path, threshold: float | None, max_diff: float | None, nei
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1, 1000),
               help="Results when a request does not give ?k= (1-1000).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default=None,
+              help="Embed uploads at this precision [default: the one the DB's vectors were made with].")
+@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
+              help="Inference engine for fp32 uploads [default: the DB's].")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Larger uploads get 413.")
 @click.option("--cors", "cors", metavar="ORIGIN", default=None,
@@ -432,7 +450,8 @@ def dedup_cmd(db_dir: Path, threshold: float | None, max_diff: float | None, nei
               help="Answer with absolute file paths and the encoder's run directory [default: paths relative to "
                    "the indexed folder, the run directory by its name].")
 @_tta_option("the DB's own; another one is an error")
-def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_upload_mb: float, cors: str | None,
+def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, precision: str | None, engine: str | None,
+              max_upload_mb: float, cors: str | None,
               max_batch: int, batch_window_ms: float, queue_size: int, max_wait_ms: float,
               decode_threads: int | None, api_key_file: Path | None, no_auth: bool, drain_s: int,
               show_paths: bool, tta: str | None) -> None:
@@ -458,7 +477,7 @@ def serve_cmd(db_dir: Path, host: str, port: int, device: str, k: int, max_uploa
 
     # uvicorn drains on SIGTERM, then raises the signal again under this disposition: a clean stop exits 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k,
+    run_server(ServeConfig(db=db_dir, host=host, port=port, device=device, k=k, precision=precision, engine=engine,
                            max_upload_bytes=int(max_upload_mb * (1 << 20)), cors=cors, max_batch=max_batch,
                            batch_window_ms=batch_window_ms, queue_size=queue_size, max_wait_ms=max_wait_ms,
                            decode_threads=decode_threads, drain_s=drain_s,

@@ -87,7 +87,8 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
     exact_metrics = ranking_metrics(labels, queries, rankings[0][1], cfg.ks) if len(rankings) > 1 else None
     ranking = Ranking([str(root / it.relpath) for it in items], labels, class_names, queries, neighbours, scores)
     source = {"db": str(cfg.db), "root": header.root, "model": header.encoder.spec,
-              "fingerprint": header.encoder.fingerprint, "index": factory, "generation": str(gen)}
+              "fingerprint": header.encoder.fingerprint, "index": factory, "generation": str(gen),
+              "engine": f"{header.encoder.engine} {header.encoder.precision}"}
     title = (f"index {Path(cfg.db).name} generation {gen} "
              f"(encoder {Path(header.encoder.spec).name or header.encoder.spec})")
     comparison: Path | Comparison | None = cfg.compare

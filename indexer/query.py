@@ -15,7 +15,7 @@ from retrieval.errors import IndexStoreError, RetrievalError
 
 from .store.collapse import FETCH_FACTOR, collapse_hits
 from .store.expand import Expansion, expanded_embeddings
-from .store.read import Hit, embed_images, hits_of, load_db_encoder
+from .store.read import Hit, embed_images, hits_of, load_db_encoder, load_db_runner
 
 STDIN = "-"
 
@@ -34,6 +34,8 @@ class QueryConfig:
     expand: Expansion = Expansion()  # alpha query expansion; k = 0: off
     dedup: float | None = None  # collapse results whose cosine is >= this into the best-ranked (store.collapse)
     tta: str | None = None  # test-time augmentation; None: the DB's own (another one is refused)
+    precision: str | None = None  # None: as the DB's vectors were made (see store.read.load_db_runner)
+    engine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,14 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
                                   f"(python cli.py index FOLDER --db {cfg.db})")
         only = index.ids_with_labels(cfg.labels) if cfg.labels else None  # before torch: a typo shows at once
         encoder = load_db_encoder(index, model=cfg.model, device=cfg.device, tta=cfg.tta)
+        runner = load_db_runner(index, encoder, precision=cfg.precision, engine=cfg.engine)
         fetch = cfg.k if cfg.dedup is None else cfg.k * FETCH_FACTOR
         results: list[QueryResult] = []
         for start in range(0, len(cfg.images), cfg.batch_size):
             paths = cfg.images[start : start + cfg.batch_size]
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
-            embeddings = expanded_embeddings(index, embed_images(encoder, images), cfg.expand)
+            embeddings = expanded_embeddings(index, embed_images(encoder, images, runner), cfg.expand)
             scores, ids = index.search(embeddings, fetch, only=only)
             for path, s, i in zip(paths, scores, ids, strict=True):
                 hits = hits_of(index, s, i)

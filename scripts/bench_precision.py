@@ -1,56 +1,139 @@
-"""Is reduced precision safe for indexing? Cosine of bf16/fp16 embeddings to fp32 on real images, and speed.
+"""Engines and precisions in one run: encoder-only speed and the rankings each one gives, on real photos.
 
-    python scripts/bench_precision.py ../shared/datasets/caltech101 --model lite0 --images 1000
+    python scripts/bench_precision.py ../shared/datasets/cub-birds-dev --model lite0 --test-classes 25
 
-Images are decoded and transformed exactly as `index` does (JPEG draft to the resize size). Reports, per
-precision, the minimum / 0.1th percentile / mean cosine to fp32 and images/s of the encoder alone.
+The folder's last --test-classes class folders (sorted; cub-birds-dev's unseen test half) are decoded and
+preprocessed exactly as `index` does. Per setting (torch fp32, torch bf16 where the CPU has it, ONNX Runtime fp32,
+ONNX Runtime int8 per calibration method, calibrated on --calibration-images of those same images as `index` does)
+it prints one JSON line: images/s at --batch-size over every image, ms per image at batch 1, leave-one-out
+Recall@1 and MAP@R, mean top-10 overlap with torch fp32, the gate's verdict on a held sample of GATE_IMAGES
+(indexer.build.choose), and the mixed case (fp32 queries against this setting's vectors). Then the load
+(`uptime`) before and after: the figures are only comparable within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from indexer.build.choose import GATE_IMAGES
 from indexer.build.encode import Embedder
-from indexer.build.scan import scan_folder
+from retrieval.compat import cpu_has_bf16
 from retrieval.data.decode import load_image
 from retrieval.encoder import load_encoder
+from retrieval.encoder.engine import EngineSpec, Runner, TorchRunner, open_runner, usable_cores
+from retrieval.encoder.gate import agreement
+from retrieval.encoder.quantize import CALIBRATION_METHODS, quantize_int8
+from retrieval.metrics import knn_search, rank_leave_one_out, ranking_metrics
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--model", default="lite0")
-    parser.add_argument("--images", type=int, default=1000, help="evenly spread over the folder's files")
+    parser.add_argument("--test-classes", type=int, default=25, help="the last N class folders (sorted)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--single", type=int, default=64, help="images timed one at a time (batch 1)")
+    parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument("--methods", default=",".join(CALIBRATION_METHODS))
     args = parser.parse_args()
-    encoder = load_encoder(args.model, device=args.device)
-    files = scan_folder(args.folder).files
-    picked = [files[i] for i in np.linspace(0, len(files) - 1, min(args.images, len(files))).astype(int)]
-    reference = Embedder(encoder, args.device, "fp32")
-    images = torch.stack([reference.transform(load_image(args.folder / f.relpath,
-                                                         draft_size=reference.draft_size).image) for f in picked])
-    precisions = ["fp32", "bf16"] if args.device == "cpu" else ["fp32", "fp16"]
-    embeddings, rates = {}, {}
-    for precision in precisions:
-        embedder = Embedder(encoder, args.device, precision, verify=False)  # the raw reduced-precision output
-        embedder(images[: args.batch_size])  # warm up
+    print(json.dumps({"uptime_before": _uptime(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+                      "cpu": _cpu()}), flush=True)
+    encoder = load_encoder(args.model)
+    images, labels = _load(args.folder, args.test_classes, Embedder(encoder, "cpu"))
+    gate_rows = np.linspace(0, len(images) - 1, min(GATE_IMAGES, len(images))).astype(int)
+    rest = np.setdiff1d(np.arange(len(images)), gate_rows)
+    calib = images[rest[np.linspace(0, len(rest) - 1, args.calibration_images).astype(int)]]
+    scratch = Path(tempfile.mkdtemp(prefix="bench-int8-"))
+
+    def int8(method: str) -> tuple[Runner, dict]:
         start = time.perf_counter()
-        embeddings[precision] = np.concatenate([embedder(images[i:i + args.batch_size])
-                                                for i in range(0, len(images), args.batch_size)])
-        rates[precision] = len(images) / (time.perf_counter() - start)
-    for precision in precisions:
-        cos = (embeddings[precision] * embeddings["fp32"]).sum(axis=1)
-        print(json.dumps({"model": args.model, "precision": precision, "images": len(images),
-                          "images_per_s": round(rates[precision], 1), "min_cosine": round(float(cos.min()), 6),
-                          "p0.1_cosine": round(float(np.percentile(cos, 0.1)), 6),
-                          "mean_cosine": round(float(cos.mean()), 6), "torch_threads": torch.get_num_threads()}))
+        graph = quantize_int8(encoder, (calib[i:i + 16] for i in range(0, len(calib), 16)),
+                              scratch / f"{method}.onnx", method=method)
+        runner = open_runner(encoder, EngineSpec("onnxruntime", "int8"), int8_path=graph)
+        return runner, {"quantize_s": round(time.perf_counter() - start, 1)}
+
+    settings: list[tuple[str, Callable[[], tuple[Runner, dict]]]] = [("torch fp32", lambda: (TorchRunner(encoder), {}))]
+    if cpu_has_bf16():
+        settings.append(("torch bf16", lambda: (TorchRunner(encoder, "bf16"), {})))
+    settings.append(("onnxruntime fp32", lambda: (open_runner(encoder, EngineSpec("onnxruntime", "fp32")), {})))
+    settings += [(f"onnxruntime int8 {m}", functools.partial(int8, m)) for m in args.methods.split(",")]
+    reference: np.ndarray | None = None
+    for name, make in settings:
+        runner, extra = make()
+        embeddings, rate = _embed(runner, images, args.batch_size)
+        ms = _single_ms(runner, images[: args.single])
+        reference = embeddings if reference is None else reference
+        print(json.dumps({"setting": name, "images": len(images), "images_per_s": round(rate, 1),
+                          "batch1_ms": round(ms, 2), **_figures(embeddings, reference, labels),
+                          "gate": agreement(reference[gate_rows], embeddings[gate_rows], labels[gate_rows]).to_json(),
+                          "mixed_fp32_queries": _mixed(reference, embeddings, labels), **extra}), flush=True)
+    print(json.dumps({"uptime_after": _uptime()}), flush=True)
+
+
+def _load(folder: Path, test_classes: int, embedder: Embedder) -> tuple[torch.Tensor, np.ndarray]:
+    """Normalised images of the last `test_classes` class folders, decoded as `index` decodes, and their labels."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())[-test_classes:]
+    tensors, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((folder / name).iterdir()):
+            tensors.append(embedder.transform(load_image(path, draft_size=embedder.draft_size).image))
+            labels.append(label)
+    return embedder.finish(torch.stack(tensors)), np.array(labels)
+
+
+def _embed(runner: Runner, images: torch.Tensor, batch: int) -> tuple[np.ndarray, float]:
+    runner(images[:batch])  # warm up
+    start = time.perf_counter()
+    out = np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
+    return out, len(images) / (time.perf_counter() - start)
+
+
+def _single_ms(runner: Runner, images: torch.Tensor) -> float:
+    runner(images[:1])
+    start = time.perf_counter()
+    for i in range(len(images)):
+        runner(images[i:i + 1])
+    return 1000 * (time.perf_counter() - start) / len(images)
+
+
+def _figures(embeddings: np.ndarray, reference: np.ndarray, labels: np.ndarray) -> dict:
+    queries, _, neighbours = rank_leave_one_out(embeddings, labels, (1,))
+    metrics = ranking_metrics(labels, queries, neighbours, (1,))
+    _, ref_nn = knn_search(reference, reference, 10, exclude_self=True)
+    _, nn = knn_search(embeddings, embeddings, 10, exclude_self=True)
+    overlap = float(np.mean([len(np.intersect1d(a, b)) / 10 for a, b in zip(ref_nn, nn, strict=True)]))
+    return {"recall@1": round(metrics["recall@1"], 4), "map@r": round(metrics["map@r"], 4),
+            "top10_overlap": round(overlap, 4)}
+
+
+def _mixed(queries: np.ndarray, database: np.ndarray, labels: np.ndarray) -> dict:
+    """Recall@1 and MAP@R of fp32 query vectors searched among this setting's vectors (each query's own left out)."""
+    width = int(np.bincount(labels).max()) - 1
+    _, neighbours = knn_search(queries, database, max(width, 1), exclude_self=True)
+    metrics = ranking_metrics(labels, np.arange(len(labels)), neighbours, (1,))
+    return {"recall@1": round(metrics["recall@1"], 4), "map@r": round(metrics["map@r"], 4)}
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if os.path.exists("/proc/cpuinfo") else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 if __name__ == "__main__":

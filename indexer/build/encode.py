@@ -10,7 +10,6 @@ encoded. Only this module imports torch, so a run with nothing to encode never p
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import functools
 import hashlib
@@ -39,15 +38,15 @@ from indexer.store.lmdb_store import Store
 from retrieval.compat import cpu_has_bf16, loader_workers, shutdown_loader
 from retrieval.data.decode import decode_image
 from retrieval.encoder import Encoder
+from retrieval.encoder.engine import Runner, TorchRunner
 from retrieval.errors import DecodeError, EncoderError, IndexStoreError
 
 from .scan import TRANSIENT_ERRNOS, FileEntry
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # what torch runs; int8 is onnxruntime's
 DEFAULT_MAX_FILE_MB = 256  # --max-file-mb: a file is read whole into memory, so larger ones are refused
-MIN_COSINE = 0.999  # reduced precision is kept only if every first-batch embedding is this close to fp32
 
 
 @dataclass
@@ -226,40 +225,31 @@ class _Writer:
 
 
 class Embedder:
-    """Preprocessed images -> embeddings: the batch part of the eval transform, then the encoder at the
-    requested precision in channels-last memory format (about 1.5x faster for EfficientNet on a CPU, same
-    embeddings to 1e-6). Reduced precision is checked against fp32 on the first batch and dropped if any
-    embedding is further than MIN_COSINE from it."""
+    """Preprocessed images -> embeddings: the batch part of the eval transform, then a runner
+    (retrieval.encoder.engine: torch at fp32/bf16/fp16 by default, or the one given, e.g. ONNX Runtime). Whether a
+    reduced precision keeps the rankings is decided before encoding (indexer.build.choose), not per batch."""
 
-    def __init__(self, encoder: Encoder, device: str | torch.device, precision: str, *, verify: bool = True):
+    def __init__(self, encoder: Encoder, device: str | torch.device, precision: str = "fp32", *,
+                 runner: Runner | None = None):
         """Batches passed in must be made of `self.transform(image)` tensors (uint8 for the usual transforms,
-        see split_transform). verify=False skips the first-batch comparison (to measure reduced precision)."""
+        see split_transform). `runner` (what it runs: runner.spec) replaces the torch one of `precision`."""
         device = torch.device(device)
-        _require_precision(precision, device)
+        if runner is None:
+            require_precision(precision, device)
+            runner = TorchRunner(encoder, precision)
         self.device = device
         self.transform, self._finish = split_transform(encoder.eval_transform())
         self.draft_size = encoder.config.resize_size  # decode JPEGs straight to (at least) this shorter side
-        self.precision = precision
-        self.min_cosine: float | None = None
-        self._encoder = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
-        self._fp32: Encoder | None = None
-        if precision != "fp32":
-            self._fp32 = self._encoder if verify else None
-            self._encoder = copy.deepcopy(self._encoder).to({"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+        self.runner = runner
+        self.precision = runner.spec.precision
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> np.ndarray:
-        images = self._finish(images.to(self.device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        out = self._encoder(images)
-        if self._fp32 is not None:
-            reference = self._fp32(images)
-            self.min_cosine = float((out * reference).sum(dim=1).min())
-            if self.min_cosine < MIN_COSINE:
-                log.warning("--precision %s: min cosine to fp32 %.5f < %s on the first batch; using fp32",
-                            self.precision, self.min_cosine, MIN_COSINE)
-                self._encoder, self.precision, out = self._fp32, "fp32", reference
-            self._fp32 = None
-        return out.float().cpu().numpy()
+        return self.runner(self.finish(images))
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch part of the eval transform: what the runner takes."""
+        with torch.inference_mode():
+            return self._finish(images.to(self.device, non_blocking=True))
 
 
 def encode_files(store: Store, root: Path, todo: Iterable[FileEntry], embedder: Embedder, *, batch_size: int,
@@ -515,9 +505,9 @@ def _embed_batch(store: Store, todo: Sequence[FileEntry] | Mapping[int, FileEntr
     return items, failures, missing
 
 
-def _require_precision(precision: str, device: torch.device) -> None:
+def require_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
-        raise EncoderError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise EncoderError(f"torch runs precision fp32, bf16 or fp16, not {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise EncoderError("--precision fp16 is for GPUs (--device cuda); on a CPU use bf16 or fp32")
     if precision == "bf16" and device.type == "cpu" and not cpu_has_bf16():

@@ -64,7 +64,9 @@ class IndexConfig:
     batch_size: int = 64
     workers: int | None = None  # decode worker processes; None: default_workers(device, minimum=1), 0: in this process
     device: str = "auto"  # see retrieval.device.resolve_device
-    precision: str = "fp32"  # fp32 | bf16 (CPU with AVX512-BF16/AMX) | fp16 (CUDA)
+    precision: str | None = None  # None: the DB's (fp32 for a new DB); fp32 | bf16 | fp16 | int8 | auto (see choose)
+    engine: str | None = None  # None: the DB's (torch for a new DB); torch | onnxruntime
+    calibration: str = "percentile"  # int8: retrieval.encoder.quantize.CALIBRATION_METHODS
     ann: str = "auto"  # see indexer.store.ann.choose_factory
     reembed: bool = False  # build a new generation even with the live generation's encoder
     switch: bool = True  # make a newly built generation live at the end (False: build it for a later --activate)
@@ -109,23 +111,24 @@ class IndexSummary:
     model: str
     fingerprint: str
     precision: str | None  # the precision the encoder ran at (None: nothing encoded)
+    engine: str | None  # the engine it ran on (None: nothing encoded)
     ann: ann.Refresh
     lmdb_bytes: int
     seconds: float
     images_per_s: float | None
     timings: dict[str, float]
     failures: list[FailedFile]
-    precision_min_cosine: float | None = None  # reduced precision: its first batch's min cosine to fp32
+    gate: dict | None = None  # the ranking gate's figures per candidate tried, and the fallback reason if any
     unreachable: list[str] = field(default_factory=list)  # folders (or dangling links) the scan could not reach
     unreachable_kept: int = 0  # items kept because they lie below one of them
     generation: int = 1  # the generation this run wrote (see indexer.store.generations)
     live_generation: int = 1  # the live generation after the run
 
     def to_json(self) -> dict:
-        """The `index --json` object (precision_min_cosine only when a reduced precision was checked)."""
+        """The `index --json` object (gate only when a candidate was gated or fell back)."""
         out = {**asdict(self), "db": str(self.db), "folder": str(self.folder)}
-        if self.precision_min_cosine is None:
-            del out["precision_min_cosine"]
+        if self.gate is None:
+            del out["gate"]
         return out
 
 
@@ -223,7 +226,7 @@ def _after(first: IndexSummary, last: IndexSummary) -> IndexSummary:
                    reused=first.reused + last.reused, new_failures=first.new_failures + last.new_failures,
                    precision=first.precision or last.precision, images_per_s=first.images_per_s,
                    timings={k: round(first.timings.get(k, 0) + v, 3) for k, v in last.timings.items()},
-                   precision_min_cosine=first.precision_min_cosine,
+                   engine=first.engine or last.engine, gate=first.gate or last.gate,
                    ann=first.ann if last.ann.action == "unchanged" else last.ann)
 
 
@@ -239,11 +242,10 @@ def _run_in(path: Path, cfg: IndexConfig, folder: Path, encoder: Encoder | None,
                 store.put_failures([Failure(f.relpath, f.reason, transient=f.transient) for f in bad])
             t = time.perf_counter()
             counts: EncodeCounts | None = None
-            precision: str | None = None
-            min_cosine: float | None = None
+            choice: dict | None = None
             if plan.todo:
                 assert encoder is not None  # _bind_and_plan loads the encoder whenever there is work
-                counts, precision, min_cosine = _encode(store, cfg, folder, plan, encoder, progress)
+                counts, choice = _encode(store, cfg, folder, plan, encoder, header, progress)
             timings["encode_s"] = time.perf_counter() - t
             removed = sum(store.remove_paths(keys) for keys in plan.removed.batches(REMOVE_BATCH))
         if header.reembed_pending:
@@ -260,12 +262,14 @@ def _run_in(path: Path, cfg: IndexConfig, folder: Path, encoder: Encoder | None,
         total=total, encoded=encoded, reused=reused,
         new_failures=failed_now + len(plan.failures), files=plan.files,
         db=Path(cfg.db_dir), folder=folder, model=header.encoder.spec, fingerprint=header.encoder.fingerprint,
-        precision=precision, ann=ann_info, lmdb_bytes=lmdb_bytes,
+        precision=choice["precision"] if choice else None, engine=choice["engine"] if choice else None, ann=ann_info,
+        lmdb_bytes=lmdb_bytes,
         seconds=round(time.perf_counter() - started, 3),
         images_per_s=round(len(plan.todo) / timings["encode_s"], 2) if plan.todo else None,
         timings={k: round(v, 3) for k, v in timings.items()},
         failures=[FailedFile(printable(f.relpath), f.reason, f.transient) for f in failures],
-        precision_min_cosine=round(min_cosine, 6) if min_cosine is not None else None,
+        gate={"candidates": choice["gate"], "fallback": choice["fallback"]}
+        if choice and (choice["gate"] or choice["fallback"]) else None,
         unreachable=[printable(p) for p in plan.unreachable], unreachable_kept=plan.unreachable_kept,
         generation=gen)
 
@@ -327,7 +331,8 @@ def _bind_and_plan(store: Store, cfg: IndexConfig, folder: Path, encoder: Encode
         _limit_removals(store, cfg, plan)
         if encoder is None and (plan.todo or not _same_encoder_cheap(cfg, header.encoder)):
             encoder = _load_encoder(cfg, header.encoder)
-        header = store.begin_run(EncoderInfo.of(encoder) if encoder else header.encoder, str(folder))
+        header = store.begin_run(_same_engine(EncoderInfo.of(encoder), header.encoder) if encoder else header.encoder,
+                                 str(folder))
     except BaseException:
         plan.close()
         raise
@@ -347,33 +352,42 @@ def _max_file_bytes(cfg: IndexConfig) -> int:
     return int(cfg.max_file_mb * 2**20)
 
 
-def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: Encoder,
-            progress: bool) -> tuple[EncodeCounts, str, float | None]:
-    """Encode and commit plan.todo here or on Ray: (counts, the precision encoded at, its min cosine to fp32).
-    Both stream the files from the plan's spool (the Ray path one window of files at a time)."""
+def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: Encoder, header: Header,
+            progress: bool) -> tuple[EncodeCounts, dict]:
+    """Encode and commit plan.todo here or on Ray: (counts, the engine choice as `index --json` shows it).
+    The engine is chosen (indexer.build.choose) and recorded in the header before the first vector is written.
+    Both paths stream the files from the plan's spool (the Ray path one window of files at a time)."""
     from retrieval.device import resolve_device
+
+    from .choose import choose
 
     def checkpoint() -> None:
         _refresh_ann(store, cfg.ann, rebuild=False)
 
-    if cfg.ray or cfg.ray_address:
+    device = resolve_device(cfg.device)
+    ray = cfg.ray or cfg.ray_address
+    if ray and (cfg.precision in ("int8", "auto") or header.encoder.precision == "int8"):
+        raise IndexStoreError("--ray encodes with torch (fp32, bf16, fp16): int8 and --precision auto run locally")
+    choice = choose(store, folder, plan.todo, encoder, header.encoder, precision=cfg.precision, engine=cfg.engine,
+                    device=str(device), calibration=cfg.calibration)
+    if choice.info != header.encoder:
+        store.begin_run(choice.info, str(folder))
+    if ray:
         from .ray_encode import encode_files_ray
 
-        counts, used = encode_files_ray(
-            store, folder, plan.todo, encoder, precision=cfg.precision, batch_size=cfg.batch_size,
+        counts, _ = encode_files_ray(
+            store, folder, plan.todo, encoder, precision=choice.info.precision, batch_size=cfg.batch_size,
             max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg), address=cfg.ray_address, actors=None,
             checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
-        return counts, used.precision, used.min_cosine
+        return counts, choice.to_json()
     from .encode import Embedder, encode_files
 
-    device = resolve_device(cfg.device)
-    embedder = Embedder(encoder, device, cfg.precision)
     counts = encode_files(
-        store, folder, iter(plan.todo), embedder, batch_size=cfg.batch_size, total=len(plan.todo),
-        workers=default_workers(str(device), minimum=1) if cfg.workers is None else cfg.workers,
+        store, folder, iter(plan.todo), Embedder(encoder, device, runner=choice.runner), batch_size=cfg.batch_size,
+        total=len(plan.todo), workers=default_workers(str(device), minimum=1) if cfg.workers is None else cfg.workers,
         max_pixels=cfg.max_pixels, max_file_bytes=_max_file_bytes(cfg),
         checkpoint=checkpoint, checkpoint_seconds=cfg.checkpoint_seconds, progress=progress)
-    return counts, embedder.precision, embedder.min_cosine
+    return counts, choice.to_json()
 
 
 def _load_encoder(cfg: IndexConfig, stored: EncoderInfo | None) -> Encoder:
@@ -386,6 +400,13 @@ def _load_encoder(cfg: IndexConfig, stored: EncoderInfo | None) -> Encoder:
     given = {"crop_pct": cfg.crop_pct, "resize_mode": cfg.resize_mode, "tta": cfg.tta}
     resize.update({key: value for key, value in given.items() if value is not None})
     return load_encoder(cfg.model, device=resolve_device(cfg.device), **resize)
+
+
+def _same_engine(info: EncoderInfo, stored: EncoderInfo) -> EncoderInfo:
+    """`info` with the stored engine, precision and graph when it is the stored encoder (its vectors' record)."""
+    if info.fingerprint != stored.fingerprint:
+        return info
+    return replace(info, engine=stored.engine, precision=stored.precision, graph=stored.graph)
 
 
 def _same_encoder_cheap(cfg: IndexConfig, stored: EncoderInfo) -> bool:

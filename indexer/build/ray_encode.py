@@ -64,19 +64,11 @@ RAY_SYSTEM_CONFIG = {"worker_niceness": 0}
 
 @dataclass
 class ActorReport:
-    """What the actors did: the precision they encoded at (the requested one unless an actor fell back to
-    fp32: each checks its own first batch against fp32, as the local Embedder does), the lowest cosine they
-    saw, and how many images they ran through the encoder."""
+    """What the actors did: the precision they encoded at (the one the driver chose, see indexer.build.choose)
+    and how many images they ran through the encoder."""
 
     precision: str
-    min_cosine: float | None = None
     encoded: int = 0
-
-    def note(self, precision: str, min_cosine: float) -> None:
-        if precision == "fp32":
-            self.precision = "fp32"
-        if not np.isnan(min_cosine):
-            self.min_cosine = min_cosine if self.min_cosine is None else min(self.min_cosine, min_cosine)
 
 
 @dataclass(frozen=True)
@@ -311,9 +303,6 @@ class _EncodeActor:
         if encode.any():
             batch["embedding"][encode] = self.embedder(torch.from_numpy(pixels[encode]))
         batch["encoded"] = encode
-        batch["precision"] = np.array([self.embedder.precision] * len(encode), dtype=object)
-        batch["min_cosine"] = np.full(len(encode), np.nan if self.embedder.min_cosine is None
-                                      else self.embedder.min_cosine, dtype=np.float64)
         return batch
 
 
@@ -329,8 +318,6 @@ def _results(dataset: Any, report: ActorReport) -> Iterator[tuple[list[Loaded], 
                 batch["index"], batch["hash"], batch["stats"], batch["error"], strict=True):
             loaded.append(Loaded(int(index), None, b"" if error else digest.tobytes(), int(size), int(mtime_ns),
                                   int(width), int(height), error or None, bool(transient), bool(capped)))
-        for precision, cosine in zip(batch["precision"], batch["min_cosine"], strict=True):
-            report.note(str(precision), float(cosine))
         report.encoded += int(batch["encoded"].sum())
         good = batch["error"] == ""
         embeddings, encoded = batch["embedding"][good], batch["encoded"][good]

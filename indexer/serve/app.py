@@ -102,6 +102,7 @@ class EncoderModel(BaseModel):
     fingerprint: str
     dim: int
     image_size: int
+    engine: str = "torch fp32"  # how uploads are embedded (retrieval.encoder.engine)
 
 
 class AnnModel(BaseModel):

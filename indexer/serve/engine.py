@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from indexer.store.expand import Expansion, expanded_embeddings
 from indexer.store.generations import read_pointer
 from indexer.store.layout import Item
-from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder
+from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder, load_db_runner
 from indexer.store.search import SearchIndex
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from retrieval.encoder import Encoder
+    from retrieval.encoder.engine import Runner
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class ServeConfig:
     no_auth: bool = False  # the user's explicit choice to serve a non-loopback host without a key
     show_paths: bool = False  # absolute file paths and encoder run directories in answers (else relative / names)
     tta: str | None = None  # test-time augmentation of queries; None: the DB's own (another one is refused)
+    precision: str | None = None  # None: as the DB's vectors were made (see store.read.load_db_runner)
+    engine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,7 @@ class Engine:
         self.index = SearchIndex.open(cfg.db)
         try:
             self.encoder = load_db_encoder(self.index, device=cfg.device, tta=cfg.tta)
+            self.runner = load_db_runner(self.index, self.encoder, precision=cfg.precision, engine=cfg.engine)
         except BaseException:
             self.index.close()
             raise
@@ -131,7 +135,7 @@ class Engine:
         self.transform = self.encoder.eval_transform()
         self.device = str(next(self.encoder.parameters()).device)
         self._front = (self.transform, self.fingerprint, self.encoder.config.resize_size)  # what uploads are made for
-        self._next: Future[tuple[SearchIndex, Encoder]] | None = None  # a generation loading off the request path
+        self._next: Future[tuple[SearchIndex, Encoder, Runner]] | None = None  # a generation loading, off requests
         self._stats: dict | None = None
         self.on_batch: Callable[[int], None] | None = None  # told each encoder batch's size (serve's metrics)
         self.status = self._status()
@@ -155,7 +159,7 @@ class Engine:
             self.on_batch(len(queries))
         pixels = [q.pixels if q.fingerprint in ("", self.fingerprint) or q.image is None else self.transform(q.image)
                   for q in queries]
-        embeddings = embed_tensors(self.encoder, pixels)
+        embeddings = embed_tensors(self.encoder, pixels, self.runner)
         embedded = time.perf_counter()
         for k in {q.expand for q in queries} - {0}:
             rows = [i for i, q in enumerate(queries) if q.expand == k]
@@ -212,7 +216,7 @@ class Engine:
                 "labels": [{"label": label, "count": n} for label, n in sorted(labels.items())],
                 "encoder": {"spec": public_spec(header.encoder.spec, self.cfg.show_paths),
                             "fingerprint": header.encoder.fingerprint, "dim": header.encoder.dim,
-                            "image_size": header.encoder.image_size},
+                            "image_size": header.encoder.image_size, "engine": str(self.runner.spec)},
                 "ann": None if meta is None else {"kind": meta.kind, "factory": meta.factory},
                 "generation": header.generation,
                 "faiss_lags": self.index.lagging,
@@ -231,7 +235,8 @@ class Engine:
         self._stats = None
         if self.index.header.encoder.fingerprint != self.fingerprint:
             log.warning("the DB was bound to %s: loading it", self.index.header.encoder.spec)
-            self._use(self.index, load_db_encoder(self.index, device=self.device))
+            encoder = load_db_encoder(self.index, device=self.device)
+            self._use(self.index, encoder, load_db_runner(self.index, encoder))
         self.status = self._status()
 
     def _follow_live(self) -> bool:
@@ -241,7 +246,7 @@ class Engine:
                 return False
             pending, self._next = self._next, None
             try:
-                index, encoder = pending.result()
+                index, encoder, runner = pending.result()
             except Exception:  # noqa: BLE001 - serving goes on with the generation loaded; retried at the next tick
                 log.exception("cannot load generation %d", read_pointer(self.cfg.db).live)
                 return False
@@ -249,7 +254,7 @@ class Engine:
                 index.close()
                 return False
             old = self.index
-            self._use(index, encoder)
+            self._use(index, encoder, runner)
             old.close()
             log.warning("now serving generation %d (%s)", index.generation_id, index.header.encoder.spec)
             return True
@@ -265,9 +270,9 @@ class Engine:
         with contextlib.suppress(Busy):
             self.batcher.call(self.refresh)
 
-    def _use(self, index: SearchIndex, encoder: Encoder) -> None:
-        """Serve `index` with `encoder` from the next batch on (worker thread, between batches)."""
-        self.index, self.encoder = index, encoder
+    def _use(self, index: SearchIndex, encoder: Encoder, runner: Runner) -> None:
+        """Serve `index` with `encoder` run by `runner` from the next batch on (worker thread, between batches)."""
+        self.index, self.encoder, self.runner = index, encoder, runner
         self.transform = encoder.eval_transform()
         self.fingerprint = index.header.encoder.fingerprint
         self._front = (self.transform, self.fingerprint, encoder.config.resize_size)
@@ -292,7 +297,8 @@ def _load_generation(future: Future, db: Path, gen: int, device: str, done: Call
     try:
         index = SearchIndex.open(db, generation=gen)
         try:
-            future.set_result((index, load_db_encoder(index, device=device)))
+            encoder = load_db_encoder(index, device=device)   # a generation is served as it was built
+            future.set_result((index, encoder, load_db_runner(index, encoder)))
         except BaseException:
             index.close()
             raise

@@ -46,6 +46,9 @@ class EncoderInfo:
     resize_mode: str | None = None
     # Test-time augmentation ("none" | "flip"); None: a DB written before it was recorded (none).
     tta: str | None = None
+    engine: str = "torch"  # how the vectors were computed (retrieval.encoder.engine); older DBs: torch fp32
+    precision: str = "fp32"
+    graph: str = ""  # int8: the quantized graph's file name in the DB folder (queries must use the same one)
 
     @classmethod
     def of(cls, encoder: Encoder) -> EncoderInfo:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # torch and the encoder load only after the DB is found usabl
     from PIL import Image
 
     from retrieval.encoder import Encoder
+    from retrieval.encoder.engine import Runner
 
     from .layout import EncoderInfo
     from .search import SearchIndex
@@ -51,6 +52,20 @@ def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str
     return encoder
 
 
+def load_db_runner(index: SearchIndex, encoder: Encoder, *, precision: str | None = None,
+                   engine: str | None = None) -> Runner:
+    """How queries are embedded: as the DB's vectors were made (its recorded engine and precision, and its int8
+    graph), unless `precision` / `engine` say otherwise; torch fp32 with a one-line warning when that cannot run
+    here (the onnxruntime engine on a GPU, onnxruntime missing)."""
+    from retrieval.encoder.engine import resolve_engine, runner_or_torch
+
+    stored = index.header.encoder
+    spec = resolve_engine(precision or stored.precision, engine or (None if precision else stored.engine))
+    graph = index.store.db_dir / stored.graph if stored.graph and spec.precision == stored.precision else None
+    device = str(next(encoder.parameters()).device)
+    return runner_or_torch(encoder, spec, device=device, int8_path=graph)[0]
+
+
 def stored_eval_resize(stored: EncoderInfo) -> dict[str, Any]:
     """`load_encoder`'s crop_pct / resize_mode / tta that rebuild a DB's encoder: the recorded ones, or for a
     DB from before they were recorded the crop its spec then loaded with (retrieval.encoder.legacy_crop_pct)
@@ -63,19 +78,23 @@ def stored_eval_resize(stored: EncoderInfo) -> dict[str, Any]:
     return {"crop_pct": stored.crop_pct, "resize_mode": stored.resize_mode, "tta": tta}
 
 
-def embed_images(encoder: Encoder, images: Sequence[Image.Image]) -> np.ndarray:
+def embed_images(encoder: Encoder, images: Sequence[Image.Image], runner: Runner | None = None) -> np.ndarray:
     """(N, dim) float32 embeddings of PIL images with the encoder's eval preprocessing."""
     transform = encoder.eval_transform()
-    return embed_tensors(encoder, [transform(im) for im in images])
+    return embed_tensors(encoder, [transform(im) for im in images], runner)
 
 
-def embed_tensors(encoder: Encoder, tensors: Sequence[torch.Tensor]) -> np.ndarray:
-    """(N, dim) float32 embeddings of images already preprocessed by `encoder.eval_transform()`."""
+def embed_tensors(encoder: Encoder, tensors: Sequence[torch.Tensor], runner: Runner | None = None) -> np.ndarray:
+    """(N, dim) float32 embeddings of images already preprocessed by `encoder.eval_transform()`, by `runner`
+    (see load_db_runner) or the encoder itself in torch."""
     import torch
 
     device = next(encoder.parameters()).device
+    batch = torch.stack(list(tensors)).to(device)
+    if runner is not None:
+        return runner(batch)
     with torch.inference_mode():
-        return encoder(torch.stack(list(tensors)).to(device)).float().cpu().numpy()
+        return encoder(batch).float().cpu().numpy()
 
 
 def hits_of(index: SearchIndex, scores: np.ndarray, ids: np.ndarray) -> tuple[Hit, ...]:

@@ -1,0 +1,100 @@
+"""int8 encoders: ONNX Runtime static quantization (QDQ, per-channel int8 weights, int8 activations) calibrated on
+the user's own images.
+
+    key = calibration_key(encoder, "percentile", [content hashes of the calibration images])
+    path = quantize_int8(encoder, batches, db_dir / f"encoder-int8-{key}.onnx", method="percentile")
+
+The graph is a derived artefact of the encoder's fingerprint, the calibration method and the calibration images
+(all three are in `calibration_key`); it is written atomically where the caller says (an index DB keeps the one
+its vectors were made with, so every later query uses the very same graph). Whether it keeps the rankings is
+decided by retrieval.encoder.gate, not here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from retrieval.encoder.engine import EngineUnavailable, exported_fp32, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+    from retrieval.encoder.model import Encoder
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+DEFAULT_METHOD = "percentile"  # see docs/engines.md: the best rankings of the three on cub-birds-dev
+CALIBRATION_IMAGES = 256  # images of the collection the activation ranges are measured on
+
+
+def calibration_key(encoder: Encoder, method: str, sources: Sequence[bytes]) -> str:
+    """16 hex digits naming an int8 graph: the encoder's fingerprint, the method and the calibration images'
+    identities (content hashes), in order."""
+    digest = hashlib.sha256(f"{encoder.fingerprint()}\0{method}\0".encode())
+    for source in sources:
+        digest.update(source)
+    return digest.hexdigest()[:16]
+
+
+def quantize_int8(encoder: Encoder, batches: Iterable[torch.Tensor], out: Path, *,
+                  method: str = DEFAULT_METHOD) -> Path:
+    """Quantize the encoder's exported fp32 graph with activation ranges measured on `batches` (normalised
+    images, as the encoder takes them) and write it to `out` atomically; EngineUnavailable if it cannot be."""
+    if method not in CALIBRATION_METHODS:
+        raise EngineUnavailable(f"unknown calibration method {method!r}: {', '.join(CALIBRATION_METHODS)}")
+    source = exported_fp32(encoder)
+    try:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise EngineUnavailable(f"int8 needs onnxruntime's quantization tools and onnx ({exc})") from None
+    from retrieval.files import atomic_path
+
+    calibrate = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                 "entropy": CalibrationMethod.Entropy}[method]
+    with tempfile.TemporaryDirectory(prefix="circle-int8-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        try:  # shapes inferred and the graph simplified first, where onnxruntime's shape inference can
+            quant_pre_process(str(source), str(prepared))
+        except Exception as exc:  # noqa: BLE001 - e.g. an AssertionError inside symbolic shape inference
+            log.info("int8: graph pre-processing skipped (%s)", first_line(exc))
+            prepared = source
+        try:  # onnxruntime's calibrators print progress to stdout, which `index --json` owns
+            with atomic_path(out, suffix=".onnx") as tmp, contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(str(prepared), str(tmp), _Reader(batches), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=calibrate, extra_options={"CalibStridedMinMax": 1})
+        except EngineUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's tools raise untyped errors
+            raise EngineUnavailable(f"cannot quantize to int8: {first_line(exc)}") from exc
+    return out
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader protocol over batches of normalised images, handed over one batch per
+    range: with CalibStridedMinMax=1 quantize_static collects (and for percentile / entropy, folds into its
+    histograms) one batch of activations at a time, so memory stays at one batch's (all at once: about 32 MB per
+    lite0 image, 8 GB for 256)."""
+
+    def __init__(self, batches: Iterable[torch.Tensor]):
+        self._batches = [batch.detach().float().cpu().numpy() for batch in batches]
+        self._range = iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._range = iter(self._batches[start_index:end_index])
+
+    def get_next(self) -> dict[str, Any] | None:
+        batch = next(self._range, None)
+        return None if batch is None else {"images": batch}
