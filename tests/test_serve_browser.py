@@ -279,6 +279,50 @@ def _brute_force(server: dict, item_id: int, k: int, label: str | None = None) -
     return ids[order[np.isfinite(scores[order])]].tolist()
 
 
+def test_an_older_answer_arriving_after_a_newer_search_is_never_shown(server):
+    """The expanded search of an upload is held back by the browser until the plain search that replaced it has
+    been shown; its late answer must not replace the newer one (nor leave the page busy)."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    row = 3
+    plain = _brute_force_upload(server, row, 10)
+    held: list = []
+    errors: list[str] = []
+    with sync_api.sync_playwright() as p:
+        browser = _launch(p)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page.route("**/api/search**", lambda route: held.append(route) if "expand=" in route.request.url
+                       else route.continue_())
+            page.goto(server["base"] + "/")
+            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            page.check("#expand")
+            page.set_input_files("#file", server["paths"][row])   # searched with &expand=5: held
+            page.wait_for_function("document.body.classList.contains('busy')")
+            with page.expect_response(lambda r: "/api/search" in r.url and "expand=" not in r.url):
+                page.uncheck("#expand")                               # the same upload, plain: answered
+            page.wait_for_function(f"[...document.querySelectorAll('.result')].map(e => +e.dataset.id).join() "
+                                   f"=== {','.join(map(str, plain))!r}")
+            assert len(held) == 1
+            stale = held[0]
+            with page.expect_response(lambda r: "expand=" in r.url):
+                stale.fulfill(response=stale.fetch())                 # the older answer arrives now
+            page.wait_for_timeout(300)                                # let the page's handler run
+            shown = page.locator(".result").evaluate_all("els => els.map(e => +e.dataset.id)")
+            assert shown == plain
+            assert not page.evaluate("document.body.classList.contains('busy')")
+            assert errors == []
+        finally:
+            browser.close()
+
+
+def _brute_force_upload(server: dict, row: int, k: int) -> list[int]:
+    """Top-k ids for an upload of the item at `row` (it finds itself first: an upload is not excluded)."""
+    vectors = server["vectors"]
+    order = np.argsort(-(vectors @ vectors[row]), kind="stable")[:k]
+    return server["ids"][order].tolist()
+
+
 def test_the_page_asks_for_the_key_once_per_tab(keyed):
     sync_api = pytest.importorskip("playwright.sync_api")
     errors: list[str] = []
