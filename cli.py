@@ -66,6 +66,17 @@ def _preprocessing_options(what: str, default: str) -> Callable[[Callable], Call
     return add
 
 
+def _expand_options(help_k: str) -> Callable[[Callable], Callable]:
+    """--expand K and --expand-alpha, with `help_k` saying what K does in this command."""
+    def add(command: Callable) -> Callable:
+        command = click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA,
+                               show_default=True,
+                               help="Exponent of the hits' similarity weights in --expand (0: plain average).")(command)
+        return click.option("--expand", "expand_k", type=click.IntRange(min=0), default=0, show_default=True,
+                            help=help_k)(command)
+    return add
+
+
 def _print_json(obj: object) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -285,11 +296,8 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
               help="Torch device for the encoder: auto (cuda when available, else cpu), cpu, cuda, cuda:1.")
 @click.option("--label", "labels", multiple=True, metavar="LABEL",
               help="Only items with this label (repeat for several): the top k of them, searched in the index.")
-@click.option("--expand", "expand_k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Query expansion: search again with the query plus its top K hits' stored embeddings, "
-                   "weighted by similarity^alpha (0: off; one more search per query, no encoder pass).")
-@click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
-              help="Exponent of the hits' similarity weights in --expand (0: plain average).")
+@_expand_options("Query expansion: search again with the query plus its top K hits' stored embeddings, "
+                 "weighted by similarity^alpha (0: off; one more search per query, no encoder pass).")
 @_tta_option("the DB's own; another one is an error")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default=None,
               help="Embed the queries at this precision [default: the one the DB's vectors were made with].")
@@ -522,11 +530,8 @@ def _read_key(path: Path) -> str:
 @click.option("--device", default="cpu", show_default=True, help="Torch device for the encoder and the kNN.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write report.md, report.json, recall_at_k.png and report.html (+ thumbnails) into this folder.")
-@click.option("--expand", "expand_k", type=click.IntRange(min=0), default=0, show_default=True,
-              help="With --db, query expansion: each item searches again with itself plus its top K "
-                   "hits (never itself), weighted by similarity^alpha; plain search is shown beside it (0: off).")
-@click.option("--expand-alpha", type=click.FloatRange(min=0), default=DEFAULT_EXPAND_ALPHA, show_default=True,
-              help="Exponent of the hits' similarity weights in --expand (0: plain average).")
+@_expand_options("With --db, query expansion: each item searches again with itself plus its top K hits (never "
+                 "itself), weighted by similarity^alpha; plain search is shown beside it (0: off).")
 @click.option("--compare", type=click.Path(exists=True, path_type=Path),
               help="Show another result side by side: a report.json, a report folder, or a finetune run directory.")
 @click.option("--progress/--no-progress", default=None,
