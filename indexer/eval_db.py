@@ -7,13 +7,13 @@ Unlabelled items (files directly in the indexed folder) are never queries but st
 distractors.
 
 With `expand` (alpha query expansion, indexer.store.expand) each query is expanded with its top hits of the
-plain leave-one-out ranking (so never with itself) and ranked again, itself excluded; the plain metrics become
-the side-by-side comparison of the report.
+plain leave-one-out ranking (so never with itself), and that ranking's shortlist (`Expansion.width`) is ranked
+again by the expanded query, as `query` and `serve` rank it; the plain metrics become the side-by-side
+comparison of the report.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,10 +23,10 @@ import numpy as np
 from retrieval.errors import IndexStoreError, RetrievalError
 from retrieval.eval_config import DEFAULT_KS
 from retrieval.eval_dataset import SAMPLE_TOP, EvalResult, make_result
-from retrieval.metrics import knn_search, neighbour_width, rank_leave_one_out, ranking_metrics
+from retrieval.metrics import neighbour_width, rank_leave_one_out, ranking_metrics
 from retrieval.report import Comparison, Ranking, load_comparison
 
-from .store.expand import Expansion, expand
+from .store.expand import Expansion, expanded_ranking
 
 if TYPE_CHECKING:
     from indexer.store.search import SearchIndex
@@ -65,22 +65,16 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
                                   f"(FOLDER/<class>/<image>) when the folder is indexed")
         code = {name: i for i, name in enumerate(class_names)}
         labels = np.array([code.get(it.label, -1) for it in items], dtype=np.int64)
-        width = neighbour_width(labels, cfg.ks, max(SAMPLE_TOP, cfg.expand.k))
-        queries, scores, neighbours = rank_leave_one_out(vectors, labels, cfg.ks, top=width, device=cfg.device)
-
-        def exact(query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return _exact_neighbours(vectors, queries, query_vectors, width, cfg.device)
-
-        def faiss(query_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return _faiss_neighbours(index, ids, query_vectors, queries, width)
-
+        width = neighbour_width(labels, cfg.ks, SAMPLE_TOP)
+        fetch = cfg.expand.width(width) if cfg.expand.k else width  # expansion re-ranks a wider shortlist
+        queries, scores, neighbours = rank_leave_one_out(vectors, labels, cfg.ks, top=fetch, device=cfg.device)
         rankings = [(scores, neighbours)]  # exact first; FAISS's own when the index is approximate
         if index.approximate:
-            rankings.append(faiss(vectors[queries]))
+            rankings.append(_faiss_neighbours(index, ids, vectors[queries], queries, fetch))
         if cfg.expand.k:
-            plain = ranking_metrics(labels, queries, rankings[-1][1], cfg.ks)
-            rankings = [_expanded(vectors, queries, first, cfg.expand, search)
-                        for first, search in zip(rankings, (exact, faiss), strict=False)]
+            plain = ranking_metrics(labels, queries, rankings[-1][1][:, :width], cfg.ks)
+            rankings = [expanded_ranking(vectors[queries], s, rows, vectors.__getitem__, cfg.expand, width)
+                        for s, rows in rankings]
         header, factory, root, gen = index.header, index.factory, index.root, index.generation_id
     scores, neighbours = rankings[-1]
     metrics = ranking_metrics(labels, queries, neighbours, cfg.ks)
@@ -98,22 +92,6 @@ def evaluate_db(cfg: DbEvalConfig) -> EvalResult:
         comparison = Comparison("plain search", plain)
     return make_result(title, source, cfg.ks, metrics, ranking, exact=exact_metrics, report_dir=cfg.report,
                        compare=comparison, embeddings=vectors)
-
-
-def _expanded(vectors: np.ndarray, queries: np.ndarray, first: tuple[np.ndarray, np.ndarray], expansion: Expansion,
-              search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The ranking of the expanded queries: each query row plus its top `expansion.k` of the leave-one-out
-    ranking `first` (rows, so never itself), searched again by `search` (which leaves the query out)."""
-    scores, rows = first[0][:, : expansion.k], first[1][:, : expansion.k]
-    hits = vectors[np.maximum(rows, 0)]
-    return search(expand(vectors[queries], np.where(rows >= 0, scores, -np.inf), hits, expansion.alpha))
-
-
-def _exact_neighbours(vectors: np.ndarray, queries: np.ndarray, query_vectors: np.ndarray, width: int,
-                      device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-`width` of each query vector over the DB's rows, the query's own row left out."""
-    scores, rows = knn_search(query_vectors, vectors, width + 1, device=device)
-    return _drop_own(scores, rows, queries, width)
 
 
 def _faiss_neighbours(index: SearchIndex, ids: np.ndarray, query_vectors: np.ndarray, queries: np.ndarray,

@@ -14,7 +14,7 @@ from retrieval.data.walk import printable
 from retrieval.errors import IndexStoreError, RetrievalError
 
 from .store.collapse import FETCH_FACTOR, collapse_hits
-from .store.expand import Expansion, expanded_embeddings
+from .store.expand import Expansion, expanded_search
 from .store.read import Hit, embed_images, hits_of, load_db_encoder, load_db_runner
 
 STDIN = "-"
@@ -100,8 +100,7 @@ def run_query(cfg: QueryConfig) -> list[QueryResult]:
             paths = cfg.images[start : start + cfg.batch_size]
             # Decoded as the indexer decodes (JPEG draft to the resize size), so an indexed image finds itself.
             images = [load_image(p, draft_size=encoder.config.resize_size).image for p in paths]
-            embeddings = expanded_embeddings(index, embed_images(encoder, images, runner), cfg.expand)
-            scores, ids = index.search(embeddings, fetch, only=only)
+            scores, ids = expanded_search(index, embed_images(encoder, images, runner), fetch, cfg.expand, only=only)
             for path, s, i in zip(paths, scores, ids, strict=True):
                 hits = hits_of(index, s, i)
                 if cfg.dedup is not None:

@@ -1,5 +1,6 @@
 """Alpha query expansion (indexer.store.expand) against a direct loop over the stored embeddings: the weights,
-padding, the own item left out, and an index DB of random vectors searched through SearchIndex."""
+padding, the shortlist re-ranked by the expanded query, and an index DB of random vectors searched through
+SearchIndex (with a label filter, and smaller than the hits asked)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.store.expand import Expansion, expand, expanded_embeddings, without_own
+from indexer.store.expand import Expansion, expand, expanded_ranking, expanded_search
 from retrieval.errors import RetrievalError
 
 DIM = 8
@@ -19,14 +20,30 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
-def _direct(query: np.ndarray, database: np.ndarray, k: int, alpha: float, leave_out: int | None = None) -> np.ndarray:
-    """One query by loops in float64: its k most similar rows (ties to the lower row), weighted, normalised."""
-    sims = [(float(np.dot(query, row)), j) for j, row in enumerate(database.astype(np.float64)) if j != leave_out]
-    top = sorted(sims, key=lambda s: (-s[0], s[1]))[:k]
+def _ranked(query: np.ndarray, database: np.ndarray, rows: list[int]) -> list[tuple[float, int]]:
+    """(cosine, row) of `rows` by loops in float64, best first (ties to the lower row)."""
+    sims = [(float(np.dot(query.astype(np.float64), database[j].astype(np.float64))), j) for j in rows]
+    return sorted(sims, key=lambda s: (-s[0], s[1]))
+
+
+def _direct(query: np.ndarray, database: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    """One query by loops in float64: its k most similar rows, weighted, normalised."""
     total = query.astype(np.float64).copy()
-    for sim, j in top:
+    for sim, j in _ranked(query, database, list(range(len(database))))[:k]:
         total += max(sim, 0.0) ** alpha * database[j]
     return total / np.linalg.norm(total)
+
+
+def _direct_search(query: np.ndarray, database: np.ndarray, expansion: Expansion, k: int,
+                   rows: list[int] | None = None) -> list[tuple[float, int]]:
+    """The shipped rule by loops: the shortlist is the plain top `expansion.width(k)` of `rows` (default all); its
+    top expansion.k make the expanded query, which ranks the shortlist; the first k (cosine, row) of that."""
+    shortlist = [j for _, j in _ranked(query, database, rows if rows is not None else list(range(len(database))))]
+    shortlist = shortlist[: expansion.width(k)]
+    total = query.astype(np.float64).copy()
+    for sim, j in _ranked(query, database, shortlist)[: expansion.k]:
+        total += max(sim, 0.0) ** expansion.alpha * database[j]
+    return _ranked(total / np.linalg.norm(total), database, shortlist)[:k]
 
 
 @pytest.fixture(scope="module")
@@ -71,38 +88,46 @@ def test_expand_gives_padding_and_negative_hits_no_weight_and_alpha_zero_average
     np.testing.assert_allclose(expand(query, scores, hits, 0.0)[0], np.array([1.0, 1, 1]) / np.sqrt(3), atol=1e-6)
 
 
-def test_without_own_keeps_the_first_k_others():
-    ids = np.array([[7, 3, 5], [2, 4, 6], [1, 9, 8]])
-    scores = -ids.astype(np.float32)
-    kept_scores, kept = without_own(scores, ids, np.array([7, 4, 0]), 2)
-    assert kept.tolist() == [[3, 5], [2, 6], [1, 9]]
-    assert kept_scores.tolist() == (-kept).tolist()
+def test_expanded_ranking_reranks_the_shortlist_only_and_keeps_padding():
+    rng = np.random.default_rng(5)
+    database, queries = _unit(rng, 40), _unit(rng, 7)
+    expansion, k = Expansion(3, 0.0, shortlist=5), 4
+    sims = queries @ database.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    scores = np.take_along_axis(sims, order, axis=1)
+    scores[0, 2:], order[0, 2:] = -np.inf, -1   # a row with only two hits (a tiny DB or a narrow label filter)
+    got_scores, got = expanded_ranking(queries, scores, order, database.__getitem__, expansion, k)
+    for q in range(1, len(queries)):
+        want = _direct_search(queries[q], database, expansion, k)
+        assert got[q].tolist() == [j for _, j in want]
+        np.testing.assert_allclose(got_scores[q], [s for s, _ in want], atol=1e-5)
+    want = _direct_search(queries[0], database, expansion, 2, rows=order[0, :2].tolist())
+    assert got[0].tolist() == [j for _, j in want] + [-1, -1] and np.isneginf(got_scores[0, 2:]).all()
+    # the shortlist matters: a full second search over the DB ranks some query differently
+    full = [[j for _, j in _ranked(_direct(q, database, 3, 0.0), database, list(range(40)))[:k]] for q in queries[1:]]
+    assert full != got[1:].tolist()
 
 
-def test_expanded_embeddings_through_the_db_equal_the_direct_loop(db):
-    from indexer.store.search import SearchIndex
-
-    db_dir, _, vectors = db
-    queries = _unit(np.random.default_rng(2), 6)
-    with SearchIndex.open(db_dir, gpu=False) as index:
-        got = expanded_embeddings(index, queries, Expansion(5, 3.0))
-        np.testing.assert_array_equal(expanded_embeddings(index, queries, Expansion(0)), queries)
-    for q in range(len(queries)):
-        np.testing.assert_allclose(got[q], _direct(queries[q], vectors, 5, 3.0), atol=1e-5)
-
-
-def test_an_items_own_embedding_never_joins_its_expansion(db):
+@pytest.mark.parametrize("shortlist", [6, 200])
+def test_expanded_search_through_the_db_equals_the_direct_loop(db, shortlist):
     from indexer.store.search import SearchIndex
 
     db_dir, ids, vectors = db
-    rows = np.array([0, 7, 21, 39])
+    queries = _unit(np.random.default_rng(2), 6)
+    expansion = Expansion(5, 3.0, shortlist=shortlist)
     with SearchIndex.open(db_dir, gpu=False) as index:
-        left_out = expanded_embeddings(index, vectors[rows], Expansion(3, 1.0), own=ids[rows])
-        with_self = expanded_embeddings(index, vectors[rows], Expansion(3, 1.0))
-    for i, row in enumerate(rows):
-        np.testing.assert_allclose(left_out[i], _direct(vectors[row], vectors, 3, 1.0, leave_out=row), atol=1e-5)
-        np.testing.assert_allclose(with_self[i], _direct(vectors[row], vectors, 3, 1.0), atol=1e-5)
-    assert not np.allclose(left_out, with_self, atol=1e-3)   # so the first check could fail
+        scores, got = expanded_search(index, queries, 4, expansion)
+        plain = index.search(queries, 4)
+        np.testing.assert_array_equal(expanded_search(index, queries, 4, Expansion(0))[1], plain[1])
+        labelled = index.ids_with_labels(["c1"])
+        _, filtered = expanded_search(index, queries, 4, expansion, only=labelled)
+    c1 = [j for j in range(len(vectors)) if j % 4 == 1]
+    for q in range(len(queries)):
+        want = _direct_search(queries[q], vectors, expansion, 4)
+        assert got[q].tolist() == ids[[j for _, j in want]].tolist()
+        np.testing.assert_allclose(scores[q], [s for s, _ in want], atol=1e-5)
+        in_label = _direct_search(queries[q], vectors, expansion, 4, c1)
+        assert filtered[q].tolist() == ids[[j for _, j in in_label]].tolist()
 
 
 def test_a_db_smaller_than_k_expands_with_what_there_is(tmp_path):
@@ -113,12 +138,15 @@ def test_a_db_smaller_than_k_expands_with_what_there_is(tmp_path):
     vectors = _unit(np.random.default_rng(3), 2)
     with Store.open(tmp_path / "db", readonly=False) as store:
         store.begin_run(EncoderInfo("synthetic", "f" * 64, DIM, 32), str(tmp_path))
-        store.commit_batch([NewItem(f"c/{i}.jpg", "c", 1, 0, 1, 1, i.to_bytes(16, "little"), v)
-                            for i, v in enumerate(vectors)], [])
+        ids = store.commit_batch([NewItem(f"c/{i}.jpg", "c", 1, 0, 1, 1, i.to_bytes(16, "little"), v)
+                                  for i, v in enumerate(vectors)], [])
     query = _unit(np.random.default_rng(4), 1)
     with SearchIndex.open(tmp_path / "db", gpu=False) as index:   # no FAISS file: searched exactly from LMDB
-        got = expanded_embeddings(index, query, Expansion(5, 3.0))
-    np.testing.assert_allclose(got[0], _direct(query[0], vectors, 5, 3.0), atol=1e-5)
+        scores, got = expanded_search(index, query, 3, Expansion(5, 3.0))
+    expanded = _direct(query[0], vectors, 5, 3.0)
+    want = _ranked(expanded, vectors, [0, 1])
+    assert got[0].tolist() == [ids[j] for _, j in want] + [-1]
+    np.testing.assert_allclose(scores[0, :2], [s for s, _ in want], atol=1e-5)
 
 
 @pytest.mark.parametrize(("k", "alpha"), [(-1, 3.0), (2, -0.5), (2, float("nan"))])

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from indexer.store.expand import Expansion, expanded_embeddings
+from indexer.store.expand import Expansion, expanded_search
 from indexer.store.generations import read_pointer
 from indexer.store.layout import Item
 from indexer.store.read import Hit, embed_tensors, hits_of, load_db_encoder, load_db_runner
@@ -153,7 +153,7 @@ class Engine:
         return Query(transform(image), k, labels, expand, fingerprint, image)
 
     def run_batch(self, queries: Sequence[Query]) -> list[Answer]:
-        """Embed the uploads in one forward and search them in one call (after expanding those that ask)."""
+        """Embed the uploads in one forward and search them in one call per label filter and expansion."""
         start = time.perf_counter()
         if self.on_batch is not None:
             self.on_batch(len(queries))
@@ -161,15 +161,13 @@ class Engine:
                   for q in queries]
         embeddings = embed_tensors(self.encoder, pixels, self.runner)
         embedded = time.perf_counter()
-        for k in {q.expand for q in queries} - {0}:
-            rows = [i for i, q in enumerate(queries) if q.expand == k]
-            embeddings[rows] = expanded_embeddings(self.index, embeddings[rows], Expansion(k))
-        groups: dict[tuple[str, ...], list[int]] = {}  # one search per label filter
+        groups: dict[tuple[tuple[str, ...], int], list[int]] = {}  # one search per label filter and expansion
         for row, q in enumerate(queries):
-            groups.setdefault(q.labels, []).append(row)
+            groups.setdefault((q.labels, q.expand), []).append(row)
         hits: dict[int, tuple[Hit, ...]] = {}
-        for labels, rows in groups.items():
-            scores, ids = self.index.search(embeddings[rows], max(queries[r].k for r in rows), only=self._only(labels))
+        for (labels, expand), rows in groups.items():
+            scores, ids = expanded_search(self.index, embeddings[rows], max(queries[r].k for r in rows),
+                                          Expansion(expand), only=self._only(labels))
             for r, s, i in zip(rows, scores, ids, strict=True):
                 hits[r] = hits_of(self.index, s[: queries[r].k], i[: queries[r].k])
         done = time.perf_counter()

@@ -1,15 +1,20 @@
-"""Alpha query expansion (aQE): search again with the query plus its top hits' stored embeddings.
+"""Alpha query expansion (aQE): the query plus its top hits' stored embeddings re-ranks the first search's shortlist.
 
     q' = normalise(q + sum_i w_i v_i),   w_i = max(s_i, 0) ** alpha   over the top-k hits (s_i their cosine)
 
 (Radenovic, Tolias, Chum, "Fine-tuning CNN image retrieval with no human annotation", TPAMI 2019; alpha = 0 is
-average query expansion). The hits' embeddings are the DB's own stored ones, so the second search costs one
-more FAISS call and k LMDB reads per query, never another encoder pass. `query`, `eval --db` and `serve` expand
-through `expanded_embeddings`; `eval --db` passes each query's own id so it never expands with itself.
+average query expansion). The first search fetches a shortlist of max(results asked, `shortlist`) hits; the
+expanded query q' ranks that shortlist again from the DB's own stored embeddings. So expansion costs no second
+search over the DB (a 100k-item Flat search is most of a query's search time) and no encoder pass: only the
+shortlist's LMDB reads and a (shortlist x dim) product. An item outside the first search's shortlist can no
+longer be found; docs/ranking-levers.md measures what the shortlist costs against a second full search.
+`query`, `serve` (`expanded_search`) and `eval --db` (`expanded_ranking` over its leave-one-out rankings, so a
+query never expands with itself) share `expanded_ranking`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,22 +26,28 @@ from retrieval.eval_config import DEFAULT_EXPAND_ALPHA
 if TYPE_CHECKING:
     from .search import SearchIndex
 
+DEFAULT_SHORTLIST = 200  # first-search hits the expanded query re-ranks; docs/ranking-levers.md measures it
+CHUNK = 256  # queries re-ranked at a time (eval --db re-ranks every labelled item)
+
 
 @dataclass(frozen=True)
 class Expansion:
-    """How many top hits join the query (0: no expansion) and the exponent of their cosine weights."""
+    """How many top hits join the query (0: no expansion), the exponent of their cosine weights, and how many
+    first-search hits the expanded query re-ranks (`width`: at least the results asked and the k hits)."""
 
     k: int = 0
     alpha: float = DEFAULT_EXPAND_ALPHA
+    shortlist: int = DEFAULT_SHORTLIST
+
+    def width(self, k: int) -> int:
+        """Hits the first search fetches when `k` results are asked."""
+        return max(k, self.k, self.shortlist)
 
     def __post_init__(self) -> None:
         if self.k < 0:
             raise RetrievalError(f"--expand must be 0 (off) or a positive number of hits, not {self.k}")
         if not self.alpha >= 0:
             raise RetrievalError(f"--expand-alpha must be 0 or more, not {self.alpha}")
-
-    def to_json(self) -> dict[str, float]:
-        return {"k": self.k, "alpha": self.alpha}
 
 
 def expand(queries: np.ndarray, scores: np.ndarray, hit_vectors: np.ndarray, alpha: float) -> np.ndarray:
@@ -55,25 +66,40 @@ def expand(queries: np.ndarray, scores: np.ndarray, hit_vectors: np.ndarray, alp
     return np.where(norms > 0, summed / np.where(norms > 0, norms, 1), queries).astype(np.float32)
 
 
-def without_own(scores: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `k` columns of each row that are not the row's own id (rows searched with k + 1 columns)."""
-    keep = ids != np.asarray(own)[:, None]
-    keep[keep.all(axis=1), -1] = False  # own id not among the results: drop the extra last one instead
-    rows = len(ids)
-    return scores[keep].reshape(rows, -1)[:, :k], ids[keep].reshape(rows, -1)[:, :k]
+def expanded_ranking(queries: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                     vectors_of: Callable[[np.ndarray], np.ndarray], expansion: Expansion,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) of each query's shortlist re-ranked by its expanded query; padded with (-inf, -1).
 
-
-def expanded_embeddings(index: SearchIndex, queries: np.ndarray, expansion: Expansion,
-                     own: np.ndarray | None = None) -> np.ndarray:
-    """The aQE query vectors of `queries` (Q, d) over the DB; `own` (Q,) ids never join their own row's sum
-    (eval --db: a query that is an indexed item). Expansion k = 0 returns the queries as they are."""
+    `scores`, `ids` (Q, W): the first search's shortlist, best first, padded with (-inf, -1); its top
+    `expansion.k` make the expanded query. `vectors_of` maps ids (item ids or row numbers) to their stored
+    embeddings. Works CHUNK queries at a time, so memory stays at CHUNK x W x dim floats."""
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    if expansion.k == 0 or len(queries) == 0:
-        return queries
-    scores, ids = index.search(queries, expansion.k + (own is not None))
-    if own is not None:
-        scores, ids = without_own(scores, ids, own, expansion.k)
-    found = ids >= 0
-    vectors = np.zeros((*ids.shape, queries.shape[1]), dtype=np.float32)
-    vectors[found] = index.vectors(ids[found])
-    return expand(queries, np.where(found, scores, -np.inf), vectors, expansion.alpha)
+    out_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    out_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in range(0, len(queries), CHUNK):
+        rows = slice(start, start + CHUNK)
+        found = ids[rows] >= 0
+        vectors = np.zeros((*found.shape, queries.shape[1]), dtype=np.float32)
+        vectors[found] = vectors_of(ids[rows][found])
+        first = np.where(found, scores[rows], -np.inf)
+        q = expand(queries[rows], first[:, : expansion.k], vectors[:, : expansion.k], expansion.alpha)
+        again = np.where(found, np.einsum("qd,qwd->qw", q, vectors), -np.inf)
+        order = np.argsort(-again, axis=1, kind="stable")[:, :k]
+        best = np.take_along_axis(again, order, axis=1)
+        width = best.shape[1]
+        out_scores[rows, :width] = best
+        out_ids[rows, :width] = np.where(np.isfinite(best), np.take_along_axis(ids[rows], order, axis=1), -1)
+    return out_scores, out_ids
+
+
+def expanded_search(index: SearchIndex, queries: np.ndarray, k: int, expansion: Expansion, *,
+                    only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) of `queries` (Q, d) over the DB as SearchIndex.search returns them, expanded when
+    `expansion.k` > 0: one search for the shortlist (restricted to `only`, as the results are), then the
+    re-ranking of `expanded_ranking`."""
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    if expansion.k == 0:
+        return index.search(queries, k, only=only)
+    scores, ids = index.search(queries, expansion.width(k), only=only)
+    return expanded_ranking(queries, scores, ids, index.vectors, expansion, k)
