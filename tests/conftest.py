@@ -14,6 +14,17 @@ TINY_MODEL_CFG = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def engine_cache(tmp_path_factory):
+    """Exported ONNX graphs (the default fp32 engine's) go to a folder of this test session, shared by its tests
+    and the commands they start, never to the user's ~/.cache."""
+    from retrieval.encoder.engine import CACHE_ENV
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("engine-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model_name(tmp_path_factory) -> str:
     """Register the tiny ViT (32 px, patch 8, width 32, 2 layers; 32-d output) with open_clip."""

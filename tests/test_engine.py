@@ -27,8 +27,6 @@ from retrieval.encoder.gate import agreement
 from retrieval.errors import EncoderError, IndexStoreError
 from tests.index_support import make_folder
 
-pytest.importorskip("onnxruntime")
-
 
 @pytest.fixture(autouse=True)
 def engine_cache(tmp_path, monkeypatch) -> Path:
@@ -60,7 +58,9 @@ def _torch(encoder, images) -> np.ndarray:
 
 def test_precision_and_engine_resolve_to_one_spec():
     assert resolve_engine("int8") == EngineSpec("onnxruntime", "int8")
-    assert resolve_engine("fp32") == EngineSpec("torch", "fp32")
+    assert resolve_engine("fp32") == EngineSpec("onnxruntime", "fp32")   # the default on a CPU
+    assert resolve_engine("fp32", device="cuda:0") == EngineSpec("torch", "fp32")
+    assert resolve_engine("fp32", "torch") == EngineSpec("torch", "fp32")
     assert resolve_engine("fp32", "onnxruntime") == EngineSpec("onnxruntime", "fp32")
     assert resolve_engine("bf16") == EngineSpec("torch", "bf16")
     with pytest.raises(EncoderError, match="runs on --engine onnxruntime"):
@@ -180,7 +180,8 @@ def _cfg(folder: Path, db: Path, model: Path, **kw) -> IndexConfig:
     return IndexConfig(folder=folder, db_dir=db, model=str(model), **{"batch_size": 4, "workers": 0, **kw})
 
 
-def test_index_int8_records_its_engine_and_query_uses_the_same_graph(tmp_path, tiny_run_dir):
+def test_index_int8_records_its_engine_and_query_uses_the_same_graph(tmp_path, tiny_run_dir, monkeypatch):
+    monkeypatch.setattr("indexer.build.choose.cpu_has_vnni", lambda: True)  # whatever this machine's CPU
     folder, db = tmp_path / "images", tmp_path / "db"
     make_folder(folder, classes=4, per_class=6)
     out = CliRunner().invoke(cli.cli, ["index", str(folder), "--model", str(tiny_run_dir), "--db", str(db),
@@ -219,10 +220,55 @@ def test_too_few_images_to_gate_stay_fp32_with_a_reason(tmp_path, tiny_run_dir):
                                        "--workers", "0", "--precision", "int8", "--json"])
     assert out.exit_code == 0, out.output
     summary = json.loads(out.stdout)
-    assert (summary["engine"], summary["precision"]) == ("torch", "fp32")
+    assert (summary["engine"], summary["precision"]) == ("onnxruntime", "fp32")
     assert "6 images are too few to check int8" in summary["gate"]["fallback"]
     with SearchIndex.open(db) as index:
-        assert (index.header.encoder.engine, index.header.encoder.precision) == ("torch", "fp32")
+        assert (index.header.encoder.engine, index.header.encoder.precision) == ("onnxruntime", "fp32")
+
+
+@pytest.mark.parametrize("precision", ["int8", "auto"])
+def test_int8_on_a_cpu_without_vnni_stays_fp32_with_a_reason(tmp_path, tiny_run_dir, monkeypatch, precision):
+    monkeypatch.setattr("indexer.build.choose.cpu_has_vnni", lambda: False)
+    folder, db = tmp_path / "images", tmp_path / "db"
+    make_folder(folder, classes=4, per_class=6)
+    out = CliRunner().invoke(cli.cli, ["index", str(folder), "--model", str(tiny_run_dir), "--db", str(db),
+                                       "--workers", "0", "--precision", precision, "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    assert (summary["engine"], summary["precision"]) == ("onnxruntime", "fp32")
+    fallback = summary["gate"]["fallback"]
+    assert "no int8 dot-product instructions (AVX512-VNNI" in fallback and "\n" not in fallback
+    assert fallback.endswith("using onnxruntime fp32") and not summary["gate"]["candidates"]
+    assert not list(db.glob("encoder-int8-*.onnx"))   # nothing calibrated
+
+
+def test_cpu_has_vnni_reads_the_kernels_cpu_flags(tmp_path):
+    from retrieval.encoder.engine import cpu_has_vnni
+
+    info = tmp_path / "cpuinfo"
+    for flags, expected in (("fpu sse2 avx2 fma", False), ("avx2 avx512f avx512_vnni", True), ("avx2 avx_vnni", True),
+                            ("avx512f amx_tile amx_int8", True), ("avx512f avx512_bf16", False)):
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert cpu_has_vnni(info) is expected, flags
+    assert cpu_has_vnni(tmp_path / "absent") is False
+
+
+def test_a_new_db_encodes_on_onnxruntime_fp32_by_default_and_on_torch_without_it(tmp_path, tiny_run_dir,
+                                                                                   monkeypatch):
+    folder = tmp_path / "images"
+    make_folder(folder, classes=2, per_class=4)
+    default = run_index(_cfg(folder, tmp_path / "default", tiny_run_dir))
+    assert (default.engine, default.precision) == ("onnxruntime", "fp32")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    out = CliRunner().invoke(cli.cli, ["index", str(folder), "--model", str(tiny_run_dir), "--db",
+                                       str(tmp_path / "without"), "--workers", "0", "--json"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout)
+    assert (summary["engine"], summary["precision"]) == ("torch", "fp32")
+    assert "onnxruntime is not installed" in summary["gate"]["fallback"]
+    with SearchIndex.open(tmp_path / "default") as a, SearchIndex.open(tmp_path / "without") as b:
+        assert (a.header.encoder.engine, b.header.encoder.engine) == ("onnxruntime", "torch")
+        np.testing.assert_allclose(a.vectors(a.ids()), b.vectors(b.ids()), atol=1e-5)
 
 
 def test_index_onnxruntime_fp32_gives_torch_vectors(tmp_path, tiny_run_dir):

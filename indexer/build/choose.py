@@ -1,13 +1,14 @@
 """Which engine and precision an `index` run encodes with, decided once per DB and recorded in its header.
 
-The first run that encodes into a DB (or a --reembed) decides: torch fp32 and ONNX Runtime fp32 are taken as
-asked (the exported graph is checked against torch when opened; it is exact to 1e-6). A reduced precision
-(bf16, fp16, int8) or `auto` goes through the gate (retrieval.encoder.gate) on a held sample of the files to
-encode: GATE_IMAGES of them, evenly spread, are embedded by fp32 and by the candidate, and the candidate is kept
-only if the rankings agree; int8 is first calibrated on CALIBRATION_IMAGES other files of the same folder. A
-failing candidate falls back to fp32 with a one-line warning. `auto` tries int8, then bf16 (only on a CPU with
-AVX512-BF16 or AMX), and keeps the first that passes. Later runs use what the header records, so every vector
-of a DB is made the same way.
+The first run that encodes into a DB (or a --reembed) decides: fp32 runs on the engine asked (default: ONNX
+Runtime on a CPU; its exported graph is checked against torch when opened and is exact to 1e-6). A reduced
+precision (bf16, fp16, int8) or `auto` goes through the gate (retrieval.encoder.gate) on a held sample of the
+files to encode: GATE_IMAGES of them, evenly spread, are embedded by fp32 and by the candidate, and the candidate
+is kept only if the rankings agree; int8 is first calibrated on CALIBRATION_IMAGES other files of the same
+folder. A failing candidate falls back to fp32 with a one-line warning. `auto` tries int8 (only on a CPU with
+VNNI or AMX) and keeps it if it passes, else fp32: bf16 is not an `auto` candidate because ONNX Runtime fp32,
+exact, was faster than torch bf16 on the CPUs measured (docs/engines.md). Later runs use what the header
+records, so every vector of a DB is made the same way.
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ import torch
 
 from indexer.store.layout import EncoderInfo
 from indexer.store.lmdb_store import Store
-from retrieval.compat import cpu_has_bf16
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
-from retrieval.encoder.engine import EngineSpec, EngineUnavailable, Runner, open_runner, resolve_engine, runner_or_torch
+from retrieval.encoder.engine import (
+    EngineSpec,
+    EngineUnavailable,
+    Runner,
+    cpu_has_vnni,
+    open_runner,
+    resolve_engine,
+    runner_or_torch,
+)
 from retrieval.encoder.gate import Agreement, agreement
 from retrieval.errors import IndexStoreError
 
@@ -40,7 +48,6 @@ log = logging.getLogger(__name__)
 
 GATE_IMAGES = 512  # held sample the rankings are compared on (all files when fewer)
 MIN_GATE_IMAGES = 20  # fewer files to encode than this: too few to judge a reduced precision, fp32 it is
-AUTO_ORDER = ("int8", "bf16")  # fastest first; fp32 when none passes
 
 
 @dataclass(frozen=True)
@@ -65,19 +72,18 @@ def choose(store: Store, folder: Path, todo: Spool[FileEntry], encoder: Encoder,
     if held:
         return _recorded(store.db_dir, encoder, info, precision, engine, device)
     if precision in (None, "fp32"):
-        runner, used, reason = runner_or_torch(encoder, resolve_engine("fp32", engine), device=device)
+        runner, used, reason = runner_or_torch(encoder, resolve_engine("fp32", engine, device), device=device)
         return Choice(runner, replace(info, engine=used.engine, precision="fp32", graph=""), {}, reason)
-    candidates = [c for c in AUTO_ORDER if c != "bf16" or cpu_has_bf16()] if precision == "auto" else [precision]
-    if len(todo) < MIN_GATE_IMAGES:
-        runner, used, reason = runner_or_torch(encoder, resolve_engine("fp32", engine if precision != "auto" else None),
-                                               device=device)
-        reason = (f"{len(todo)} images are too few to check {precision}'s rankings (the gate needs "
-                  f"{MIN_GATE_IMAGES}); using {used}")
+    candidates = ["int8"] if precision == "auto" else [precision]
+    skip = _not_worth_gating(precision, len(todo))
+    if skip is not None:
+        runner, used, reason = runner_or_torch(encoder, resolve_engine("fp32", engine if precision != "auto" else None,
+                                                                       device), device=device)
+        reason = f"{skip}; using {used}"
         log.warning("%s", reason)
         return Choice(runner, replace(info, engine=used.engine, precision="fp32", graph=""), {}, reason)
     sample = _Sample(folder, todo, encoder, device)
-    reference, ref_spec, reason = runner_or_torch(encoder, resolve_engine("fp32", None if device != "cpu" else
-                                                                          "onnxruntime"), device=device)
+    reference, ref_spec, reason = runner_or_torch(encoder, resolve_engine("fp32", device=device), device=device)
     fp32 = sample.embed(reference, sample.gate)
     figures: dict[str, dict] = {}
     for name in candidates:
@@ -98,6 +104,17 @@ def choose(store: Store, folder: Path, todo: Spool[FileEntry], encoder: Encoder,
     return Choice(reference, replace(info, engine=ref_spec.engine, precision="fp32", graph=""), figures, reason)
 
 
+def _not_worth_gating(precision: str, files: int) -> str | None:
+    """Why a reduced precision is not even tried (None: try it): int8 on a CPU without int8 dot products, or too
+    few files to judge the rankings."""
+    if precision in ("int8", "auto") and not cpu_has_vnni():
+        return ("this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), so int8 would be "
+                "no faster than fp32")
+    if files < MIN_GATE_IMAGES:
+        return f"{files} images are too few to check {precision}'s rankings (the gate needs {MIN_GATE_IMAGES})"
+    return None
+
+
 def _recorded(db_dir: Path, encoder: Encoder, info: EncoderInfo, precision: str | None, engine: str | None,
               device: str) -> Choice:
     """The engine the DB's vectors were made with; IndexStoreError when asked for another or when it is gone."""
@@ -106,7 +123,7 @@ def _recorded(db_dir: Path, encoder: Encoder, info: EncoderInfo, precision: str 
         raise IndexStoreError(f"{db_dir}'s vectors were made with {recorded}: a run adds to them with the same "
                               f"(leave out --precision), or pass --reembed to re-encode everything")
     if recorded.precision == "fp32":  # torch and onnxruntime fp32 agree to 1e-6: either may add to the other's
-        spec = resolve_engine("fp32", engine or info.engine)
+        spec = resolve_engine("fp32", engine, device)
         runner, used, reason = runner_or_torch(encoder, spec, device=device)
         return Choice(runner, replace(info, engine=used.engine), {}, reason)
     try:

@@ -54,15 +54,15 @@ def load_db_encoder(index: SearchIndex, *, model: str | None = None, device: str
 
 def load_db_runner(index: SearchIndex, encoder: Encoder, *, precision: str | None = None,
                    engine: str | None = None) -> Runner:
-    """How queries are embedded: as the DB's vectors were made (its recorded engine and precision, and its int8
-    graph), unless `precision` / `engine` say otherwise; torch fp32 with a one-line warning when that cannot run
-    here (the onnxruntime engine on a GPU, onnxruntime missing)."""
+    """How queries are embedded: at the DB's recorded precision (with its int8 graph; fp32 on the default engine,
+    as torch and onnxruntime fp32 make the same vectors), unless `precision` / `engine` say otherwise; torch fp32
+    with a one-line warning when that cannot run here (onnxruntime missing, a tower it cannot take)."""
     from retrieval.encoder.engine import resolve_engine, runner_or_torch
 
     stored = index.header.encoder
-    spec = resolve_engine(precision or stored.precision, engine or (None if precision else stored.engine))
-    graph = index.store.db_dir / stored.graph if stored.graph and spec.precision == stored.precision else None
     device = str(next(encoder.parameters()).device)
+    spec = resolve_engine(precision or stored.precision, engine, device)  # fp32: the default engine, same vectors
+    graph = index.store.db_dir / stored.graph if stored.graph and spec.precision == stored.precision else None
     return runner_or_torch(encoder, spec, device=device, int8_path=graph)[0]
 
 
