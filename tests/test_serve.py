@@ -239,6 +239,10 @@ def test_stats_health_and_the_page(client, served, tiny_run_dir):
     assert stats["encoder"]["fingerprint"] == json.loads((tiny_run_dir / "encoder.json").read_text())["fingerprint"]
     assert header.encoder.spec == str(tiny_run_dir) and stats["encoder"]["spec"] == tiny_run_dir.name
     assert stats["encoder"]["dim"] == header.encoder.dim
+    # the preprocessing uploads get: the DB's recorded eval transform
+    assert (stats["encoder"]["crop_pct"], stats["encoder"]["resize_mode"], stats["encoder"]["tta"]) == (
+        header.encoder.crop_pct, header.encoder.resize_mode, header.encoder.tta)
+    assert stats["encoder"]["engine"] == "onnxruntime fp32"   # the default engine, as the DB recorded it
     assert stats["generation"] == header.generation and stats["faiss_lags"] is False
     assert stats["ann"] == {"kind": "auto", "factory": "Flat"} and stats["device"] == "cpu"
     assert client.get("/healthz").json() == {"status": "ok"}

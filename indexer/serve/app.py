@@ -102,7 +102,10 @@ class EncoderModel(BaseModel):
     fingerprint: str
     dim: int
     image_size: int
-    engine: str = "torch fp32"  # how uploads are embedded (retrieval.encoder.engine)
+    engine: str  # how uploads are embedded (retrieval.encoder.engine)
+    crop_pct: float  # their eval preprocessing, as the DB's vectors were made (retrieval.encoder.config)
+    resize_mode: str
+    tta: str
 
 
 class AnnModel(BaseModel):
