@@ -8,11 +8,14 @@ uploads a real JPEG (scikit-image's cat, 451x300) that the server decodes, embed
    default server (micro-batching on). Goal: p50 <= 150 ms at concurrency 1.
 2. Throughput at concurrency 8, micro-batching on (default) vs off (`--max-batch 1`): both servers run side by
    side and are measured in alternating rounds (medians). Goal: on >= 1.5 x off.
+3. With `--settings`: only p50 at concurrency 1 per engine (torch fp32, torch bf16 where the CPU has it, ONNX
+   Runtime fp32; one server each, `--engine` / `--precision`), plain search and `expand=5` in alternating rounds
+   of 20 requests (medians of the rounds' p50 and of the server's own decode / embed / search times).
 
 The clients are threads of this process (httpx), so they share the CPU with the server: the figures include
 that cost, as a real client on the same machine would.
 
-    python scripts/bench_serve.py [--items 100000] [--model lite0] [--rounds 3] [--work DIR] [--json]
+    python scripts/bench_serve.py [--items 100000] [--model lite0] [--rounds 3] [--settings] [--work DIR] [--json]
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def start_server(db: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("serve did not start within 300 s")
 
 
-def load(base: str, image: bytes, concurrency: int, requests: int) -> dict:
+def load(base: str, image: bytes, concurrency: int, requests: int, params: str = "k=10") -> dict:
     """`requests` uploads from `concurrency` client threads; latencies (s), wall time and the server's timings.
     A 503 (shed: the server is over --queue-size or --max-wait-ms) is counted, not retried; any other error stops."""
     import httpx
@@ -84,7 +87,7 @@ def load(base: str, image: bytes, concurrency: int, requests: int) -> dict:
                     if next(left, None) is None:
                         return
                 start = time.perf_counter()
-                resp = http.post("/api/search?k=10", files={"image": ("chelsea.jpg", image, "image/jpeg")})
+                resp = http.post(f"/api/search?{params}", files={"image": ("chelsea.jpg", image, "image/jpeg")})
                 elapsed = time.perf_counter() - start
                 if resp.status_code == 503:
                     with lock:
@@ -118,11 +121,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     db_arguments(parser)
     parser.add_argument("--rounds", type=int, default=3, help="Alternating throughput rounds per server.")
+    parser.add_argument("--settings", action="store_true", help="Only p50 at concurrency 1 per engine, with and "
+                        "without query expansion.")
     args = parser.parse_args()
 
     work, _ = prepare_db(args, "bench-serve-")
     db = work / "db"
     image = query_image(work).read_bytes()
+    if args.settings:
+        per_setting(db, image, args)
+        return
 
     servers = {"on": start_server(db), "off": start_server(db, "--max-batch", "1")}
     try:
@@ -166,6 +174,49 @@ def main() -> None:
               f"(rounds {runs}; mean batch {batch})")
     print(f"speed-up: {result['batching_speedup']:.2f} x (goal >= 1.5); "
           f"p50 at concurrency 1: {latency[0]['p50_ms']} ms (goal <= 150)")
+
+
+SETTING_ROUNDS, SETTING_REQUESTS = 5, 20
+
+
+def per_setting(db: Path, image: bytes, args: argparse.Namespace) -> None:
+    """p50 at concurrency 1 per engine, plain vs expand=5 in alternating rounds (medians), one server at a time."""
+    from retrieval.compat import cpu_has_bf16
+
+    engines = {"torch fp32": ["--engine", "torch"], "onnxruntime fp32": ["--engine", "onnxruntime"]}
+    if cpu_has_bf16():
+        engines["torch bf16"] = ["--precision", "bf16"]
+    load_before = os.getloadavg()
+    rows = []
+    for name, extra in engines.items():
+        proc, base = start_server(db, *extra)
+        try:
+            load(base, image, 1, 5)  # warm-up
+            runs: dict[str, list[dict]] = {"plain": [], "expand 5": []}
+            for _ in range(SETTING_ROUNDS):
+                runs["plain"].append(load(base, image, 1, SETTING_REQUESTS))
+                runs["expand 5"].append(load(base, image, 1, SETTING_REQUESTS, "k=10&expand=5"))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        for search, rs in runs.items():
+            rows.append({"engine": name, "search": search,
+                         "p50_ms": round(statistics.median(r["p50_ms"] for r in rs), 1),
+                         "round_p50s": [r["p50_ms"] for r in rs],
+                         **{key: round(statistics.median(r["server_median_ms"][key] for r in rs), 1)
+                            for key in ("decode_ms", "embed_ms", "search_ms", "total_ms")}})
+    result = {"items": args.items, "model": args.model, "cpus": os.cpu_count(), "loadavg_before": load_before,
+              "loadavg_after": os.getloadavg(), "settings": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"DB: {args.items:,} items ({args.model}); {os.cpu_count()} CPUs; load average {load_before[0]:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after; concurrency 1, medians of {SETTING_ROUNDS} rounds of {SETTING_REQUESTS}")
+    print("| engine | search | p50 ms | server decode / embed / search / total ms |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['search']} | {r['p50_ms']} | {r['decode_ms']} / {r['embed_ms']} / "
+              f"{r['search_ms']} / {r['total_ms']} |")
 
 
 if __name__ == "__main__":
