@@ -23,6 +23,7 @@ from retrieval.finetune_config import AUTO_LOCKED, HEAD_INITS, SCHEDULES
 from retrieval.finetune_config import default as _ft  # light (no torch): the finetune options show its defaults
 
 DEFAULT_MODEL = "lite0"
+ENGINE_CHOICES = ("torch", "onnxruntime", "openvino")  # retrieval.encoder.engine.ENGINES, kept light for --help
 
 
 def _tta_option(default: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -145,13 +146,14 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default=None,
               help="How vectors are computed, decided by the first run of a DB and recorded (later runs, query and "
                    "serve use the same): fp32; int8 (ONNX Runtime, calibrated on this folder); bf16 (CPUs with "
-                   "AVX512-BF16 or AMX); fp16 (CUDA); auto: the fastest of int8, bf16 that passes the ranking gate. "
+                   "AVX512-BF16 or AMX); fp16 (CUDA); auto: int8 where the CPU has VNNI or AMX and it passes the "
+                   "ranking gate, else fp32. "
                    "A reduced precision is kept only if its rankings agree with fp32's on a held sample of FOLDER, "
                    "else fp32 with a warning (docs/engines.md) [default: the DB's, fp32 for a new DB].")
-@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
-              help="Inference engine for fp32: onnxruntime runs the exported encoder (the same vectors to 1e-6, "
-                   "faster on a CPU; cached in ~/.cache/circle-retrieval/engines) [default: the DB's, torch for a "
-                   "new DB].")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default=None,
+              help="Inference engine for fp32: onnxruntime or openvino (the openvino extra) run the encoder exported "
+                   "to ONNX (once, cached in ~/.cache/circle-retrieval/engines; the same vectors as torch to 1e-5, "
+                   "faster) [default: onnxruntime on a CPU, torch on a GPU].")
 @click.option("--calibration", type=click.Choice(["percentile", "entropy", "minmax"]), default="percentile",
               show_default=True, help="int8: how activation ranges are measured on 256 images of FOLDER.")
 @click.option("--ann", default="auto", show_default=True,
@@ -301,8 +303,8 @@ def _parse_ks(ctx: click.Context, param: click.Parameter, value: str) -> tuple[i
 @_tta_option("the DB's own; another one is an error")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default=None,
               help="Embed the queries at this precision [default: the one the DB's vectors were made with].")
-@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
-              help="Inference engine for fp32 queries [default: the DB's].")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default=None,
+              help="Inference engine for fp32 queries [default: onnxruntime on a CPU, torch on a GPU].")
 @click.option("--html", "html_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write a page with each query and its top-k as thumbnails (thumbnails go beside it).")
 @click.option("--dedup", type=float, default=None, metavar="T",
@@ -428,8 +430,8 @@ def dedup_cmd(db_dir: Path, threshold: float | None, max_diff: float | None, nei
               help="Results when a request does not give ?k= (1-1000).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default=None,
               help="Embed uploads at this precision [default: the one the DB's vectors were made with].")
-@click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default=None,
-              help="Inference engine for fp32 uploads [default: the DB's].")
+@click.option("--engine", type=click.Choice(ENGINE_CHOICES), default=None,
+              help="Inference engine for fp32 uploads [default: onnxruntime on a CPU, torch on a GPU].")
 @click.option("--max-upload-mb", default=20.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Larger uploads get 413.")
 @click.option("--cors", "cors", metavar="ORIGIN", default=None,

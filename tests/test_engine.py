@@ -16,6 +16,7 @@ from indexer.store.layout import EncoderInfo, Header
 from indexer.store.search import SearchIndex
 from retrieval.encoder.engine import (
     CACHE_ENV,
+    ENGINES,
     EngineSpec,
     EngineUnavailable,
     exported_fp32,
@@ -69,6 +70,7 @@ def test_precision_and_engine_resolve_to_one_spec():
         resolve_engine("bf16", "onnxruntime")
     with pytest.raises(EncoderError, match="unknown precision"):
         resolve_engine("int4")
+    assert cli.ENGINE_CHOICES == ENGINES   # the CLI's choices, written out so that --help stays light
 
 
 def test_exported_graph_matches_torch_at_any_batch_and_is_reused(encoder, engine_cache, monkeypatch):
@@ -271,12 +273,24 @@ def test_a_new_db_encodes_on_onnxruntime_fp32_by_default_and_on_torch_without_it
         np.testing.assert_allclose(a.vectors(a.ids()), b.vectors(b.ids()), atol=1e-5)
 
 
-def test_index_onnxruntime_fp32_gives_torch_vectors(tmp_path, tiny_run_dir):
+def test_openvino_runs_the_exported_graph_with_torch_vectors(encoder, monkeypatch):
+    pytest.importorskip("openvino")   # the openvino extra (CI installs it)
+    runner = open_runner(encoder, EngineSpec("openvino", "fp32"))
+    for n in (1, 5):  # the batch axis is dynamic
+        images = _images(n, seed=n)
+        np.testing.assert_allclose(runner(images), _torch(encoder, images), atol=1e-5)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    _, used, reason = runner_or_torch(encoder, EngineSpec("openvino", "fp32"))
+    assert used == EngineSpec() and reason is not None and "openvino is not installed" in reason
+
+
+def test_index_onnxruntime_and_openvino_fp32_give_torch_vectors(tmp_path, tiny_run_dir):
+    pytest.importorskip("openvino")
     folder = tmp_path / "images"
     make_folder(folder, classes=2, per_class=4)
     runs = {engine: run_index(_cfg(folder, tmp_path / engine, tiny_run_dir, engine=engine))
-            for engine in ("torch", "onnxruntime")}
-    assert runs["onnxruntime"].engine == "onnxruntime" and runs["torch"].engine == "torch"
+            for engine in ("torch", "onnxruntime", "openvino")}
+    assert [runs[e].engine for e in runs] == ["torch", "onnxruntime", "openvino"]
     vectors = {}
     for engine in runs:
         with SearchIndex.open(tmp_path / engine) as index:
@@ -284,3 +298,4 @@ def test_index_onnxruntime_fp32_gives_torch_vectors(tmp_path, tiny_run_dir):
             ids = np.array(sorted(it.id for it in index.iter_items()))
             vectors[engine] = index.vectors(ids)
     np.testing.assert_allclose(vectors["onnxruntime"], vectors["torch"], atol=1e-5)
+    np.testing.assert_allclose(vectors["openvino"], vectors["torch"], atol=1e-5)

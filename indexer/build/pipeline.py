@@ -366,9 +366,10 @@ def _encode(store: Store, cfg: IndexConfig, folder: Path, plan: Plan, encoder: E
 
     device = resolve_device(cfg.device)
     ray = cfg.ray or cfg.ray_address
-    if ray and (cfg.precision in ("int8", "auto") or header.encoder.precision == "int8" or cfg.engine == "onnxruntime"):
-        raise IndexStoreError("--ray encodes with torch (fp32, bf16, fp16): int8, --precision auto and --engine "
-                              "onnxruntime run locally")
+    if ray and (cfg.precision in ("int8", "auto") or header.encoder.precision == "int8" or cfg.engine not in (None,
+                                                                                                          "torch")):
+        raise IndexStoreError("--ray encodes with torch (fp32, bf16, fp16): int8, --precision auto and the "
+                              "onnxruntime and openvino engines run locally")
     choice = choose(store, folder, plan.todo, encoder, header.encoder, precision=cfg.precision,
                     engine="torch" if ray else cfg.engine, device=str(device), calibration=cfg.calibration)
     if choice.info != header.encoder:

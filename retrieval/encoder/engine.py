@@ -1,4 +1,5 @@
-"""Inference engines for an Encoder: torch (fp32, bf16, fp16) or ONNX Runtime (fp32, int8); training stays in torch.
+"""Inference engines for an Encoder: torch (fp32, bf16, fp16), ONNX Runtime (fp32, int8) or OpenVINO (fp32);
+training stays in torch.
 
     spec = resolve_engine("int8")                         # EngineSpec("onnxruntime", "int8")
     runner = open_runner(encoder, EngineSpec("onnxruntime", "fp32"), device="cpu")
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("torch", "onnxruntime")
+ENGINES = ("torch", "onnxruntime", "openvino")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 DEFAULT_ENGINE = "onnxruntime"  # for fp32 on a CPU: the same vectors as torch, 3-5x faster (docs/engines.md)
 CACHE_ENV = "CIRCLE_RETRIEVAL_ENGINE_CACHE"
@@ -144,18 +145,52 @@ class OrtRunner:
         return np.asarray(self.session.run(None, {self._input: pixels})[0], dtype=np.float32)
 
 
+class OvRunner:
+    """An ONNX graph compiled by OpenVINO for the CPU at fp32 inference precision (OpenVINO would otherwise compute
+    in bf16 on a CPU with AVX512-BF16 or AMX), tuned for latency, one thread per usable core. One infer request,
+    used by one caller at a time."""
+
+    def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None):
+        import threading
+
+        try:
+            import openvino
+        except ImportError:
+            raise EngineUnavailable("openvino is not installed (pip install -e '.[openvino]')") from None
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                  "INFERENCE_NUM_THREADS": threads or usable_cores()}
+        try:
+            compiled = openvino.Core().compile_model(str(path), "CPU", config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own untyped errors for a graph it cannot take
+            raise EngineUnavailable(f"openvino cannot compile {path.name}: {first_line(exc)}") from exc
+        self.spec = spec
+        self.path = path
+        self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        pixels = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        with self._lock:
+            return np.array(self._request.infer({0: pixels})[0], dtype=np.float32)
+
+
 def open_runner(encoder: Encoder, spec: EngineSpec, *, device: str = "cpu", int8_path: Path | None = None) -> Runner:
     """A runner of `encoder` as `spec` says; EngineUnavailable when that engine cannot run it here.
 
-    int8 needs `int8_path`, a graph made by retrieval.encoder.quantize for this encoder."""
+    int8 needs `int8_path`, a graph made by retrieval.encoder.quantize for this encoder. OpenVINO compiles the
+    same exported fp32 graph as ONNX Runtime and is checked against torch the same way."""
     if spec.engine == "torch":
         return TorchRunner(encoder, spec.precision)
     if str(device) != "cpu":
-        raise EngineUnavailable(f"the onnxruntime engine runs on the CPU, not {device}: use --engine torch there")
+        raise EngineUnavailable(f"the {spec.engine} engine runs on the CPU, not {device}: use --engine torch there")
     if spec.precision == "int8":
         if int8_path is None or not int8_path.is_file():
             raise EngineUnavailable("no int8 graph for this encoder (it is made by `index --precision int8`)")
         return OrtRunner(int8_path, spec)
+    if spec.engine == "openvino":
+        runner = OvRunner(exported_fp32(encoder), spec)
+        check_against_torch(encoder, runner)
+        return runner
     return OrtRunner(exported_fp32(encoder), spec)
 
 
