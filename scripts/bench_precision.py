@@ -4,6 +4,7 @@
 
 The folder's last --test-classes class folders (sorted; cub-birds-dev's unseen test half) are decoded and
 preprocessed exactly as `index` does. Per setting (torch fp32, torch bf16 where the CPU has it, ONNX Runtime fp32,
+OpenVINO fp32 where it is installed,
 ONNX Runtime int8 per calibration method, calibrated on --calibration-images of those same images as `index` does)
 it prints one JSON line: images/s at --batch-size over every image, ms per image at batch 1, leave-one-out
 Recall@1 and MAP@R, mean top-10 overlap with torch fp32, the gate's verdict on a held sample of GATE_IMAGES
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,6 +69,8 @@ def main() -> None:
     if cpu_has_bf16():
         settings.append(("torch bf16", lambda: (TorchRunner(encoder, "bf16"), {})))
     settings.append(("onnxruntime fp32", lambda: (open_runner(encoder, EngineSpec("onnxruntime", "fp32")), {})))
+    if importlib.util.find_spec("openvino") is not None:
+        settings.append(("openvino fp32", lambda: (open_runner(encoder, EngineSpec("openvino", "fp32")), {})))
     settings += [(f"onnxruntime int8 {m}", functools.partial(int8, m)) for m in args.methods.split(",")]
     reference: np.ndarray | None = None
     for name, make in settings:
