@@ -9,8 +9,9 @@ uploads a real JPEG (scikit-image's cat, 451x300) that the server decodes, embed
 2. Throughput at concurrency 8, micro-batching on (default) vs off (`--max-batch 1`): both servers run side by
    side and are measured in alternating rounds (medians). Goal: on >= 1.5 x off.
 3. With `--settings`: only p50 at concurrency 1 per engine (torch fp32, torch bf16 where the CPU has it, ONNX
-   Runtime fp32; one server each, `--engine` / `--precision`), plain search and `expand=5` in alternating rounds
-   of 20 requests (medians of the rounds' p50 and of the server's own decode / embed / search times).
+   Runtime fp32, OpenVINO fp32 where installed; one server each, `--engine` / `--precision`), plain search and
+   `expand=5` in alternating rounds of 20 requests (medians of the rounds' p50 and of the server's own decode /
+   embed / search times).
 
 The clients are threads of this process (httpx), so they share the CPU with the server: the figures include
 that cost, as a real client on the same machine would.
@@ -21,6 +22,7 @@ that cost, as a real client on the same machine would.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -184,6 +186,8 @@ def per_setting(db: Path, image: bytes, args: argparse.Namespace) -> None:
     from retrieval.compat import cpu_has_bf16
 
     engines = {"torch fp32": ["--engine", "torch"], "onnxruntime fp32": ["--engine", "onnxruntime"]}
+    if importlib.util.find_spec("openvino") is not None:
+        engines["openvino fp32"] = ["--engine", "openvino"]
     if cpu_has_bf16():
         engines["torch bf16"] = ["--precision", "bf16"]
     load_before = os.getloadavg()
