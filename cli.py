@@ -154,7 +154,7 @@ def make_dataset_cmd(out_dir: Path, classes: int, per_class: int, size: int, see
               help="Inference engine for fp32: onnxruntime or openvino (the openvino extra) run the encoder exported "
                    "to ONNX (once, cached in ~/.cache/circle-retrieval/engines; the same vectors as torch to 1e-5, "
                    "faster) [default: onnxruntime on a CPU, torch on a GPU].")
-@click.option("--calibration", type=click.Choice(["percentile", "entropy", "minmax"]), default="percentile",
+@click.option("--calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
               show_default=True, help="int8: how activation ranges are measured on 256 images of FOLDER.")
 @click.option("--ann", default="auto", show_default=True,
               help="FAISS index: auto (exact Flat up to 100k x 512-d, then IVF), flat, hnsw, ivf-flat, ivf-pq, "

@@ -145,6 +145,53 @@ def test_int8_graph_from_calibration_images(encoder, tmp_path):
     assert not np.allclose(int8, _torch(encoder, images), atol=1e-6)  # it is not the fp32 graph
 
 
+@pytest.fixture(scope="module")
+def padded_encoder(encoder):
+    """The tiny encoder with a conv tower in TF's dynamic "same" padding (as EfficientNet-Lite's export has):
+    the exported graph computes every pad size from the input's shape at run time."""
+    import copy
+
+    import torch
+    from timm.layers import create_conv2d
+
+    torch.manual_seed(0)
+    padded = copy.deepcopy(encoder)
+    padded.visual = torch.nn.Sequential(create_conv2d(3, 8, 3, stride=2, padding="same"), torch.nn.ReLU6(),
+                                        create_conv2d(8, 8, 3, stride=2, padding="same", depthwise=True),
+                                        torch.nn.ReLU6(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    padded.head = torch.nn.Linear(8, encoder.embed_dim, bias=False)
+    return padded.eval()
+
+
+def test_shape_arithmetic_is_found_by_value_and_left_in_fp32(padded_encoder, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from retrieval.encoder.quantize import quantize_int8, shape_only_nodes
+
+    model = onnx.load(str(exported_fp32(padded_encoder)))
+    found = set(shape_only_nodes(model.graph))
+    # brute force: a node computes from shapes alone iff its outputs are the same for two different images
+    nodes = [node for node in model.graph.node if node.op_type != "Constant"]
+    model.graph.output.extend(onnx.ValueInfoProto(name=out) for node in nodes for out in node.output)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [out.name for out in session.get_outputs()]
+    first, second = (dict(zip(names, session.run(None, {"images": _images(2, seed=s).numpy()}), strict=True))
+                     for s in (1, 2))
+    same = {node.name for node in nodes if all(np.array_equal(first[o], second[o]) for o in node.output)}
+    assert found == same and {"Shape", "Pad"} & {n.op_type for n in nodes if n.name in found} == {"Shape"}
+
+    out = quantize_int8(padded_encoder, [_images(8, seed=s) for s in range(4)], tmp_path / "int8.onnx")
+    int8_graph = onnx.load(str(out)).graph
+    quantized = {node.input[0] for node in int8_graph.node if node.op_type == "QuantizeLinear"}
+    assert not quantized & {o for node in model.graph.node if node.name in found for o in node.output}
+    assert any(node.op_type == "Conv" for node in int8_graph.node)
+    images = _images(6, seed=9)
+    int8 = open_runner(padded_encoder, resolve_engine("int8"), int8_path=out)(images)
+    cosines = (int8 * _torch(padded_encoder, images)).sum(axis=1)
+    assert cosines.min() > 0.99 and not np.allclose(cosines, 1.0, atol=1e-7)  # close to fp32, and not fp32
+
+
 def test_gate_overlap_and_deltas_against_brute_force():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(40, 8)).astype(np.float32)

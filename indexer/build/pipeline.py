@@ -66,7 +66,7 @@ class IndexConfig:
     device: str = "auto"  # see retrieval.device.resolve_device
     precision: str | None = None  # None: the DB's (fp32 for a new DB); fp32 | bf16 | fp16 | int8 | auto (see choose)
     engine: str | None = None  # None: the DB's (torch for a new DB); torch | onnxruntime
-    calibration: str = "percentile"  # int8: retrieval.encoder.quantize.CALIBRATION_METHODS
+    calibration: str = "minmax"  # int8: retrieval.encoder.quantize.CALIBRATION_METHODS
     ann: str = "auto"  # see indexer.store.ann.choose_factory
     reembed: bool = False  # build a new generation even with the live generation's encoder
     switch: bool = True  # make a newly built generation live at the end (False: build it for a later --activate)
