@@ -33,7 +33,7 @@ import torch
 from indexer.build.encode import Embedder
 from retrieval.data.decode import load_image
 from retrieval.encoder import load_encoder
-from retrieval.encoder.engine import EngineSpec, OrtRunner, TorchRunner, exported_fp32
+from retrieval.encoder.engine import EngineSpec, OrtRunner, OvRunner, TorchRunner, exported_fp32
 from retrieval.encoder.gate import agreement
 from retrieval.metrics import rank_leave_one_out, ranking_metrics
 
@@ -132,10 +132,10 @@ def _setting(name: str, encoder: Any, source: Path, args: argparse.Namespace, ca
         return OrtRunner(quantize_int8(encoder, (calib[i:i + 16] for i in range(0, len(calib), 16)),
                                        args.keep / f"{name}.onnx", method=name[9:]),
                          EngineSpec("onnxruntime", "int8"), threads=args.threads)
-    if name in ("ov-fp32", "ov-bf16"):
-        import openvino as ov
-
-        return _ov_runner(ov.Core().read_model(str(source)), args.threads, name[3:])
+    if name == "ov-fp32":
+        return OvRunner(source, EngineSpec("openvino", "fp32"), threads=args.threads)
+    if name == "ov-bf16":
+        return _ov_bf16(source, args.threads)
     backend, *options = name.split("+")
     if backend not in ("nncf-onnx", "nncf-ov") or not set(options) <= OPTIONS:
         raise SystemExit(f"unknown setting {name!r}")
@@ -144,7 +144,7 @@ def _setting(name: str, encoder: Any, source: Path, args: argparse.Namespace, ca
         import openvino as ov
 
         ov.save_model(quantized, str(args.keep / f"{name}.xml"))
-        return _ov_runner(quantized, args.threads, "fp32")
+        return OvRunner(args.keep / f"{name}.xml", EngineSpec("openvino", "int8"), threads=args.threads)
     import onnx
 
     path = args.keep / f"{name}.onnx"
@@ -221,12 +221,13 @@ def _infer_fn(model: Any, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: np.array(request.infer({0: x})[0])
 
 
-def _ov_runner(model: Any, threads: int, precision: str) -> Embed:
+def _ov_bf16(source: Path, threads: int) -> Embed:
+    """The fp32 graph in OpenVINO at bf16 inference precision (the engine's OvRunner pins f32)."""
     import openvino as ov
 
-    hint = {"fp32": "f32", "bf16": "bf16"}[precision]  # f32: else OpenVINO may pick bf16 on an AVX512-BF16 CPU
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                      "INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    compiled = ov.Core().compile_model(str(source), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                            "INFERENCE_PRECISION_HINT": "bf16",
+                                                            "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     return lambda images: np.array(request.infer({0: np.ascontiguousarray(images.numpy())})[0], dtype=np.float32)
 
