@@ -9,7 +9,8 @@ ONNX Runtime int8 per calibration method, calibrated on --calibration-images of 
 it prints one JSON line: images/s at --batch-size over every image, ms per image at batch 1, leave-one-out
 Recall@1 and MAP@R, mean top-10 overlap with torch fp32, the gate's verdict on a held sample of GATE_IMAGES
 (indexer.build.choose), and the mixed case (fp32 queries against this setting's vectors). Then the load
-(`uptime`) before and after: the figures are only comparable within one run.
+(`uptime`) before and after: the figures are only comparable within one run. glibc keeps freed memory as the CLI
+makes it (`--glibc-defaults` to compare: torch fp32 is about half as fast without it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from indexer.build.choose import GATE_IMAGES
 from indexer.build.encode import Embedder
+from retrieval.allocator import keep_freed_memory
 from retrieval.compat import cpu_has_bf16
 from retrieval.data.decode import load_image
 from retrieval.encoder import load_encoder
@@ -47,9 +49,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--single", type=int, default=64, help="images timed one at a time (batch 1)")
     parser.add_argument("--calibration-images", type=int, default=256)
-    parser.add_argument("--methods", default=",".join(CALIBRATION_METHODS))
+    parser.add_argument("--methods", default=",".join(CALIBRATION_METHODS), help="int8 calibrations ('' for none)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's allocator as it is instead of keeping freed memory as the CLI does "
+                             "(retrieval.allocator; torch's batch activations are then fresh pages every batch)")
     args = parser.parse_args()
+    kept = keep_freed_memory(not args.glibc_defaults)
     print(json.dumps({"uptime_before": _uptime(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+                      "keep_freed_memory": kept,
                       "cpu": _cpu()}), flush=True)
     encoder = load_encoder(args.model)
     images, labels = _load(args.folder, args.test_classes, Embedder(encoder, "cpu"))
@@ -71,7 +78,7 @@ def main() -> None:
     settings.append(("onnxruntime fp32", lambda: (open_runner(encoder, EngineSpec("onnxruntime", "fp32")), {})))
     if importlib.util.find_spec("openvino") is not None:
         settings.append(("openvino fp32", lambda: (open_runner(encoder, EngineSpec("openvino", "fp32")), {})))
-    settings += [(f"onnxruntime int8 {m}", functools.partial(int8, m)) for m in args.methods.split(",")]
+    settings += [(f"onnxruntime int8 {m}", functools.partial(int8, m)) for m in args.methods.split(",") if m]
     reference: np.ndarray | None = None
     for name, make in settings:
         runner, extra = make()

@@ -275,9 +275,14 @@ def test_too_few_images_to_gate_stay_fp32_with_a_reason(tmp_path, tiny_run_dir):
         assert (index.header.encoder.engine, index.header.encoder.precision) == ("onnxruntime", "fp32")
 
 
-@pytest.mark.parametrize("precision", ["int8", "auto"])
-def test_int8_on_a_cpu_without_vnni_stays_fp32_with_a_reason(tmp_path, tiny_run_dir, monkeypatch, precision):
+@pytest.mark.parametrize(("precision", "reason"), [
+    ("int8", "no int8 dot-product instructions (AVX512-VNNI"),
+    ("auto", "nor native bf16 (AVX512-BF16 or AMX)"),
+])
+def test_reduced_precision_on_a_cpu_without_its_instructions_stays_fp32_with_a_reason(tmp_path, tiny_run_dir,
+                                                                                        monkeypatch, precision, reason):
     monkeypatch.setattr("indexer.build.choose.cpu_has_vnni", lambda: False)
+    monkeypatch.setattr("indexer.build.choose.cpu_has_bf16", lambda: False)
     folder, db = tmp_path / "images", tmp_path / "db"
     make_folder(folder, classes=4, per_class=6)
     out = CliRunner().invoke(cli.cli, ["index", str(folder), "--model", str(tiny_run_dir), "--db", str(db),
@@ -286,9 +291,20 @@ def test_int8_on_a_cpu_without_vnni_stays_fp32_with_a_reason(tmp_path, tiny_run_
     summary = json.loads(out.stdout)
     assert (summary["engine"], summary["precision"]) == ("onnxruntime", "fp32")
     fallback = summary["gate"]["fallback"]
-    assert "no int8 dot-product instructions (AVX512-VNNI" in fallback and "\n" not in fallback
+    assert reason in fallback and "\n" not in fallback
     assert fallback.endswith("using onnxruntime fp32") and not summary["gate"]["candidates"]
     assert not list(db.glob("encoder-int8-*.onnx"))   # nothing calibrated
+
+
+def test_auto_tries_only_what_the_cpu_runs_natively(tmp_path, tiny_run_dir, monkeypatch):
+    monkeypatch.setattr("indexer.build.choose.cpu_has_vnni", lambda: False)
+    monkeypatch.setattr("indexer.build.choose.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("indexer.build.encode.cpu_has_bf16", lambda: True)   # emulated bf16 is still bf16
+    folder = tmp_path / "images"
+    make_folder(folder, classes=4, per_class=6)
+    summary = run_index(_cfg(folder, tmp_path / "db", tiny_run_dir, precision="auto"))
+    assert list(summary.gate["candidates"]) == ["torch bf16"]   # int8 not even calibrated
+    assert not list((tmp_path / "db").glob("encoder-int8-*.onnx"))
 
 
 def test_cpu_has_vnni_reads_the_kernels_cpu_flags(tmp_path):

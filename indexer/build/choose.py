@@ -6,9 +6,8 @@ precision (bf16, fp16, int8) or `auto` goes through the gate (retrieval.encoder.
 files to encode: GATE_IMAGES of them, evenly spread, are embedded by fp32 and by the candidate, and the candidate
 is kept only if the rankings agree; int8 is first calibrated on CALIBRATION_IMAGES other files of the same
 folder. A failing candidate falls back to fp32 with a one-line warning. `auto` tries int8 (only on a CPU with
-VNNI or AMX) and keeps it if it passes, else fp32: bf16 is not an `auto` candidate because ONNX Runtime fp32,
-exact, was faster than torch bf16 on the CPUs measured (docs/engines.md). Later runs use what the header
-records, so every vector of a DB is made the same way.
+VNNI or AMX), then bf16 (only with AVX512-BF16 or AMX), and keeps the first that passes, else fp32. Later runs
+use what the header records, so every vector of a DB is made the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import torch
 
 from indexer.store.layout import EncoderInfo
 from indexer.store.lmdb_store import Store
+from retrieval.compat import cpu_has_bf16
 from retrieval.data.decode import DEFAULT_MAX_PIXELS
 from retrieval.encoder.engine import (
     EngineSpec,
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 GATE_IMAGES = 512  # held sample the rankings are compared on (all files when fewer)
 MIN_GATE_IMAGES = 20  # fewer files to encode than this: too few to judge a reduced precision, fp32 it is
+AUTO_ORDER = ("int8", "bf16")  # fastest first (docs/engines.md); fp32 when none passes
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,8 @@ def choose(store: Store, folder: Path, todo: Spool[FileEntry], encoder: Encoder,
     if precision in (None, "fp32"):
         runner, used, reason = runner_or_torch(encoder, resolve_engine("fp32", engine, device), device=device)
         return Choice(runner, replace(info, engine=used.engine, precision="fp32", graph=""), {}, reason)
-    candidates = ["int8"] if precision == "auto" else [precision]
-    skip = _not_worth_gating(precision, len(todo))
+    candidates = [c for c in AUTO_ORDER if _fast_here(c)] if precision == "auto" else [precision]
+    skip = _not_worth_gating(precision, candidates, len(todo))
     if skip is not None:
         runner, used, reason = runner_or_torch(encoder, resolve_engine("fp32", engine if precision != "auto" else None,
                                                                        device), device=device)
@@ -104,12 +105,21 @@ def choose(store: Store, folder: Path, todo: Spool[FileEntry], encoder: Encoder,
     return Choice(reference, replace(info, engine=ref_spec.engine, precision="fp32", graph=""), figures, reason)
 
 
-def _not_worth_gating(precision: str, files: int) -> str | None:
-    """Why a reduced precision is not even tried (None: try it): int8 on a CPU without int8 dot products, or too
-    few files to judge the rankings."""
-    if precision in ("int8", "auto") and not cpu_has_vnni():
+def _fast_here(precision: str) -> bool:
+    """Whether this CPU runs `precision` natively (faster than fp32): int8 needs VNNI or AMX, bf16 AVX512-BF16 or
+    AMX; `auto` tries only those."""
+    return {"int8": cpu_has_vnni, "bf16": cpu_has_bf16}[precision]()
+
+
+def _not_worth_gating(precision: str, candidates: list[str], files: int) -> str | None:
+    """Why no reduced precision is even tried (None: try them): int8 on a CPU without int8 dot products, `auto`
+    on a CPU with neither, or too few files to judge the rankings."""
+    if precision == "int8" and not cpu_has_vnni():
         return ("this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX), so int8 would be "
                 "no faster than fp32")
+    if not candidates:
+        return ("this CPU has no int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX) nor native bf16 "
+                "(AVX512-BF16 or AMX), so no reduced precision would be faster than fp32")
     if files < MIN_GATE_IMAGES:
         return f"{files} images are too few to check {precision}'s rankings (the gate needs {MIN_GATE_IMAGES})"
     return None
