@@ -47,6 +47,25 @@ def test_items_and_embeddings_round_trip_across_chunks(tmp_path):
         np.testing.assert_array_equal(streamed, np.stack([x.embedding for x in items]))
 
 
+def test_one_row_reads_equal_the_chunk_reads_in_dense_and_masked_chunks(tmp_path):
+    items = [_item(f"c/{i}.jpg", i) for i in range(300)]
+    with _writer(tmp_path) as store:
+        store.commit_batch(items, [])
+        # two thirds of chunks 2-4 removed: those chunks are rewritten masked (live rows only)
+        store.remove_paths([f"c/{i}.jpg".encode() for i in range(128, 300) if i % 3])
+    kept = [i for i in range(300) if i < 128 or i % 3 == 0]
+    expected = {i: items[i].embedding for i in kept}
+    with Store.open(tmp_path) as store, store.snapshot() as snap:
+        rng = np.random.default_rng(0)
+        for _ in range(20):
+            ids = rng.choice(kept, 6, replace=False)   # mostly one id per chunk: the one-row path
+            np.testing.assert_array_equal(snap.vectors(ids), np.stack([expected[i] for i in ids]))
+        np.testing.assert_array_equal(snap.vectors(kept), np.stack([expected[i] for i in kept]))  # whole chunks
+        for gone in (130, 182, 299 + 64):   # removed from a masked chunk, and past the end
+            with pytest.raises(IndexStoreError, match=f"item {gone} is missing"):
+                snap.vectors([5, gone])
+
+
 def test_replacing_and_removing_paths_keeps_ids_digest_hashes_and_chunks_right(tmp_path):
     same = b"s" * 16
     with _writer(tmp_path) as store:

@@ -127,8 +127,15 @@ class Snapshot:
         chunks = wanted[order] // rows
         for where in np.split(order, np.flatnonzero(np.diff(chunks)) + 1) if len(wanted) else []:
             chunk = int(wanted[where[0]] // rows)
-            present, chunk_vectors = read_chunk(self._txn.get(id_key(chunk), db=self._dbs["vectors"]), dim, rows)
+            raw = self._txn.get(id_key(chunk), db=self._dbs["vectors"])
             offsets = wanted[where] - chunk * rows
+            if len(where) == 1:  # random access (expansion's shortlist, hits): one row, no per-chunk arrays
+                row = chunk_row(raw, dim, int(offsets[0]))
+                if row is None:
+                    raise IndexStoreError(f"embedding of item {int(wanted[where[0]])} is missing")
+                out[where[0]] = row
+                continue
+            present, chunk_vectors = read_chunk(raw, dim, rows)
             if not present[offsets].all():
                 raise IndexStoreError(f"embedding of item {int(wanted[where][np.argmin(present[offsets])])} is missing")
             out[where] = chunk_vectors[np.cumsum(present)[offsets] - 1]
@@ -485,6 +492,23 @@ def read_chunk(raw: Raw | None, dim: int, rows: int) -> tuple[np.ndarray, np.nda
         return present, vectors
     present[: len(vectors)] = True
     return present, vectors
+
+
+def chunk_row(raw: Raw | None, dim: int, offset: int) -> np.ndarray | None:
+    """The embedding at `offset` of a stored chunk (None when absent): read_chunk's format for one row, by bit
+    arithmetic on the mask instead of arrays over the whole chunk (about half the time of a random read)."""
+    if raw is None:
+        return None
+    if len(raw) % (4 * dim) == 0:  # dense
+        row, start = offset, 0
+        if offset >= len(raw) // (4 * dim):
+            return None
+    else:
+        bits = int.from_bytes(bytes(raw[:8]), "little")
+        if not bits >> offset & 1:
+            return None
+        row, start = (bits & ((1 << offset) - 1)).bit_count(), 8
+    return np.frombuffer(raw, dtype="<f4", count=dim, offset=start + 4 * dim * row)
 
 
 def write_chunk(present: np.ndarray, vectors: np.ndarray) -> bytes:
