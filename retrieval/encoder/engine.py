@@ -125,16 +125,17 @@ class TorchRunner:
 
 
 class OrtRunner:
-    """An ONNX graph in an ONNX Runtime CPU session with one intra-op thread per usable core that sleep between
-    runs: spinning (ONNX Runtime's default) kept both cores busy after each forward, and serve's FAISS search
-    right after it took 39 ms instead of 17 (docs/engines.md)."""
+    """An ONNX graph in an ONNX Runtime CPU session with one intra-op thread per usable core, which spin during a
+    run but stop when it ends (`session.force_spinning_stop`): left spinning after each forward (ONNX Runtime's
+    default) they kept both cores busy, and serve's FAISS search right after took 39 ms instead of 16; never
+    spinning made the batch-1 forward 15 ms instead of 7.5 (docs/engines.md)."""
 
     def __init__(self, path: Path, spec: EngineSpec, threads: int | None = None):
         ort = _import_ort()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or usable_cores()
         options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors for a bad graph
