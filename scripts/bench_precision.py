@@ -11,6 +11,10 @@ Recall@1 and MAP@R, mean top-10 overlap with torch fp32, the gate's verdict on a
 (indexer.build.choose), and the mixed case (fp32 queries against this setting's vectors). Then the load
 (`uptime`) before and after: the figures are only comparable within one run. glibc keeps freed memory as the CLI
 makes it (`--glibc-defaults` to compare: torch fp32 is about half as fast without it).
+
+With `--end-to-end`, then per setting: `python cli.py index` of those class folders (through links) into a new DB
+with that setting (images/s, wall time, what the gate kept), and `python cli.py serve` on that DB: p50 of 40
+uploads at concurrency 1 (scripts/bench_serve.py's client) of one of its photos.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +45,11 @@ from retrieval.encoder.gate import agreement
 from retrieval.encoder.quantize import CALIBRATION_METHODS, quantize_int8
 from retrieval.metrics import knn_search, rank_leave_one_out, ranking_metrics
 
+REPO = Path(__file__).resolve().parents[1]
+END_TO_END = (("torch fp32", ("--engine", "torch")), ("torch bf16", ("--precision", "bf16")),
+              ("onnxruntime fp32", ("--engine", "onnxruntime")), ("openvino fp32", ("--engine", "openvino")),
+              ("onnxruntime int8", ("--precision", "int8")))
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +63,7 @@ def main() -> None:
     parser.add_argument("--glibc-defaults", action="store_true",
                         help="leave glibc's allocator as it is instead of keeping freed memory as the CLI does "
                              "(retrieval.allocator; torch's batch activations are then fresh pages every batch)")
+    parser.add_argument("--end-to-end", action="store_true", help="then `index` and `serve` per setting")
     args = parser.parse_args()
     kept = keep_freed_memory(not args.glibc_defaults)
     print(json.dumps({"uptime_before": _uptime(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
@@ -89,7 +100,41 @@ def main() -> None:
                           "batch1_ms": round(ms, 2), **_figures(embeddings, reference, labels),
                           "gate": agreement(reference[gate_rows], embeddings[gate_rows], labels[gate_rows]).to_json(),
                           "mixed_fp32_queries": _mixed(reference, embeddings, labels), **extra}), flush=True)
+    if args.end_to_end:
+        _end_to_end(args.folder, args.test_classes, args.model, scratch)
     print(json.dumps({"uptime_after": _uptime()}), flush=True)
+
+
+def _end_to_end(folder: Path, test_classes: int, model: str, scratch: Path) -> None:
+    """Per setting, `index` of the test classes into a new DB, then `serve` on it (see the module docstring)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_serve import load, start_server
+
+    links = scratch / "images"
+    links.mkdir()
+    for name in sorted(p.name for p in folder.iterdir() if p.is_dir())[-test_classes:]:
+        os.symlink((folder / name).resolve(), links / name)
+    upload = sorted(next(links.iterdir()).iterdir())[0].read_bytes()
+    for name, options in END_TO_END:
+        if (name == "torch bf16" and not cpu_has_bf16()) or (
+                name.startswith("openvino") and importlib.util.find_spec("openvino") is None):
+            continue
+        db = scratch / f"db-{name.replace(' ', '-')}"
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "cli.py", "index", str(links), "--db", str(db), "--model", model,
+                              *options, "--json"], cwd=REPO, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - start
+        summary = json.loads(out.stdout)
+        proc, base = start_server(db, *(options if options[0] == "--engine" else ()))  # fp32: the same engine
+        try:
+            load(base, upload, 1, 5)  # warm-up
+            served = load(base, upload, 1, 40)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        print(json.dumps({"end_to_end": name, "index_images_per_s": summary["images_per_s"], "index_wall_s":
+                          round(wall, 1), "kept": f"{summary['engine']} {summary['precision']}",
+                          "serve_p50_ms": served["p50_ms"], "serve_server_ms": served["server_median_ms"]}), flush=True)
 
 
 def _load(folder: Path, test_classes: int, embedder: Embedder) -> tuple[torch.Tensor, np.ndarray]:
