@@ -3,7 +3,7 @@
     python scripts/bench_openvino.py ../shared/datasets/cub-birds-dev --model lite0 --test-classes 25 \
         --settings torch-fp32,ort-fp32,ov-fp32,ort-int8-minmax,nncf-onnx+tail,nncf-ov+tail+minmax
 
-Needs `pip install openvino nncf` beside the project's onnx extra. The last --test-classes class folders (sorted:
+Needs `pip install openvino nncf` beside the project. The last --test-classes class folders (sorted:
 cub-birds-dev's unseen test half) are what every setting embeds; int8 is calibrated on --calibration-images of
 the other (train) folders, never the test half, and the accuracy-aware mode (`+ac`) validates on
 --validation-images more train images (MAP@R, leave-one-out within that sample). Per setting one JSON line:
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -29,15 +28,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_precision import Embed, class_folders, embed_timed, load_classes, single_ms, uptime
 
 from indexer.build.encode import Embedder
-from retrieval.data.decode import load_image
 from retrieval.encoder import load_encoder
 from retrieval.encoder.engine import EngineSpec, OrtRunner, OvRunner, TorchRunner, exported_fp32
 from retrieval.encoder.gate import agreement
 from retrieval.metrics import rank_leave_one_out, ranking_metrics
 
-Embed = Callable[[torch.Tensor], np.ndarray]
 ENDS = ["/visual/trunk/conv_stem/Conv", "/visual/trunk/conv_head/Conv", "/head/MatMul"]
 TAIL = ["/head/MatMul", "/ReduceL2", "/Clip", "/Div", "embeddings"]  # head + L2 norm (OpenVINO names the Div so)
 OPTIONS = {"mixed", "fullbc", "ss300", "ends", "tail", "minmax", "nofix", "nobc", "ac"}
@@ -57,25 +55,18 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=Path("/tmp/bench-openvino"), help="graphs and a data cache")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(json.dumps({"uptime_before": _uptime(), "threads": args.threads}), flush=True)
+    print(json.dumps({"uptime_before": uptime(), "threads": args.threads}), flush=True)
     args.keep.mkdir(parents=True, exist_ok=True)
     encoder = load_encoder(args.model)
     source = exported_fp32(encoder)
     test, test_labels, calib, valid, valid_labels = _data(args, Embedder(encoder, "cpu"))
-    reference = _embed(OrtRunner(source, EngineSpec("onnxruntime", "fp32"), threads=args.threads), test, 64)
+    reference, _ = embed_timed(OrtRunner(source, EngineSpec("onnxruntime", "fp32"), threads=args.threads), test, 64)
     for name in args.settings.split(","):
         start = time.perf_counter()
         embed = _setting(name, encoder, source, args, calib, valid, valid_labels)
         made_s = time.perf_counter() - start
-        embed(test[: args.batch_size])  # warm up
-        start = time.perf_counter()
-        embeddings = _embed(embed, test, args.batch_size)
-        rate = len(test) / (time.perf_counter() - start)
-        embed(test[:1])
-        start = time.perf_counter()
-        for i in range(args.single):
-            embed(test[i:i + 1])
-        ms = 1000 * (time.perf_counter() - start) / args.single
+        embeddings, rate = embed_timed(embed, test, args.batch_size)
+        ms = single_ms(embed, test[: args.single])
         gate = agreement(reference, embeddings, test_labels).to_json()
         parity = (gate["recall_at_1_fp32"] - gate["recall_at_1"] <= 0.003 + 1e-9
                   and gate["map_at_r_fp32"] - gate["map_at_r"] <= 0.01 + 1e-9)
@@ -83,8 +74,8 @@ def main() -> None:
                           "recall@1": gate["recall_at_1"], "map@r": gate["map_at_r"], "overlap": gate["overlap"],
                           "recall@1_fp32": gate["recall_at_1_fp32"], "map@r_fp32": gate["map_at_r_fp32"],
                           "gate_passed": gate["passed"], "parity": parity, "made_s": round(made_s, 1),
-                          "uptime": _uptime()}), flush=True)
-    print(json.dumps({"uptime_after": _uptime()}), flush=True)
+                          "uptime": uptime()}), flush=True)
+    print(json.dumps({"uptime_after": uptime()}), flush=True)
 
 
 def _data(args: argparse.Namespace, embedder: Embedder) -> tuple[torch.Tensor, np.ndarray, torch.Tensor,
@@ -95,9 +86,9 @@ def _data(args: argparse.Namespace, embedder: Embedder) -> tuple[torch.Tensor, n
         saved = torch.load(cache)
         return (saved["test"], saved["test_labels"].numpy(), saved["calib"], saved["valid"],
                 saved["valid_labels"].numpy())
-    classes = sorted(p.name for p in args.folder.iterdir() if p.is_dir())
-    test, test_labels = _load(args.folder, classes[-args.test_classes:], embedder)
-    train, train_labels = _load(args.folder, classes[: -args.test_classes], embedder)
+    classes = class_folders(args.folder)
+    test, test_labels = load_classes(args.folder, classes[-args.test_classes:], embedder)
+    train, train_labels = load_classes(args.folder, classes[: -args.test_classes], embedder)
     calib_rows = np.linspace(0, len(train) - 1, args.calibration_images).astype(int)
     rest = np.setdiff1d(np.arange(len(train)), calib_rows)
     valid_rows = rest[np.linspace(0, len(rest) - 1, args.validation_images).astype(int)]
@@ -105,19 +96,6 @@ def _data(args: argparse.Namespace, embedder: Embedder) -> tuple[torch.Tensor, n
              "valid": train[valid_rows], "valid_labels": torch.from_numpy(train_labels[valid_rows])}
     torch.save(saved, cache)
     return test, test_labels, saved["calib"], saved["valid"], train_labels[valid_rows]
-
-
-def _load(folder: Path, classes: list[str], embedder: Embedder) -> tuple[torch.Tensor, np.ndarray]:
-    tensors, labels = [], []
-    for label, name in enumerate(classes):
-        for path in sorted((folder / name).iterdir()):
-            tensors.append(embedder.transform(load_image(path, draft_size=embedder.draft_size).image))
-            labels.append(label)
-    return embedder.finish(torch.stack(tensors)), np.array(labels)
-
-
-def _embed(embed: Embed, images: torch.Tensor, batch: int) -> np.ndarray:
-    return np.concatenate([embed(images[i:i + batch]) for i in range(0, len(images), batch)])
 
 
 def _setting(name: str, encoder: Any, source: Path, args: argparse.Namespace, calib: torch.Tensor,
@@ -230,10 +208,6 @@ def _ov_bf16(source: Path, threads: int) -> Embed:
                                                             "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     return lambda images: np.array(request.infer({0: np.ascontiguousarray(images.numpy())})[0], dtype=np.float32)
-
-
-def _uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load average: ")[-1]
 
 
 if __name__ == "__main__":

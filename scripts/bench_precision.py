@@ -46,6 +46,7 @@ from retrieval.encoder.quantize import CALIBRATION_METHODS, quantize_int8
 from retrieval.metrics import knn_search, rank_leave_one_out, ranking_metrics
 
 REPO = Path(__file__).resolve().parents[1]
+Embed = Callable[[torch.Tensor], np.ndarray]  # a Runner, or any function of normalised images to embeddings
 END_TO_END = (("torch fp32", ("--engine", "torch")), ("torch bf16", ("--precision", "bf16")),
               ("onnxruntime fp32", ("--engine", "onnxruntime")), ("openvino fp32", ("--engine", "openvino")),
               ("onnxruntime int8", ("--precision", "int8")))
@@ -66,11 +67,12 @@ def main() -> None:
     parser.add_argument("--end-to-end", action="store_true", help="then `index` and `serve` per setting")
     args = parser.parse_args()
     kept = keep_freed_memory(not args.glibc_defaults)
-    print(json.dumps({"uptime_before": _uptime(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+    print(json.dumps({"uptime_before": uptime(), "cores": usable_cores(), "torch_threads": torch.get_num_threads(),
                       "keep_freed_memory": kept,
                       "cpu": _cpu()}), flush=True)
     encoder = load_encoder(args.model)
-    images, labels = _load(args.folder, args.test_classes, Embedder(encoder, "cpu"))
+    test_classes = class_folders(args.folder)[-args.test_classes:]
+    images, labels = load_classes(args.folder, test_classes, Embedder(encoder, "cpu"))
     gate_rows = np.linspace(0, len(images) - 1, min(GATE_IMAGES, len(images))).astype(int)
     rest = np.setdiff1d(np.arange(len(images)), gate_rows)
     calib = images[rest[np.linspace(0, len(rest) - 1, args.calibration_images).astype(int)]]
@@ -93,8 +95,8 @@ def main() -> None:
     reference: np.ndarray | None = None
     for name, make in settings:
         runner, extra = make()
-        embeddings, rate = _embed(runner, images, args.batch_size)
-        ms = _single_ms(runner, images[: args.single])
+        embeddings, rate = embed_timed(runner, images, args.batch_size)
+        ms = single_ms(runner, images[: args.single])
         reference = embeddings if reference is None else reference
         print(json.dumps({"setting": name, "images": len(images), "images_per_s": round(rate, 1),
                           "batch1_ms": round(ms, 2), **_figures(embeddings, reference, labels),
@@ -102,7 +104,7 @@ def main() -> None:
                           "mixed_fp32_queries": _mixed(reference, embeddings, labels), **extra}), flush=True)
     if args.end_to_end:
         _end_to_end(args.folder, args.test_classes, args.model, scratch)
-    print(json.dumps({"uptime_after": _uptime()}), flush=True)
+    print(json.dumps({"uptime_after": uptime()}), flush=True)
 
 
 def _end_to_end(folder: Path, test_classes: int, model: str, scratch: Path) -> None:
@@ -112,7 +114,7 @@ def _end_to_end(folder: Path, test_classes: int, model: str, scratch: Path) -> N
 
     links = scratch / "images"
     links.mkdir()
-    for name in sorted(p.name for p in folder.iterdir() if p.is_dir())[-test_classes:]:
+    for name in class_folders(folder)[-test_classes:]:
         os.symlink((folder / name).resolve(), links / name)
     upload = sorted(next(links.iterdir()).iterdir())[0].read_bytes()
     for name, options in END_TO_END:
@@ -137,9 +139,13 @@ def _end_to_end(folder: Path, test_classes: int, model: str, scratch: Path) -> N
                           "serve_p50_ms": served["p50_ms"], "serve_server_ms": served["server_median_ms"]}), flush=True)
 
 
-def _load(folder: Path, test_classes: int, embedder: Embedder) -> tuple[torch.Tensor, np.ndarray]:
-    """Normalised images of the last `test_classes` class folders, decoded as `index` decodes, and their labels."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())[-test_classes:]
+def class_folders(folder: Path) -> list[str]:
+    """The class folders' names, sorted (the last ones are the unseen test half)."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def load_classes(folder: Path, classes: list[str], embedder: Embedder) -> tuple[torch.Tensor, np.ndarray]:
+    """Normalised images of these class folders, decoded as `index` decodes, and their labels (0, 1, ...)."""
     tensors, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((folder / name).iterdir()):
@@ -148,14 +154,16 @@ def _load(folder: Path, test_classes: int, embedder: Embedder) -> tuple[torch.Te
     return embedder.finish(torch.stack(tensors)), np.array(labels)
 
 
-def _embed(runner: Runner, images: torch.Tensor, batch: int) -> tuple[np.ndarray, float]:
+def embed_timed(runner: Embed, images: torch.Tensor, batch: int) -> tuple[np.ndarray, float]:
+    """(embeddings, images/s) at `batch`, after one warm-up batch."""
     runner(images[:batch])  # warm up
     start = time.perf_counter()
     out = np.concatenate([runner(images[i:i + batch]) for i in range(0, len(images), batch)])
     return out, len(images) / (time.perf_counter() - start)
 
 
-def _single_ms(runner: Runner, images: torch.Tensor) -> float:
+def single_ms(runner: Embed, images: torch.Tensor) -> float:
+    """ms per image embedded one at a time, after one warm-up."""
     runner(images[:1])
     start = time.perf_counter()
     for i in range(len(images)):
@@ -181,7 +189,7 @@ def _mixed(queries: np.ndarray, database: np.ndarray, labels: np.ndarray) -> dic
     return {"recall@1": round(metrics["recall@1"], 4), "map@r": round(metrics["map@r"], 4)}
 
 
-def _uptime() -> str:
+def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 

@@ -28,6 +28,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HTML_LABEL = "<img src=x onerror=alert(1)>"
 KEY = "k3y-for-the-browser-test"
+STATS_SHOWN = "document.getElementById('stats').textContent.includes('images')"  # the page has loaded its stats
 
 pytestmark = pytest.mark.slow
 
@@ -128,18 +129,25 @@ def _launch(playwright):
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
+def _page(browser, errors: list[str], *, console: bool = False, **options):
+    """A new page whose script errors (with `console`, also console errors and dialogs) are appended to `errors`."""
+    page = browser.new_page(**options)
+    page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+    if console:
+        page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
+        page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+    return page
+
+
 def test_search_click_filter_in_a_real_browser(server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
         browser = _launch(p)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
-            page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+            page = _page(browser, errors, console=True, viewport={"width": 1200, "height": 900})
             page.goto(server["base"] + "/")
-            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            page.wait_for_function(STATS_SHOWN)
             assert page.text_content("#stats").startswith(f"{len(server['ids'])} images")
 
             # Upload an indexed image: it comes first, with similarity 1.
@@ -227,10 +235,9 @@ def test_the_expand_toggle_sends_expand_and_shows_the_expanded_ranking(server):
     with sync_api.sync_playwright() as p:
         browser = _launch(p)
         try:
-            page = browser.new_page()
-            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page = _page(browser, errors)
             page.goto(server["base"] + "/")
-            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            page.wait_for_function(STATS_SHOWN)
             assert page.input_value("#expand-k") == "5" and not page.is_checked("#expand")
 
             def shown() -> list[int]:
@@ -290,12 +297,11 @@ def test_an_older_answer_arriving_after_a_newer_search_is_never_shown(server):
     with sync_api.sync_playwright() as p:
         browser = _launch(p)
         try:
-            page = browser.new_page()
-            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
+            page = _page(browser, errors)
             page.route("**/api/search**", lambda route: held.append(route) if "expand=" in route.request.url
                        else route.continue_())
             page.goto(server["base"] + "/")
-            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            page.wait_for_function(STATS_SHOWN)
             page.check("#expand")
             page.set_input_files("#file", server["paths"][row])   # searched with &expand=5: held
             page.wait_for_function("document.body.classList.contains('busy')")
@@ -329,10 +335,7 @@ def test_the_page_asks_for_the_key_once_per_tab(keyed):
     with sync_api.sync_playwright() as p:
         browser = _launch(p)
         try:
-            page = browser.new_page()
-            page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-            page.on("console", lambda msg: errors.append(f"console: {msg.text}") if msg.type == "error" else None)
-            page.on("dialog", lambda d: (errors.append(f"dialog: {d.message}"), d.dismiss()))
+            page = _page(browser, errors, console=True)
             page.goto(keyed["base"] + "/")
             page.wait_for_selector("#auth:not([hidden])")
             assert page.text_content("#auth-msg") == "This server needs an access key."
@@ -342,7 +345,7 @@ def test_the_page_asks_for_the_key_once_per_tab(keyed):
             assert page.is_visible("#auth")
             page.fill("#key", KEY)
             page.click("#auth button")
-            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            page.wait_for_function(STATS_SHOWN)
             assert page.is_hidden("#auth")
             page.set_input_files("#file", keyed["paths"][2])
             page.wait_for_selector(".result")
@@ -350,7 +353,7 @@ def test_the_page_asks_for_the_key_once_per_tab(keyed):
             page.wait_for_function("[...document.querySelectorAll('.result img')]"
                                    ".every(i => i.complete && i.naturalWidth > 0)")  # thumbnails sent the key too
             page.reload()  # the same tab keeps the key: no second question
-            page.wait_for_function("document.getElementById('stats').textContent.includes('images')")
+            page.wait_for_function(STATS_SHOWN)
             assert page.is_hidden("#auth")
             fresh = browser.new_page()  # another tab asks again
             fresh.goto(keyed["base"] + "/")
